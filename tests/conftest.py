@@ -1,10 +1,9 @@
-"""Shared pytest setup: quiet TensorFlow, deterministic ops, 2 logical CPUs."""
+"""Shared pytest setup: quiet TensorFlow, 2 logical CPUs."""
 
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_DETERMINISTIC_OPS", "1")
 
 import tensorflow as tf  # noqa: E402
 
@@ -17,3 +16,18 @@ if _cpus:
             _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
     except RuntimeError:  # Devices already initialised by an earlier import.
         pass
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def mirrored_strategy():
+    """One MirroredStrategy over 2 logical CPUs for the whole session.
+
+    Several strategy instances in one process can reuse collective instance
+    keys and abort each other's all-reduces, so tests share this one.
+    """
+    devices = tf.config.list_logical_devices("CPU")
+    if len(devices) < 2:
+        pytest.skip("needs 2 logical CPU devices (configured in conftest.py)")
+    return tf.distribute.MirroredStrategy([d.name for d in devices[:2]])

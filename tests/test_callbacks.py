@@ -1,0 +1,244 @@
+"""Tests for tf_dpsat.callbacks.PrivacyCallback.
+
+These use a stand-in for the DP optimizer: a keras SGD with the attributes the
+callback reads. The lead will add tests with the real DPSATKeras.
+"""
+
+import logging
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_dpsat import accounting
+from tf_dpsat.callbacks import PrivacyCallback
+
+NUM_EXAMPLES, BATCH = 64, 16  # q = 1/4, 4 steps per epoch.
+SIGMA = 1.0
+
+
+# TODO(lead): stand-in only; the lead adds tests with the real DPSATKeras.
+@keras.saving.register_keras_serializable(package="tf_dpsat_test")
+class StandInDPOptimizer(keras.optimizers.SGD):
+    """SGD exposing the DP optimizer interface that PrivacyCallback relies on.
+
+    Stand-in until the tests with the real DP optimizer land. A step at or beyond
+    the budget changes nothing and does not advance `iterations`, as the real
+    optimizer promises; `noisy_steps` counts the steps actually applied.
+    """
+
+    def __init__(self, noise_multiplier=SIGMA, queries_per_step=1,
+                 expected_batch_size=BATCH, num_microbatches=None, **kwargs):
+        super().__init__(**kwargs)
+        self.noise_multiplier = noise_multiplier
+        self.queries_per_step = queries_per_step
+        self.expected_batch_size = expected_batch_size
+        self.num_microbatches = num_microbatches
+        self.budget = None
+        self._budget = tf.Variable(np.iinfo(np.int64).max, dtype=tf.int64,
+                                   trainable=False)
+        self.noisy_steps = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    def set_step_budget(self, max_steps):
+        self.budget = max_steps
+        self._budget.assign(max_steps)
+
+    def _within_budget(self):
+        return tf.less(tf.convert_to_tensor(self.iterations), self._budget)
+
+    def update_step(self, gradient, variable, learning_rate):
+        # A no-op beyond the budget (plain SGD: a zero gradient changes nothing).
+        keep = tf.cast(self._within_budget(), gradient.dtype)
+        super().update_step(gradient * keep, variable, learning_rate)
+
+    def apply(self, grads, trainable_variables=None):
+        self.noisy_steps.assign_add(tf.cast(self._within_budget(), tf.int64))
+        super().apply(grads, trainable_variables)
+        # A refused step is not a noisy step: iterations stays at the budget.
+        self.iterations.assign(tf.minimum(
+            tf.convert_to_tensor(self.iterations), self._budget))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(noise_multiplier=self.noise_multiplier,
+                      queries_per_step=self.queries_per_step,
+                      expected_batch_size=self.expected_batch_size,
+                      num_microbatches=self.num_microbatches)
+        return config
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(NUM_EXAMPLES, 3)).astype("float32")
+    return x, x.sum(axis=1, keepdims=True)
+
+
+def _model(optimizer=None):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(optimizer=optimizer or StandInDPOptimizer(learning_rate=0.1),
+                  loss="mse")
+    return model
+
+
+def _fit(model, callback, epochs):
+    x, y = _data()
+    return model.fit(x, y, batch_size=BATCH, epochs=epochs, shuffle=False,
+                     verbose=0, callbacks=[callback])
+
+
+def _iterations(model):
+    return int(keras.ops.convert_to_tensor(model.optimizer.iterations))
+
+
+def _poisson_epsilon(steps, sigma=SIGMA, queries_per_step=1):
+    return accounting.compute_epsilon(
+        noise_multiplier=sigma, sampling_probability=BATCH / NUM_EXAMPLES,
+        steps=steps, queries_per_step=queries_per_step)
+
+
+def test_epsilon_logged_every_epoch():
+    model, callback = _model(), PrivacyCallback(NUM_EXAMPLES)
+    history = _fit(model, callback, epochs=3)
+    expected = [_poisson_epsilon(4 * (epoch + 1)) for epoch in range(3)]
+    np.testing.assert_allclose(history.history["epsilon"], expected, rtol=1e-12)
+    assert callback.epsilon == expected[-1]
+    assert callback.epsilon_at(12) == expected[-1]
+    assert callback.max_steps is None and model.optimizer.budget is None
+
+
+def test_shuffle_sampling_counts_passes_over_the_data():
+    model = _model()
+    callback = PrivacyCallback(NUM_EXAMPLES, sampling="shuffle")
+    history = _fit(model, callback, epochs=2)
+    expected = [accounting.compute_epsilon_once_per_epoch(
+        noise_multiplier=SIGMA, epochs=epoch) for epoch in (1, 2)]
+    np.testing.assert_allclose(history.history["epsilon"], expected, rtol=1e-12)
+    assert callback.epsilon_at(5) == expected[1]  # A started pass counts.
+
+
+def test_stops_exactly_at_budget_and_refuses_to_resume(caplog):
+    budget = 6
+    # A target between epsilon(6) and epsilon(7) allows exactly 6 steps.
+    target = (_poisson_epsilon(budget) + _poisson_epsilon(budget + 1)) / 2
+    model = _model()
+    callback = PrivacyCallback(NUM_EXAMPLES, target_epsilon=target)
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        history = _fit(model, callback, epochs=5)
+    assert callback.max_steps == budget == model.optimizer.budget
+    assert _iterations(model) == budget
+    assert int(model.optimizer.noisy_steps.numpy()) == budget
+    assert len(history.history["epsilon"]) == 2  # Stopped in the second epoch.
+    assert history.history["epsilon"][-1] == _poisson_epsilon(budget) <= target
+    stops = [r for r in caplog.records if "Privacy budget reached" in r.message]
+    assert len(stops) == 1 and "after 6 noisy steps" in stops[0].message
+
+    # Keras runs one batch before it checks stop_training; the budget makes
+    # the optimizer refuse it.
+    history = _fit(model, callback, epochs=5)
+    assert model.stop_training
+    assert _iterations(model) == budget
+    assert int(model.optimizer.noisy_steps.numpy()) == budget
+    assert history.history["epsilon"] == [_poisson_epsilon(budget)]
+
+
+def test_shuffle_budget_is_whole_passes():
+    target = accounting.compute_epsilon_once_per_epoch(
+        noise_multiplier=SIGMA, epochs=3) + 1e-9
+    callback = PrivacyCallback(NUM_EXAMPLES, target_epsilon=target,
+                               sampling="shuffle")
+    model = _model()
+    _fit(model, callback, epochs=5)
+    assert callback.max_steps == 3 * (NUM_EXAMPLES // BATCH)
+    assert _iterations(model) == callback.max_steps
+
+
+def test_epsilon_continues_after_save_and_load(tmp_path):
+    model = _model()
+    _fit(model, PrivacyCallback(NUM_EXAMPLES), epochs=2)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    restored = keras.models.load_model(path)
+    assert isinstance(restored.optimizer, StandInDPOptimizer)
+    assert _iterations(restored) == 8
+    callback = PrivacyCallback(NUM_EXAMPLES)
+    history = _fit(restored, callback, epochs=1)
+    assert history.history["epsilon"] == [_poisson_epsilon(12)]
+
+
+def test_epsilon_is_cached(monkeypatch):
+    calls = []
+    original = accounting.compute_epsilon
+
+    def counting(**kwargs):
+        calls.append(kwargs["steps"])
+        return original(**kwargs)
+
+    monkeypatch.setattr(accounting, "compute_epsilon", counting)
+    callback = PrivacyCallback(NUM_EXAMPLES)
+    callback.set_model(_model())
+    first = callback.epsilon_at(40)
+    assert callback.epsilon_at(40) == first and calls == [40]
+    assert callback.epsilon_at(0) == 0.0
+
+
+def test_microbatching_and_queries_per_step():
+    optimizer = StandInDPOptimizer(num_microbatches=4, queries_per_step=2)
+    callback = PrivacyCallback(NUM_EXAMPLES)  # Batch size from the optimizer.
+    callback.set_model(_model(optimizer))
+    # Microbatches of 4 examples: sensitivity doubles, sigma halves.
+    assert callback.epsilon_at(10) == pytest.approx(
+        _poisson_epsilon(10, sigma=SIGMA / 2, queries_per_step=2), rel=1e-12)
+    per_example = StandInDPOptimizer(num_microbatches=BATCH)
+    callback = PrivacyCallback(NUM_EXAMPLES, batch_size=BATCH)
+    callback.set_model(_model(per_example))
+    assert callback.epsilon_at(10) == _poisson_epsilon(10)
+
+
+def test_batch_size_from_callback_overrides_optimizer():
+    callback = PrivacyCallback(NUM_EXAMPLES, batch_size=32)
+    callback.set_model(_model())
+    assert callback.epsilon_at(5) == accounting.compute_epsilon(
+        noise_multiplier=SIGMA, sampling_probability=0.5, steps=5)
+
+
+def test_missing_batch_size_is_explained():
+    callback = PrivacyCallback(NUM_EXAMPLES)
+    callback.set_model(_model(StandInDPOptimizer(expected_batch_size=None)))
+    with pytest.raises(ValueError, match="expected_batch_size"):
+        callback.epsilon_at(1)
+
+
+def test_non_dp_optimizer_is_rejected():
+    model = _model(keras.optimizers.SGD())
+    with pytest.raises(TypeError, match="noise_multiplier"):
+        _fit(model, PrivacyCallback(NUM_EXAMPLES), epochs=1)
+
+
+def test_unattached_callback_is_rejected():
+    with pytest.raises(RuntimeError, match="not attached"):
+        PrivacyCallback(NUM_EXAMPLES).epsilon_at(1)
+
+
+def test_uncompiled_model_is_rejected():
+    callback = PrivacyCallback(NUM_EXAMPLES)
+    callback.set_model(keras.Sequential([keras.Input((3,)),
+                                         keras.layers.Dense(1)]))
+    with pytest.raises(RuntimeError, match="compiled"):
+        callback.epsilon_at(1)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_examples=0), "num_examples=0"),
+    (dict(delta=0.0), "Expected delta=0.0 > 0."),
+    (dict(target_epsilon=0.0), "Expected target_epsilon=0.0 > 0."),
+    (dict(target_epsilon=-1.0), "target_epsilon=-1.0"),
+    (dict(sampling="uniform"), "sampling='uniform'"),
+    (dict(batch_size=0), "batch_size=0"),
+    (dict(batch_size=NUM_EXAMPLES + 1), "batch_size=65"),
+])
+def test_rejects_bad_arguments(kwargs, message):
+    args = dict(num_examples=NUM_EXAMPLES)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        PrivacyCallback(**args)

@@ -1,0 +1,655 @@
+"""DPSATKeras / DPSAMKeras against hand-derived values and a reference loop."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import dp_reference
+import tf_dpsat
+
+XENT = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+pytestmark = pytest.mark.filterwarnings("ignore:.*NOT differentially private")
+
+
+# ----------------------------------------------------------------- helpers
+
+def dense_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((6,)),
+        keras.layers.Dense(5, activation="tanh"),
+        keras.layers.Dense(3),
+    ])
+
+
+def conv_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((6, 6, 2)),
+        keras.layers.Conv2D(4, 3, activation="selu"),
+        keras.layers.GroupNormalization(groups=2),
+        keras.layers.Flatten(),
+        keras.layers.Dense(3),
+    ])
+
+
+def embedding_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((5,), dtype="int32"),
+        keras.layers.Embedding(20, 4),
+        keras.layers.GlobalAveragePooling1D(),
+        keras.layers.Dense(3),
+    ])
+
+
+MODELS = {"dense": dense_model, "conv": conv_model, "embedding": embedding_model}
+
+
+def make_data(kind, n=24, seed=0):
+    rng = np.random.default_rng(seed)
+    if kind == "embedding":
+        x = rng.integers(0, 20, size=(n, 5)).astype("int32")
+    elif kind == "conv":
+        x = rng.normal(size=(n, 6, 6, 2)).astype("float32")
+    else:
+        x = rng.normal(size=(n, 6)).astype("float32")
+    # A few examples scaled up so that clipping binds on them only.
+    if kind != "embedding":
+        x[::3] *= 4.0
+    y = rng.integers(0, 3, size=n)
+    return x, y
+
+
+def fit_private(build, x, y, *, batch_size=8, epochs=1, jit_compile=False,
+                sample_weight=None, loss=XENT, **opt_kwargs):
+    opt_kwargs.setdefault("learning_rate", 0.5)
+    opt_kwargs.setdefault("momentum", 0.9)
+    opt_kwargs.setdefault("noise_multiplier", 0.0)
+    opt_kwargs.setdefault("seed", 1)
+    cls = opt_kwargs.pop("cls", tf_dpsat.DPSATKeras)
+    model = tf_dpsat.make_private(build())
+    optimizer = cls(**opt_kwargs)
+    model.compile(optimizer=optimizer, loss=loss, jit_compile=jit_compile)
+    history = model.fit(x, y, sample_weight=sample_weight, batch_size=batch_size,
+                        epochs=epochs, shuffle=False, verbose=0)
+    return model, optimizer, history
+
+
+def batches_of(x, y, batch_size, sample_weight=None):
+    if sample_weight is None:
+        sample_weight = np.ones(len(y), np.float32)
+    return [(x[i:i + batch_size], y[i:i + batch_size],
+             sample_weight[i:i + batch_size])
+            for i in range(0, len(y), batch_size)]
+
+
+def max_diff(a, b):
+    return max(float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
+               for u, v in zip(a, b))
+
+
+def weights(model):
+    return [v.numpy() for v in model.trainable_variables]
+
+
+# ------------------------------------------------------- golden one-step
+
+def test_one_step_golden_values():
+    # Linear model y = w * x, no bias, w0 = 1; loss (w x - y)^2 per example
+    # (MeanSquaredError on one output). Batch x = (1, 2), y = (0, 0):
+    #   g_1 = 2 * (1*1 - 0) * 1 = 2,  g_2 = 2 * (1*2 - 0) * 2 = 8.
+    # C = 1: clipped g_1 = 2 / (2 + 1e-6), g_2 = 8 / (8 + 1e-6).
+    # Step 1 (eps_1 = 0): g = (0.9999995 + 0.999999875) / 2 = 0.9999996875;
+    #   lr 0.1, no momentum: w1 = 1 - 0.09999996875 = 0.90000003125.
+    # Step 2: eps = rho * g / |g| = 0.1 -> gradients at w1 + 0.1 = 1.00000003:
+    #   g_1 = 2.00000006 -> 0.9999995, g_2 = 8.00000025 -> 0.999999875;
+    #   w2 = 0.90000003125 - 0.09999996875 = 0.8000000625.
+    model = tf_dpsat.make_private(keras.Sequential([
+        keras.Input((1,)),
+        keras.layers.Dense(1, use_bias=False, kernel_initializer="ones")]))
+    opt = tf_dpsat.DPSATKeras(learning_rate=0.1, momentum=0.0, l2_norm_clip=1.0,
+                              noise_multiplier=0.0, rho=0.1)
+    model.compile(optimizer=opt, loss="mse")
+    x = np.array([[1.0], [2.0]], np.float32)
+    y = np.zeros((2, 1), np.float32)
+    model.fit(x, y, batch_size=2, epochs=1, verbose=0)
+    assert model.trainable_variables[0].numpy()[0, 0] == pytest.approx(
+        0.90000003125, abs=1e-7)
+    # The slot keeps g_1 before momentum.
+    assert opt._directions[0].numpy()[0, 0] == pytest.approx(0.9999996875,
+                                                              abs=1e-7)
+    model.fit(x, y, batch_size=2, epochs=1, verbose=0)
+    assert model.trainable_variables[0].numpy()[0, 0] == pytest.approx(
+        0.8000000625, abs=1e-6)
+    assert int(opt.iterations.numpy()) == 2
+
+
+# ------------------------------------------------- reference comparisons
+
+REFERENCE_CASES = {
+    # name: (model, optimizer kwargs, reference kwargs)
+    "dpsat": ({}, {}),
+    "dpsgd": ({"rho": 0.0}, {"rho": 0.0}),
+    "nesterov": ({"nesterov": True}, {"nesterov": True}),
+    "microbatches": ({"num_microbatches": 4}, {"num_microbatches": 4}),
+    "momentum_direction": ({"direction": "momentum", "rho": 0.1},
+                           {"direction": "momentum", "rho": 0.1}),
+    "dpsam": ({"cls": tf_dpsat.DPSAMKeras}, {"dpsam": True}),
+    "expected_batch_size": ({"expected_batch_size": 10},
+                            {"expected_batch_size": 10}),
+}
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+@pytest.mark.parametrize("case", sorted(REFERENCE_CASES))
+def test_matches_reference(model_name, case):
+    if model_name != "conv" and case in ("nesterov", "expected_batch_size"):
+        pytest.skip("covered on the conv model")
+    build = MODELS[model_name]
+    x, y = make_data(model_name)
+    opt_kwargs, ref_kwargs = REFERENCE_CASES[case]
+    clip = dp_reference.median_norm(build(), x[:8], y[:8], XENT,
+                                    ref_kwargs.get("num_microbatches"))
+    common = dict(learning_rate=0.5, momentum=0.9, l2_norm_clip=clip)
+    opt_kwargs = {"rho": 0.05, **common, **opt_kwargs}
+    ref_kwargs = {"rho": 0.05, **common, **ref_kwargs}
+    model, opt, _ = fit_private(build, x, y, **opt_kwargs)
+
+    reference = build()
+    expected, clipped = dp_reference.train(
+        reference, batches_of(x, y, 8), loss_fn=XENT, **ref_kwargs)
+    assert max_diff(weights(model), expected) < 1e-5
+    assert int(opt.iterations.numpy()) == 3
+    # The test is only meaningful if clipping binds on some units, not all.
+    units = 8 if "num_microbatches" not in ref_kwargs else 4
+    assert 0 < sum(clipped) < 3 * units, clipped
+
+
+def test_reference_with_regularizers_and_weight_decay():
+    # Kernel regularizer: data-independent, added after clipping, unclipped.
+    # Activity regularizer: data-dependent, part of each example's loss.
+    def build():
+        keras.utils.set_random_seed(3)
+        return keras.Sequential([
+            keras.Input((6,)),
+            keras.layers.Dense(5, activation="tanh",
+                               kernel_regularizer=keras.regularizers.L2(0.05),
+                               activity_regularizer=keras.regularizers.L2(0.02)),
+            keras.layers.Dense(3),
+        ])
+
+    x, y = make_data("dense")
+    kwargs = dict(learning_rate=0.5, momentum=0.9, l2_norm_clip=0.5, rho=0.05,
+                  weight_decay=0.01)
+    model, _, history = fit_private(build, x, y, **kwargs)
+
+    reference = build()
+    kernel = reference.layers[0].kernel
+
+    def activity(m, xu):  # Keras divides the activity loss by the batch size.
+        h = m.layers[0](xu)
+        return 0.02 * tf.reduce_sum(tf.square(h)) / tf.cast(tf.shape(xu)[0],
+                                                            tf.float32)
+
+    def regularization_grad(w):  # d/dW 0.05 * ||W||^2 = 0.1 * W, kernel only.
+        return [0.1 * t if i == 0 else np.zeros_like(t)
+                for i, t in enumerate(w)]
+
+    del kernel
+    expected, _ = dp_reference.train(
+        reference, batches_of(x, y, 8), loss_fn=XENT, extra_loss_fn=activity,
+        regularization_grad_fn=regularization_grad, **kwargs)
+    assert max_diff(weights(model), expected) < 1e-5
+    assert np.isfinite(history.history["loss"][0])
+
+
+@pytest.mark.parametrize("reduction", ["sum", "sum_over_batch_size",
+                                       "mean_with_sample_weight"])
+def test_any_loss_reduction_gives_per_example_losses(reduction):
+    # For one example all three reductions give that example's loss (times
+    # its weight), so the DP step must match the reference with the
+    # default-reduction loss in every case.
+    x, y = make_data("dense")
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+                                                      reduction=reduction)
+    model, _, _ = fit_private(dense_model, x, y, l2_norm_clip=0.5, rho=0.05,
+                              loss=loss)
+    expected, _ = dp_reference.train(
+        dense_model(), batches_of(x, y, 8), loss_fn=XENT, learning_rate=0.5,
+        momentum=0.9, l2_norm_clip=0.5, rho=0.05)
+    assert max_diff(weights(model), expected) < 1e-5
+
+
+def test_function_loss_and_string_loss():
+    x, y = make_data("dense")
+
+    def my_loss(y_true, y_pred):
+        return keras.losses.sparse_categorical_crossentropy(
+            y_true, y_pred, from_logits=True)
+
+    model, _, _ = fit_private(dense_model, x, y, l2_norm_clip=0.5, loss=my_loss)
+    expected, _ = dp_reference.train(
+        dense_model(), batches_of(x, y, 8), loss_fn=XENT, learning_rate=0.5,
+        momentum=0.9, l2_norm_clip=0.5, rho=0.03)
+    assert max_diff(weights(model), expected) < 1e-5
+
+
+# ------------------------------------------------------------ sample weights
+
+def test_zero_weight_examples_contribute_nothing():
+    # Padding rows: weight 0 and garbage (even NaN) inputs. With
+    # expected_batch_size fixed, training on the padded batches must equal
+    # training on the real rows alone.
+    x, y = make_data("dense", n=16)
+    xp = np.concatenate([x[:8], np.full((4, 6), np.nan, np.float32),
+                         x[8:], np.full((4, 6), 1e3, np.float32)])
+    yp = np.concatenate([y[:8], [0] * 4, y[8:], [1] * 4])
+    wp = np.concatenate([np.ones(8), np.zeros(4), np.ones(8), np.zeros(4)])
+    kwargs = dict(l2_norm_clip=0.5, rho=0.05, expected_batch_size=8)
+    padded, _, hist = fit_private(dense_model, xp, yp, batch_size=12,
+                                  sample_weight=wp.astype("float32"), **kwargs)
+    plain, _, _ = fit_private(dense_model, x, y, batch_size=8, **kwargs)
+    assert max_diff(weights(padded), weights(plain)) < 1e-6
+    assert hist.history["nonfinite_gradients"] == [0.0]
+
+
+def test_sample_weights_scale_per_example_losses():
+    x, y = make_data("dense")
+    sw = np.linspace(0.0, 2.0, len(y)).astype("float32")
+    model, _, _ = fit_private(dense_model, x, y, sample_weight=sw,
+                              l2_norm_clip=0.5, rho=0.05)
+    expected, _ = dp_reference.train(
+        dense_model(), batches_of(x, y, 8, sw), loss_fn=XENT, learning_rate=0.5,
+        momentum=0.9, l2_norm_clip=0.5, rho=0.05)
+    assert max_diff(weights(model), expected) < 1e-5
+
+
+def test_nonfinite_example_is_dropped_and_counted():
+    x, y = make_data("dense", n=8)
+    x_bad = x.copy()
+    x_bad[3] = np.inf
+    kwargs = dict(l2_norm_clip=0.5, rho=0.05, expected_batch_size=8)
+    model, _, hist = fit_private(dense_model, x_bad, y, **kwargs)
+    assert hist.history["nonfinite_gradients"] == [1.0]
+    assert all(np.all(np.isfinite(w)) for w in weights(model))
+    # Same as a batch where that example has weight 0.
+    w = np.ones(8, np.float32)
+    w[3] = 0.0
+    clean, _, _ = fit_private(dense_model, x, y, sample_weight=w, **kwargs)
+    assert max_diff(weights(model), weights(clean)) < 1e-6
+
+
+def test_clipped_fraction_metric():
+    # One dense weight, no bias; loss (w x)^2 with w = 1: |g_i| = 2 x_i^2.
+    # x = (0.1, 0.2, 1, 2), C = 0.5: norms 0.02, 0.08, 2, 8 -> 2 of 4 clipped.
+    model = tf_dpsat.make_private(keras.Sequential([
+        keras.Input((1,)),
+        keras.layers.Dense(1, use_bias=False, kernel_initializer="ones")]))
+    model.compile(optimizer=tf_dpsat.DPSATKeras(
+        learning_rate=0.0, momentum=0.0, l2_norm_clip=0.5, noise_multiplier=0.0),
+        loss="mse")
+    x = np.array([[0.1], [0.2], [1.0], [2.0]], np.float32)
+    hist = model.fit(x, np.zeros((4, 1)), batch_size=4, verbose=0)
+    assert hist.history["grad_norm_clipped_fraction"] == [0.5]
+
+
+# ------------------------------------------------------------------- noise
+
+def test_noise_statistics():
+    # One step, no momentum, lr 1: the update difference between sigma > 0
+    # and sigma = 0 is exactly the noise / B, i.i.d. N(0, (sigma C / B)^2)
+    # over 100,100 coordinates. The sample std's relative standard error is
+    # 1/sqrt(2N) ~ 0.22%, so 3% is > 10 standard errors; the mean's standard
+    # error is std / sqrt(N) ~ 0.3% of std, so |mean| < 5 / sqrt(N) * std.
+    def build():
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([keras.Input((100,)), keras.layers.Dense(1000),
+                                 keras.layers.Dense(1)])
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 100)).astype("float32")
+    y = rng.normal(size=(16, 1)).astype("float32")
+    sigma, clip, batch = 2.0, 0.3, 16
+    kwargs = dict(learning_rate=1.0, momentum=0.0, l2_norm_clip=clip,
+                  batch_size=batch, loss="mse", rho=0.0)
+    noisy, _, _ = fit_private(build, x, y, noise_multiplier=sigma, seed=7,
+                              **kwargs)
+    clean, _, _ = fit_private(build, x, y, noise_multiplier=0.0, **kwargs)
+    diff = np.concatenate([(a - b).ravel() for a, b in
+                           zip(weights(noisy), weights(clean))])
+    assert diff.size >= 100_000
+    expected = sigma * clip / batch
+    assert abs(diff.std() / expected - 1) < 0.03
+    assert abs(diff.mean()) < 5 * expected / math.sqrt(diff.size)
+
+
+def test_same_seed_is_bitwise_reproducible_and_none_is_fresh():
+    x, y = make_data("conv", n=16)
+    runs = [fit_private(conv_model, x, y, noise_multiplier=1.0, seed=s)[0]
+            for s in (5, 5, None, None)]
+    a, b, c, d = (weights(m) for m in runs)
+    assert all(np.array_equal(u, v) for u, v in zip(a, b))
+    assert not all(np.array_equal(u, v) for u, v in zip(c, d))
+    assert not all(np.array_equal(u, v) for u, v in zip(a, c))
+
+
+# ------------------------------------------------------- XLA, accumulation
+
+def test_xla_matches_graph_mode():
+    x, y = make_data("conv")
+    graph, _, _ = fit_private(conv_model, x, y, l2_norm_clip=0.5,
+                              jit_compile=False)
+    xla, _, _ = fit_private(conv_model, x, y, l2_norm_clip=0.5,
+                            jit_compile=True)
+    assert max_diff(weights(graph), weights(xla)) < 1e-5
+
+
+@pytest.mark.parametrize("cls_kwargs", [{}, {"direction": "momentum"}])
+def test_accumulation_equals_large_batch(cls_kwargs):
+    # k = 3 physical batches of 4 make one logical step of 12; the
+    # perturbation is computed once per logical step (the authors' code
+    # re-applies it per physical batch and drifts).
+    x, y = make_data("conv", n=36)
+    kwargs = dict(l2_norm_clip=0.5, rho=0.1, **cls_kwargs)
+    big, big_opt, _ = fit_private(conv_model, x, y, batch_size=12, **kwargs)
+    acc, acc_opt, _ = fit_private(conv_model, x, y, batch_size=4,
+                                  gradient_accumulation_steps=3, **kwargs)
+    assert int(acc_opt.iterations.numpy()) == int(big_opt.iterations.numpy()) == 3
+    assert max_diff(weights(big), weights(acc)) < 1e-5
+
+
+def test_accumulation_adds_noise_once_per_logical_step():
+    # With sigma > 0, k = 2 physical batches of 8 must carry the same noise
+    # std as one batch of 16 (std sigma C / B on the update), not sqrt(2)x.
+    def build():
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([keras.Input((100,)), keras.layers.Dense(1000)])
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(16, 100)).astype("float32")
+    y = rng.normal(size=(16, 1000)).astype("float32")
+    kwargs = dict(learning_rate=1.0, momentum=0.0, l2_norm_clip=0.3, rho=0.0,
+                  batch_size=8, gradient_accumulation_steps=2, loss="mse",
+                  expected_batch_size=16)
+    noisy, _, _ = fit_private(build, x, y, noise_multiplier=2.0, **kwargs)
+    clean, _, _ = fit_private(build, x, y, noise_multiplier=0.0, **kwargs)
+    diff = np.concatenate([(a - b).ravel() for a, b in
+                           zip(weights(noisy), weights(clean))])
+    assert abs(diff.std() / (2.0 * 0.3 / 16) - 1) < 0.03
+
+
+# ----------------------------------------------------------- tf.distribute
+
+def test_mirrored_strategy_matches_one_device(mirrored_strategy):
+    x, y = make_data("conv")
+    kwargs = dict(l2_norm_clip=0.5, rho=0.05)
+    single, _, _ = fit_private(conv_model, x, y, **kwargs)
+    with mirrored_strategy.scope():
+        model = tf_dpsat.make_private(conv_model())
+        opt = tf_dpsat.DPSATKeras(learning_rate=0.5, momentum=0.9,
+                                  noise_multiplier=0.0, seed=1, **kwargs)
+        model.compile(optimizer=opt, loss=XENT)
+    model.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+    assert max_diff(weights(single), weights(model)) < 1e-5
+
+
+def test_mirrored_strategy_noise_scale(mirrored_strategy):
+    # Total noise std on the aggregated update must be sigma C / B.
+    def build():
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([keras.Input((100,)), keras.layers.Dense(1000)])
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(16, 100)).astype("float32")
+    y = rng.normal(size=(16, 1000)).astype("float32")
+    results = []
+    strategy = mirrored_strategy
+    for sigma in (2.0, 0.0):
+        with strategy.scope():
+            model = tf_dpsat.make_private(build())
+            model.compile(optimizer=tf_dpsat.DPSATKeras(
+                learning_rate=1.0, momentum=0.0, l2_norm_clip=0.3, rho=0.0,
+                noise_multiplier=sigma, seed=3), loss="mse")
+        model.fit(x, y, batch_size=16, verbose=0)
+        results.append(weights(model))
+    diff = np.concatenate([(a - b).ravel() for a, b in zip(*results)])
+    assert abs(diff.std() / (2.0 * 0.3 / 16) - 1) < 0.03
+
+
+# -------------------------------------------------------------- save/load
+
+def test_config_round_trip_holds_every_argument():
+    opt = tf_dpsat.DPSATKeras(
+        learning_rate=0.3, momentum=0.5, nesterov=True, l2_norm_clip=0.7,
+        noise_multiplier=1.3, rho=0.02, num_microbatches=4,
+        expected_batch_size=64, gradient_accumulation_steps=2, seed=11,
+        direction="momentum", weight_decay=0.001, name="dp")
+    config = opt.get_config()
+    for key, value in dict(learning_rate=0.3, momentum=0.5, nesterov=True,
+                           l2_norm_clip=0.7, noise_multiplier=1.3, rho=0.02,
+                           num_microbatches=4, expected_batch_size=64,
+                           gradient_accumulation_steps=2, seed=11,
+                           direction="momentum", weight_decay=0.001,
+                           name="dp").items():
+        assert config[key] == pytest.approx(value) if isinstance(
+            value, float) else config[key] == value, key
+    clone = tf_dpsat.DPSATKeras.from_config(config)
+    assert clone.get_config() == config
+    sam = tf_dpsat.DPSAMKeras(noise_multiplier=1.0, rho=0.05)
+    assert tf_dpsat.DPSAMKeras.from_config(sam.get_config()).queries_per_step == 2
+
+
+def test_save_load_resume_is_bitwise(tmp_path):
+    x, y = make_data("conv", n=32)
+    kwargs = dict(l2_norm_clip=0.5, rho=0.05, noise_multiplier=1.0, seed=9)
+
+    straight, _, _ = fit_private(conv_model, x, y, epochs=2, **kwargs)
+
+    first, opt, _ = fit_private(conv_model, x, y, epochs=1, **kwargs)
+    path = str(tmp_path / "m.keras")
+    first.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, tf_dpsat.DPFunctional)
+    assert isinstance(loaded.optimizer, tf_dpsat.DPSATKeras)
+    assert int(loaded.optimizer.iterations.numpy()) == 4
+    for a, b in zip(opt.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    loaded.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(weights(straight), weights(loaded)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_weights_are_never_left_perturbed():
+    # After fit the weights are w_T (the update of w_{T-1}), never
+    # w_T + eps: evaluate/predict/save see what the reference computes.
+    x, y = make_data("dense")
+    model, _, _ = fit_private(dense_model, x, y, rho=0.5, l2_norm_clip=0.5)
+    expected, _ = dp_reference.train(
+        dense_model(), batches_of(x, y, 8), loss_fn=XENT, learning_rate=0.5,
+        momentum=0.9, l2_norm_clip=0.5, rho=0.5)
+    assert max_diff(weights(model), expected) < 1e-5
+    reference = dense_model()
+    for v, w in zip(reference.trainable_variables, expected):
+        v.assign(w.astype(np.float32))
+    np.testing.assert_allclose(model.predict(x, verbose=0),
+                               reference.predict(x, verbose=0), atol=1e-5)
+
+
+# -------------------------------------------------------------- refusals
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"l2_norm_clip": 0.0}, "Expected l2_norm_clip=0.0 > 0."),
+    ({"l2_norm_clip": -1.0}, "Expected l2_norm_clip=-1.0 > 0."),
+    ({"l2_norm_clip": float("nan")}, "l2_norm_clip=nan to be finite"),
+    ({"noise_multiplier": -0.5}, "Expected noise_multiplier=-0.5 >= 0."),
+    ({"noise_multiplier": float("inf")}, "noise_multiplier=inf to be finite"),
+    ({"rho": -0.1}, "Expected rho=-0.1 >= 0."),
+    ({"num_microbatches": 0}, "Expected num_microbatches=0 >= 1."),
+    ({"expected_batch_size": -4}, "Expected expected_batch_size=-4 >= 1."),
+    ({"direction": "sideways"}, "direction"),
+    ({"clipnorm": 1.0}, "clipnorm=1.0"),
+    ({"clipvalue": 1.0}, "clipvalue=1.0"),
+    ({"global_clipnorm": 1.0}, "global_clipnorm=1.0"),
+])
+def test_bad_arguments_are_refused(kwargs, message):
+    kwargs = {"noise_multiplier": 1.0, **kwargs}
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")
+                       .replace("(", r"\(")):
+        tf_dpsat.DPSATKeras(**kwargs)
+
+
+def test_noise_multiplier_is_required():
+    with pytest.raises(TypeError, match="noise_multiplier"):
+        tf_dpsat.DPSATKeras(learning_rate=0.1)
+
+
+def test_dpsam_refusals():
+    with pytest.raises(ValueError, match="rho=0"):
+        tf_dpsat.DPSAMKeras(noise_multiplier=1.0, rho=0.0)
+    with pytest.raises(ValueError, match="accumulation"):
+        tf_dpsat.DPSAMKeras(noise_multiplier=1.0, gradient_accumulation_steps=2)
+    with pytest.raises(ValueError, match="direction"):
+        tf_dpsat.DPSAMKeras(noise_multiplier=1.0, direction="momentum")
+
+
+def _assert_refused_without_weight_change(model, x, y, error, match):
+    before = [v.numpy().copy() for v in model.weights]
+    with pytest.raises(error, match=match):
+        model.fit(x, y, batch_size=8, verbose=0)
+    for a, b in zip(before, model.weights):
+        np.testing.assert_array_equal(a, b.numpy())
+
+
+def test_plain_model_with_dp_optimizer_is_refused():
+    x, y = make_data("dense", n=8)
+    model = dense_model()
+    model.compile(optimizer=tf_dpsat.DPSATKeras(noise_multiplier=1.0),
+                  loss=XENT)
+    _assert_refused_without_weight_change(model, x, y, TypeError,
+                                          "make_private")
+
+
+def test_dp_model_with_plain_optimizer_is_refused():
+    x, y = make_data("dense", n=8)
+    model = tf_dpsat.make_private(dense_model())
+    model.compile(optimizer=keras.optimizers.SGD(), loss=XENT)
+    _assert_refused_without_weight_change(model, x, y, TypeError,
+                                          "DPSATKeras")
+
+
+def test_nested_batch_normalization_is_refused():
+    inner = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4),
+                              keras.layers.BatchNormalization()])
+    outer = keras.Sequential([keras.Input((6,)), inner, keras.layers.Dense(3)])
+    model = tf_dpsat.make_private(outer)
+    model.compile(optimizer=tf_dpsat.DPSATKeras(noise_multiplier=1.0),
+                  loss=XENT)
+    x, y = make_data("dense", n=8)
+    _assert_refused_without_weight_change(model, x, y, ValueError,
+                                          "GroupNormalization")
+
+
+def test_microbatches_must_divide_the_batch():
+    x, y = make_data("dense", n=8)
+    model = tf_dpsat.make_private(dense_model())
+    model.compile(optimizer=tf_dpsat.DPSATKeras(noise_multiplier=1.0,
+                                                num_microbatches=3), loss=XENT)
+    _assert_refused_without_weight_change(model, x, y, ValueError,
+                                          "num_microbatches=3 does not divide")
+
+
+def test_make_private_refuses_subclassed_models():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(3)
+
+        def call(self, x):
+            return self.dense(x)
+
+    with pytest.raises(TypeError, match="Subclass tf_dpsat.DPModel"):
+        tf_dpsat.make_private(Net())
+
+
+def test_subclassed_dp_model_trains_privately():
+    class Net(tf_dpsat.DPModel):
+        def __init__(self):
+            super().__init__()
+            self.hidden = keras.layers.Dense(5, activation="tanh")
+            self.out = keras.layers.Dense(3)
+
+        def call(self, x):
+            return self.out(self.hidden(x))
+
+    x, y = make_data("dense")
+    keras.utils.set_random_seed(0)
+    model = Net()
+    model(x[:1])
+    reference = dense_model()
+    for v, w in zip(reference.trainable_variables, model.trainable_variables):
+        v.assign(w)
+    model.compile(optimizer=tf_dpsat.DPSATKeras(
+        learning_rate=0.5, momentum=0.9, l2_norm_clip=0.5, noise_multiplier=0.0,
+        rho=0.05), loss=XENT)
+    model.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+    expected, _ = dp_reference.train(
+        reference, batches_of(x, y, 8), loss_fn=XENT, learning_rate=0.5,
+        momentum=0.9, l2_norm_clip=0.5, rho=0.05)
+    assert max_diff(weights(model), expected) < 1e-5
+
+
+def test_dp_sequential_and_make_private_share_weights():
+    base = dense_model()
+    private = tf_dpsat.make_private(base)
+    assert private.trainable_variables[0] is base.trainable_variables[0]
+    seq = tf_dpsat.DPSequential([keras.Input((6,)), keras.layers.Dense(3)])
+    seq.compile(optimizer=tf_dpsat.DPSATKeras(noise_multiplier=0.5), loss=XENT)
+    x, y = make_data("dense", n=8)
+    hist = seq.fit(x, y, batch_size=8, verbose=0)
+    assert set(hist.history) == {"loss", "grad_norm_clipped_fraction",
+                                 "nonfinite_gradients"}
+    assert "grad_norm_clipped_fraction" not in seq.evaluate(
+        x, y, verbose=0, return_dict=True)
+
+
+def test_step_budget_stops_updates():
+    x, y = make_data("dense", n=40)
+    budgeted = tf_dpsat.make_private(dense_model())
+    opt = tf_dpsat.DPSATKeras(learning_rate=0.5, noise_multiplier=0.0, seed=1)
+    budgeted.compile(optimizer=opt, loss=XENT)
+    opt.build(budgeted.trainable_variables)
+    opt.set_step_budget(2)
+    budgeted.fit(x, y, batch_size=8, shuffle=False, verbose=0)  # 5 batches
+    assert int(opt.iterations.numpy()) == 2
+    two_steps, _, _ = fit_private(dense_model, x[:16], y[:16], learning_rate=0.5)
+    assert max_diff(weights(budgeted), weights(two_steps)) == 0.0
+
+
+def test_dropout_trains_with_distinct_masks():
+    def build():
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([keras.Input((6,)), keras.layers.Dense(8),
+                                 keras.layers.Dropout(0.5), keras.layers.Dense(3)])
+
+    x = np.ones((8, 6), np.float32)  # identical examples
+    y = np.zeros(8, np.int64)
+    model = tf_dpsat.make_private(build())
+    opt = tf_dpsat.DPSATKeras(learning_rate=0.1, noise_multiplier=0.0,
+                              l2_norm_clip=100.0, rho=0.0, num_microbatches=None)
+    model.compile(optimizer=opt, loss=XENT)
+    seed_state = model.layers[2].seed_generator.state
+    before = seed_state.numpy().copy()
+    model.fit(x, y, batch_size=8, verbose=0)
+    assert not np.array_equal(before, seed_state.numpy())  # advances per step
+    # Identical examples get different masks: their per-example gradients
+    # differ, so the per-example norms are not all equal.
+    variables = model.trainable_variables
+    params = [tf.convert_to_tensor(v) for v in variables]
+    summed, stats, preds = opt._clipped_sum(
+        model, variables, params, tf.constant(x), tf.constant(y), None,
+        tf.ones([8]))
+    assert len(np.unique(np.round(preds.numpy(), 5), axis=0)) > 1

@@ -1,0 +1,270 @@
+"""Keras callback that reports the privacy spent by DP training and enforces a budget.
+
+What: `PrivacyCallback` adds `logs["epsilon"]` at every epoch end (so epsilon
+shows in the progress bar, `History` and TensorBoard) and, given
+`target_epsilon`, stops training at the last step that keeps epsilon within it.
+
+Why this way: epsilon is computed from `optimizer.iterations`, the count of
+logical noisy steps, not from counting batches, so it stays right after resuming
+from a checkpoint or `keras.models.load_model`. The budget is also handed to the
+optimizer (`set_step_budget`), because Keras runs a batch before it looks at
+`stop_training`; the optimizer's own refusal is what makes overrunning the budget
+impossible. The analyses are those of `tf_dpsat.accounting` (RDP; Mironov 2017,
+Mironov, Talwar and Zhang 2019, Balle et al. 2020) for DP-SGD / DP-SAT (Park et
+al., ICML 2023).
+
+The callback reads these attributes of `model.optimizer`: `noise_multiplier`,
+`queries_per_step`, `iterations`, `expected_batch_size`, `num_microbatches`, and
+calls `set_step_budget(max_steps)` if present. List it before a TensorBoard or
+CSVLogger callback so they see `epsilon` in the epoch logs.
+"""
+
+import dataclasses
+import math
+from typing import Callable, Optional
+
+from absl import logging
+import keras
+
+from tf_dpsat import accounting
+# Package-internal argument checks shared with the accounting module.
+from tf_dpsat.accounting import _check_delta
+from tf_dpsat.accounting import _check_int
+from tf_dpsat.accounting import _check_positive
+
+SAMPLINGS = ("poisson", "shuffle")
+# What the callback reads from model.optimizer (set_step_budget is optional).
+_DP_ATTRIBUTES = ("noise_multiplier", "queries_per_step", "iterations",
+                  "expected_batch_size", "num_microbatches")
+# Upper end of the step-budget search: a budget this large is unlimited.
+_MAX_BUDGET_STEPS = 2**40
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    """What epsilon depends on besides the step count (a cache key)."""
+
+    noise_multiplier: float  # Per query, after the microbatching adjustment.
+    queries_per_step: int
+    sampling_probability: float
+    steps_per_epoch: int  # Steps in one pass over the data ("shuffle").
+
+
+def _largest_fitting(fits: Callable[[int], bool], limit: int) -> int:
+    """Largest n in [0, limit] with fits(n), for fits(0) True and fits monotone."""
+    lo, hi = 0, 1
+    while fits(hi):  # Exponential search keeps the accountant calls at O(log n).
+        lo, hi = hi, 2 * hi
+        if hi > limit:
+            return limit if fits(limit) else _bisect(fits, lo, limit)
+    return _bisect(fits, lo, hi)
+
+
+def _bisect(fits: Callable[[int], bool], lo: int, hi: int) -> int:
+    """Largest n in [lo, hi) with fits(n), given fits(lo) and not fits(hi)."""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+class PrivacyCallback(keras.callbacks.Callback):
+    """Logs epsilon per epoch and optionally stops training at a privacy budget.
+
+    Example:
+        model.fit(..., callbacks=[PrivacyCallback(len(x_train), target_epsilon=3)])
+
+    Attributes:
+        epsilon: Epsilon after the latest epoch (or at the start of training).
+        max_steps: Noisy steps the budget allows (None without target_epsilon).
+    """
+
+    def __init__(self, num_examples: int, delta: float = 1e-5,
+                 target_epsilon: Optional[float] = None,
+                 sampling: str = "poisson", batch_size: Optional[int] = None):
+        """Creates the callback.
+
+        Args:
+            num_examples: Training set size.
+            delta: Target delta.
+            target_epsilon: Privacy budget; None to only report epsilon.
+            sampling: "poisson" if each batch includes each example independently
+                with probability q = batch_size / num_examples; "shuffle" for
+                fixed-size batches from shuffled passes over the data (each example
+                at most once per epoch, no amplification; a pass is taken to be
+                floor(num_examples / batch_size) steps, which is exact with
+                drop_remainder=True and conservative otherwise).
+            batch_size: (Expected) examples per logical step, counting every
+                example of every microbatch and accumulated batch; defaults to
+                the optimizer's `expected_batch_size`.
+
+        Raises:
+            ValueError: If an argument is out of range.
+        """
+        super().__init__()
+        self.num_examples = _check_int("num_examples", num_examples, 1)
+        self.delta = _check_delta(delta)
+        self.target_epsilon = (None if target_epsilon is None else
+                               _check_positive("target_epsilon", target_epsilon))
+        if sampling not in SAMPLINGS:
+            raise ValueError(
+                f"Expected sampling={sampling!r} to be one of {SAMPLINGS}.")
+        self.sampling = sampling
+        self.batch_size = (None if batch_size is None else
+                           self._check_batch_size(batch_size))
+        self.epsilon: Optional[float] = None
+        self.max_steps: Optional[int] = None
+        self._cache: dict = {}
+        self._stop_logged = False
+
+    # ------------------------------------------------------------- public API
+    def epsilon_at(self, steps: int) -> float:
+        """Epsilon after `steps` noisy steps with the attached model's optimizer.
+
+        Raises:
+            ValueError: If steps < 0 or the batch size is unknown.
+            RuntimeError: If the callback is not attached to a compiled model.
+            TypeError: If the optimizer lacks a DP attribute.
+        """
+        return self._epsilon(self._setup(), _check_int("steps", steps, 0))
+
+    # ---------------------------------------------------------- Keras hooks
+    def on_train_begin(self, logs=None):
+        setup = self._setup()
+        steps = self._iterations()
+        self.epsilon = self._epsilon(setup, steps)
+        self._stop_logged = False
+        if self.target_epsilon is None:
+            return
+        self.max_steps = self._max_steps(setup)
+        optimizer = self._optimizer()
+        if hasattr(optimizer, "set_step_budget"):
+            optimizer.set_step_budget(self.max_steps)
+        else:
+            logging.warning(
+                "%s has no set_step_budget(): a batch that Keras runs after "
+                "stop_training is set could exceed the privacy budget.",
+                type(optimizer).__name__)
+        logging.info(
+            "Privacy budget epsilon=%g at delta=%g (%s sampling) allows %d noisy "
+            "steps; %d already taken.", self.target_epsilon, self.delta,
+            self.sampling, self.max_steps, steps)
+        if steps >= self.max_steps:
+            self._stop(steps)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.max_steps is None:
+            return
+        steps = self._iterations()
+        if steps >= self.max_steps:
+            self._stop(steps)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epsilon = self._epsilon(self._setup(), self._iterations())
+        if logs is not None:
+            logs["epsilon"] = self.epsilon
+
+    # -------------------------------------------------------------- helpers
+    def _check_batch_size(self, batch_size) -> int:
+        batch_size = _check_int("batch_size", batch_size, 1)
+        if batch_size > self.num_examples:
+            raise ValueError(f"Expected batch_size={batch_size} <= "
+                             f"num_examples={self.num_examples}.")
+        return batch_size
+
+    def _optimizer(self):
+        if self.model is None:
+            raise RuntimeError(
+                "PrivacyCallback is not attached to a model: pass it to "
+                "model.fit(callbacks=[...]) or call set_model().")
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is None:
+            raise RuntimeError(
+                "PrivacyCallback needs the model compiled with a DP optimizer, "
+                "but model.optimizer is None (was the model compiled, or "
+                "restored compiled by keras.models.load_model?).")
+        return optimizer
+
+    def _attribute(self, name: str):
+        optimizer = self._optimizer()
+        missing = [a for a in _DP_ATTRIBUTES if not hasattr(optimizer, a)]
+        if missing:
+            raise TypeError(
+                f"PrivacyCallback needs a DP optimizer, but "
+                f"{type(optimizer).__name__} lacks {', '.join(missing)}; compile "
+                "the model with a tf_dpsat DP optimizer.")
+        return getattr(optimizer, name)
+
+    def _iterations(self) -> int:
+        return int(keras.ops.convert_to_tensor(self._attribute("iterations")))
+
+    def _setup(self) -> _Setup:
+        """Reads the optimizer's DP settings (cheap; done at each use)."""
+        num_microbatches = self._attribute("num_microbatches")
+        batch_size = self.batch_size
+        if batch_size is None:
+            batch_size = self._attribute("expected_batch_size")
+            if batch_size is None:
+                raise ValueError(
+                    "PrivacyCallback needs the batch size to compute the sampling "
+                    "probability: pass batch_size= to PrivacyCallback or set "
+                    "expected_batch_size on the optimizer.")
+            batch_size = self._check_batch_size(batch_size)
+        sigma = accounting.effective_noise_multiplier(
+            float(self._attribute("noise_multiplier")), batch_size=batch_size,
+            num_microbatches=num_microbatches)
+        return _Setup(
+            noise_multiplier=sigma,
+            queries_per_step=_check_int(
+                "queries_per_step", self._attribute("queries_per_step"), 1),
+            sampling_probability=batch_size / self.num_examples,
+            steps_per_epoch=self.num_examples // batch_size)
+
+    def _epsilon(self, setup: _Setup, steps: int) -> float:
+        """Epsilon after `steps` steps, each computed once per setup."""
+        if steps == 0:
+            return 0.0
+        key = (setup, steps)
+        if key not in self._cache:
+            self._cache[key] = self._compute_epsilon(setup, steps)
+        return self._cache[key]
+
+    def _compute_epsilon(self, setup: _Setup, steps: int) -> float:
+        if self.sampling == "poisson":
+            return accounting.compute_epsilon(
+                noise_multiplier=setup.noise_multiplier,
+                sampling_probability=setup.sampling_probability, steps=steps,
+                delta=self.delta, queries_per_step=setup.queries_per_step)
+        # Every started pass over the data may use each example once.
+        return accounting.compute_epsilon_once_per_epoch(
+            noise_multiplier=setup.noise_multiplier,
+            epochs=math.ceil(steps / setup.steps_per_epoch), delta=self.delta,
+            queries_per_step=setup.queries_per_step)
+
+    def _max_steps(self, setup: _Setup) -> int:
+        """Largest step count whose epsilon is within target_epsilon."""
+        def fits(steps: int) -> bool:
+            return self._epsilon(setup, steps) <= self.target_epsilon
+
+        if self.sampling == "poisson":
+            return _largest_fitting(fits, _MAX_BUDGET_STEPS)
+        # Epsilon only grows when a new pass starts: search whole passes.
+        passes = _largest_fitting(
+            lambda n: fits(n * setup.steps_per_epoch),
+            _MAX_BUDGET_STEPS // setup.steps_per_epoch)
+        return passes * setup.steps_per_epoch
+
+    def _stop(self, steps: int) -> None:
+        self.model.stop_training = True
+        if self._stop_logged:
+            return
+        self._stop_logged = True
+        logging.warning(
+            "Privacy budget reached: training stopped after %d noisy steps "
+            "(budget %d), epsilon=%.4f for target_epsilon=%g at delta=%g (%s "
+            "sampling).",
+            steps, self.max_steps, self._epsilon(self._setup(), steps),
+            self.target_epsilon, self.delta, self.sampling)

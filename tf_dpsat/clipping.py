@@ -1,0 +1,136 @@
+"""Small pure functions for clipping, noising and perturbing gradients.
+
+DP-SGD (Abadi et al., 2016) bounds each example's influence by clipping its
+gradient to L2 norm C and then adds Gaussian noise of standard deviation
+sigma * C to the sum. DP-SAT (Park et al., 2023) additionally evaluates the
+gradients at w + rho * g_prev / ||g_prev||, where g_prev is the previous
+step's already-private gradient. The functions here implement those pieces on
+lists of tensors (one per trainable variable); `optimizer.py` composes them.
+
+A leading axis of size `n` on a gradient tensor indexes examples (or
+microbatches). Norms are computed as sqrt(sum(square)) rather than with
+`tf.linalg.global_norm`, which `tf.vectorized_map` cannot vectorize.
+
+References:
+  Abadi et al., "Deep Learning with Differential Privacy", CCS 2016.
+  Park, Kim, Choi, Lee, "Differentially Private Sharpness-Aware Training",
+  ICML 2023, https://arxiv.org/abs/2306.05651.
+"""
+
+from typing import Sequence
+
+import tensorflow as tf
+
+# Added to per-example norms before dividing, as in the authors' code (Opacus):
+# it keeps the clipped norm strictly below C and the factor finite at norm 0.
+CLIP_EPSILON = 1e-6
+# Added to the perturbation direction's norm (the authors' value).
+PERTURBATION_EPSILON = 1e-16
+
+
+def global_norm(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
+    """L2 norm of all entries of `tensors` taken together.
+
+    Args:
+      tensors: tensors of any shapes.
+
+    Returns:
+      A float32 scalar.
+    """
+    squares = [tf.reduce_sum(tf.square(tf.cast(t, tf.float32))) for t in tensors]
+    return tf.sqrt(tf.add_n(squares))
+
+
+def per_example_norms(grads: Sequence[tf.Tensor]) -> tf.Tensor:
+    """Per-example L2 norms of stacked gradients.
+
+    Args:
+      grads: per-example gradients, each of shape [n, *variable_shape].
+
+    Returns:
+      A float32 tensor of shape [n]: entry i is the norm of example i's
+      gradient over all variables.
+    """
+    squares = [
+        tf.reduce_sum(tf.reshape(tf.square(tf.cast(g, tf.float32)),
+                                 [tf.shape(g)[0], -1]), axis=1)
+        for g in grads
+    ]
+    return tf.sqrt(tf.add_n(squares))
+
+
+def clip_factors(norms: tf.Tensor, l2_norm_clip: float,
+                 keep: tf.Tensor) -> tf.Tensor:
+    """Scale factors min(1, C / (norm + 1e-6)), zero where `keep` is False.
+
+    Args:
+      norms: per-example norms, shape [n].
+      l2_norm_clip: the clip norm C > 0.
+      keep: boolean [n]; False drops the example (padding, non-finite
+        gradient). Dropping is a per-example decision, so it keeps DP.
+
+    Returns:
+      A float32 tensor of shape [n].
+    """
+    factors = tf.minimum(1.0, l2_norm_clip / (norms + CLIP_EPSILON))
+    return tf.where(keep, factors, tf.zeros_like(factors))
+
+
+def weighted_sum(grads: Sequence[tf.Tensor], factors: tf.Tensor,
+                 keep: tf.Tensor) -> list:
+    """Sum over examples of factor_i * g_i, ignoring dropped examples.
+
+    `tf.where` (not a multiplication by 0) removes dropped examples, so a NaN
+    or Inf gradient cannot leak into the sum.
+
+    Args:
+      grads: per-example gradients, each of shape [n, *variable_shape].
+      factors: float32 [n] scale factors (from `clip_factors`).
+      keep: boolean [n].
+
+    Returns:
+      One tensor of shape variable_shape per variable.
+    """
+    summed = []
+    for g in grads:
+        mask = tf.reshape(keep, [-1] + [1] * (len(g.shape) - 1))
+        g = tf.where(mask, g, tf.zeros_like(g))
+        summed.append(tf.tensordot(tf.cast(factors, g.dtype), g, axes=1))
+    return summed
+
+
+def gaussian_noise(like: Sequence[tf.Tensor], stddev: tf.Tensor,
+                   seed: tf.Tensor) -> list:
+    """Independent N(0, stddev^2) noise shaped like each tensor of `like`.
+
+    Args:
+      like: tensors giving shapes and dtypes.
+      stddev: scalar standard deviation.
+      seed: int64 [2] stateless seed; each tensor gets a stream folded from
+        it, so the noise is a pure function of the seed (reproducible, and
+        restored with the optimizer's state).
+
+    Returns:
+      A list of noise tensors.
+    """
+    noise = []
+    for j, t in enumerate(like):
+        var_seed = tf.random.experimental.stateless_fold_in(seed, j)
+        sample = tf.random.stateless_normal(tf.shape(t), var_seed,
+                                            dtype=tf.float32)
+        noise.append(tf.cast(sample * tf.cast(stddev, tf.float32), t.dtype))
+    return noise
+
+
+def perturbation(direction: Sequence[tf.Tensor], rho: float) -> list:
+    """rho * d / (||d|| + 1e-16): the DP-SAT ascent step (zero when d is 0).
+
+    Args:
+      direction: the direction d, one tensor per variable.
+      rho: the radius.
+
+    Returns:
+      One tensor per variable.
+    """
+    scale = rho / (global_norm(direction) + PERTURBATION_EPSILON)
+    return [tf.cast(scale, d.dtype) * d for d in direction]

@@ -1,0 +1,155 @@
+"""Keras models whose train step is differentially private.
+
+Keras 3 computes one summed gradient in `Model.train_step` and hands it to the
+optimizer, which is too late for per-example clipping. A DP model's
+`train_step` is a thin hook instead: it hands the batch to the DP optimizer
+(`tf_dpsat.DPSATKeras.private_train_step`), which computes, clips, noises and
+applies the gradients, then updates the loss and the compiled metrics from the
+per-example predictions, as plain Keras would.
+
+Besides the compiled metrics, training logs report
+`grad_norm_clipped_fraction` (the share of examples whose gradient norm
+exceeded the clip norm, the number to watch when tuning C) and
+`nonfinite_gradients` (examples dropped for a NaN/Inf gradient).
+"""
+
+import keras
+import tensorflow as tf
+from keras.src.losses import loss as loss_module
+from keras.src.models.functional import Functional
+from keras.src.models.model import functional_init_arguments
+from keras.src.trainers.data_adapters import data_adapter_utils
+
+_DP_METRIC_NAMES = ("grad_norm_clipped_fraction", "nonfinite_gradients")
+
+
+class _PrivateTrainStep:
+    """Mixin: the DP train step shared by DPModel and DPSequential."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Created before the model is built (Keras locks a built layer's
+        # state) and outside the traced train step.
+        self._dp_clipped_fraction = keras.metrics.Mean(
+            name="grad_norm_clipped_fraction")
+        self._dp_nonfinite = keras.metrics.Sum(name="nonfinite_gradients")
+
+    def train_step(self, data):
+        optimizer = self.optimizer
+        if not hasattr(optimizer, "private_train_step"):
+            raise TypeError(
+                f"{type(self).__name__} is a differentially private model but "
+                f"was compiled with {type(optimizer).__name__}, which would "
+                "train it without privacy. Compile it with "
+                "tf_dpsat.DPSATKeras (or DPSAMKeras).")
+        x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+        if self._compile_loss is not None and not self._compile_loss.built:
+            # Without a distribution strategy Keras defers building the
+            # compiled loss to the first train step; the DP step needs it now.
+            self._symbolic_build(data_batch=data)
+        y_pred, stats = optimizer.private_train_step(self, x, y, sample_weight)
+        self._track_loss(x, y, y_pred, sample_weight, stats)
+        examples = stats["examples"]
+        self._dp_clipped_fraction.update_state(
+            stats["clipped"] / tf.maximum(examples, 1.0), sample_weight=examples)
+        self._dp_nonfinite.update_state(stats["nonfinite"])
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _track_loss(self, x, y, y_pred, sample_weight, stats):
+        """Updates the loss tracker with the loss plain Keras would report.
+
+        The predictions come from the perturbed point. The layers' own `losses`
+        may hold stale values (the step's forward passes ran in stateless
+        scopes), so the pieces are summed here explicitly.
+        """
+        loss = self._compile_loss(y, y_pred, sample_weight)
+        loss = loss_module.unscale_loss_for_distribution(loss)
+        regularization = self._get_regularization_losses()
+        if regularization:
+            loss += tf.add_n([tf.cast(r, loss.dtype) for r in regularization])
+        loss += tf.cast(stats["extra_loss"] / tf.maximum(stats["examples"], 1.0),
+                        loss.dtype)
+        batch = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
+        self._loss_tracker.update_state(loss, sample_weight=batch)
+
+    def get_metrics_result(self):
+        logs = super().get_metrics_result()
+        if getattr(self, "_dp_evaluating", False):
+            # Evaluation never touches the DP metrics; keep them out of its logs.
+            logs = {k: v for k, v in logs.items() if k not in _DP_METRIC_NAMES}
+        return logs
+
+    def evaluate(self, *args, **kwargs):
+        self._dp_evaluating = True
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self._dp_evaluating = False
+
+
+@keras.saving.register_keras_serializable(package="tf_dpsat")
+class DPFunctional(_PrivateTrainStep, Functional):
+    """A functional model trained with differential privacy.
+
+    Made by `make_private` and by `DPModel(inputs, outputs)`.
+    """
+
+
+@keras.saving.register_keras_serializable(package="tf_dpsat")
+class DPModel(_PrivateTrainStep, keras.Model):
+    """A `keras.Model` trained with differential privacy.
+
+    Use it like `keras.Model`: as a base class for subclassed models, or
+    functionally, `DPModel(inputs, outputs)`, which returns a `DPFunctional`.
+    Compile it with `tf_dpsat.DPSATKeras`.
+    """
+
+    def __new__(cls, *args, **kwargs):
+        # Keras would turn DPModel itself into a Functional subclass (it
+        # rewrites the class's bases), breaking every subclassed DPModel.
+        if cls is DPModel and functional_init_arguments(args, kwargs):
+            return DPFunctional(*args, **kwargs)
+        return super().__new__(cls, *args, **kwargs)
+
+
+@keras.saving.register_keras_serializable(package="tf_dpsat")
+class DPSequential(_PrivateTrainStep, keras.Sequential):
+    """A `keras.Sequential` trained with differential privacy."""
+
+
+def make_private(model: keras.Model) -> keras.Model:
+    """Returns a DP model sharing the layers and weights of `model`.
+
+    Args:
+      model: a built `keras.Sequential` or functional `keras.Model`.
+
+    Returns:
+      A `DPFunctional` model using the same layer objects, so training it
+      trains `model`'s weights too. A model that is already private is
+      returned unchanged.
+
+    Raises:
+      TypeError: for a subclassed model (subclass `tf_dpsat.DPModel` instead).
+      ValueError: for a model without defined inputs.
+    """
+    if isinstance(model, _PrivateTrainStep):
+        return model
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"Expected a keras.Model, got {type(model).__name__}.")
+    is_functional = isinstance(model, keras.Sequential) or hasattr(
+        model, "_nodes_by_depth")
+    if not is_functional:
+        raise TypeError(
+            f"make_private cannot wrap the subclassed model "
+            f"{type(model).__name__}: its train step is its own. Subclass "
+            "tf_dpsat.DPModel instead of keras.Model.")
+    try:
+        inputs, outputs = model.inputs, model.outputs
+    except (AttributeError, ValueError) as error:
+        raise ValueError(
+            f"make_private needs a model with defined inputs; build "
+            f"'{model.name}' with a keras.Input first.") from error
+    if not inputs:
+        raise ValueError(f"make_private needs a model with defined inputs; "
+                         f"build '{model.name}' with a keras.Input first.")
+    return DPFunctional(inputs=inputs, outputs=outputs, name=model.name)

@@ -1,0 +1,685 @@
+"""DP-SAT (and DP-SGD, DP-SAM) as Keras 3 optimizers for the TensorFlow backend.
+
+DP-SAT (Park, Kim, Choi, Lee, ICML 2023) is differentially private SGD that
+takes each gradient at a point perturbed towards higher loss, which steers
+training to flatter minima. Per logical step t, with clip norm C, noise
+multiplier sigma, radius rho and expected batch size B:
+
+  1. eps_t = rho * g_{t-1} / (||g_{t-1}|| + 1e-16), global L2 norm over all
+     variables, where g_{t-1} is the previous step's private gradient; eps_1 = 0.
+  2. At w_t + eps_t compute per-example gradients g_i and clip each:
+     g_i * min(1, C / (||g_i|| + 1e-6)).
+  3. g_t = (sum_i clipped g_i + N(0, sigma^2 C^2 I)) / B, noise once per step.
+  4. Apply the base update, SGD with momentum, to w_t (never to w_t + eps_t)
+     with g_t, and keep g_t (before momentum) in an optimizer slot.
+
+The perturbation is post-processing of an already-private gradient, so DP-SAT
+spends no extra privacy and one forward/backward pass per step; rho = 0 is
+DP-SGD. `DPSAMKeras` is the paper's naive baseline that privatises a second,
+fresh ascent gradient (two noisy queries per step).
+
+Keras 3 hands optimizers summed gradients only, so per-example work starts in
+the train step of a DP model (`tf_dpsat.make_private`), which hands the batch
+to `DPSATKeras.private_train_step`; the whole algorithm lives in this module.
+The weights are never modified to w_t + eps_t: the perturbed forward pass runs
+under a `keras.StatelessScope` that maps each variable to its perturbed value,
+so evaluation, checkpoints and an exception mid-step always see w_t.
+
+References:
+  Park, Kim, Choi, Lee. "Differentially Private Sharpness-Aware Training".
+  ICML 2023. https://arxiv.org/abs/2306.05651
+  Abadi et al. "Deep Learning with Differential Privacy". CCS 2016.
+"""
+
+import math
+import os
+import warnings
+from typing import Any, Optional
+
+import keras
+import tensorflow as tf
+from absl import logging
+from keras.src.backend.common.stateless_scope import StatelessScope
+
+from tf_dpsat import clipping
+from tf_dpsat import validation
+
+DIRECTIONS = ("gradient", "momentum")
+# Reductions after which Keras divides by the number of replicas; the per
+# example losses must not carry that factor (it would change what is clipped).
+_MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
+# Offset between the dropout seeds of consecutive examples (see _seed_mapping).
+_SEED_STRIDE = 2**32
+
+
+def _strategy():
+    return tf.distribute.get_strategy()
+
+
+def _num_replicas() -> int:
+    return _strategy().num_replicas_in_sync
+
+
+def _replica_id():
+    ctx = tf.distribute.get_replica_context()
+    return 0 if ctx is None else ctx.replica_id_in_sync_group
+
+
+def _all_reduce_sum(value):
+    """Sums `value` (a tensor or list) over replicas; identity on one replica."""
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return value
+    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
+def _assign_per_replica(variables, values):
+    """Assigns each replica's own value to its copy of each variable.
+
+    Mirrored variables without an aggregation cannot be assigned in a replica
+    context; like Keras' gradient accumulation, route through a merge call.
+    """
+
+    def update(distribution, variables, values):
+        for var, value in zip(variables, values):
+            distribution.extended.update(
+                var, lambda v, x: v.assign(x), args=(value,), group=False)
+
+    tf.__internal__.distribute.interim.maybe_merge_call(
+        update, _strategy(), [v.value for v in variables], values)
+
+
+def _find_batch_normalization(model) -> Optional[str]:
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            return layer.name
+    return None
+
+
+def _seed_generators(model) -> list:
+    found = []
+    for layer in model._flatten_layers():
+        found.extend(getattr(layer, "_seed_generators", []))
+    return found
+
+
+def _batch_size(x) -> tf.Tensor:
+    first = next(t for t in tf.nest.flatten(x) if t is not None)
+    static = first.shape[0]
+    return static if static is not None else tf.shape(first)[0]
+
+
+def _unscale_mean_loss(value, loss_fn):
+    """Undoes the 1/num_replicas factor Keras puts on mean-reduced losses."""
+    replicas = _num_replicas()
+    if replicas > 1 and getattr(loss_fn, "reduction", None) in _MEAN_REDUCTIONS:
+        value = value * tf.cast(replicas, value.dtype)
+    return value
+
+
+def _compiled_loss_value(model, y_true, y_pred, sample_weight):
+    """The compiled loss of the model on one microbatch, without side effects.
+
+    `CompileLoss.__call__` updates loss metrics, which must not happen inside
+    the vectorized per-example computation, so its per-output losses are
+    applied here directly. The result is what Keras would report for this
+    microbatch alone (for a single example: the example's weighted loss),
+    whatever reduction each loss uses.
+    """
+    compile_loss = model._compile_loss
+    if compile_loss is None:
+        raise ValueError("The DP model was compiled without a loss; pass "
+                         "`loss=` to `model.compile`.")
+    if tf.nest.is_nested(y_pred) and tf.nest.is_nested(y_true):
+        try:
+            tf.nest.assert_same_structure(y_true, y_pred)
+        except (ValueError, TypeError):
+            y_true = tf.nest.pack_sequence_as(y_pred, tf.nest.flatten(y_true))
+    total = None
+    for path, loss_fn, loss_weight, _ in compile_loss._flat_losses:
+        y_t, y_p = y_true, y_pred
+        for key in path:
+            y_t, y_p = y_t[key], y_p[key]
+        weight = sample_weight
+        if weight is not None and tf.nest.is_nested(weight):
+            for key in path:
+                weight = weight[key]
+        value = tf.cast(loss_fn(y_t, y_p, weight), tf.float32)
+        value = tf.reduce_mean(_unscale_mean_loss(value, loss_fn))
+        if loss_weight is not None:
+            value = value * loss_weight
+        total = value if total is None else total + value
+    if total is None:
+        raise ValueError("The DP model's compiled loss has no terms.")
+    return total
+
+
+@keras.saving.register_keras_serializable(package="tf_dpsat")
+class DPSATKeras(keras.optimizers.Optimizer):
+    """Differentially private sharpness-aware training (DP-SAT) for Keras 3.
+
+    Use with a DP model: `model = tf_dpsat.make_private(model)`, then
+    `model.compile(optimizer=DPSATKeras(...), loss=...)` and `model.fit`.
+    Every training step clips per-example (or per-microbatch) gradients taken
+    at the DP-SAT perturbed point, adds Gaussian noise once per logical step
+    and applies SGD with momentum. `iterations` counts logical (noisy) steps,
+    the number a privacy accountant needs.
+
+    Args:
+      learning_rate: float or schedule, as for `keras.optimizers.SGD`.
+      momentum: SGD momentum in [0, 1].
+      nesterov: whether to use Nesterov momentum.
+      l2_norm_clip: C > 0, the bound on each example's gradient norm.
+      noise_multiplier: sigma >= 0; the noise on the summed clipped gradient
+        has standard deviation sigma * C. sigma = 0 gives no privacy.
+      rho: DP-SAT radius >= 0; 0 is exactly DP-SGD (no perturbation work).
+      num_microbatches: None clips each example; otherwise the batch is split
+        into this many equal groups whose mean gradients are clipped, summed,
+        noised once and divided by the number of groups (tensorflow-privacy's
+        convention). It must divide the batch size.
+      expected_batch_size: the divisor B of the noisy sum (with microbatches:
+        B / microbatch size). Set it under Poisson sampling, where batches are
+        padded with zero-weight examples; None divides by the number of
+        examples (microbatches) of the logical step with non-zero weight.
+      gradient_accumulation_steps: k >= 1 physical batches form one logical
+        step: their clipped sums are accumulated, then noise is added and the
+        update applied once. The DP-SAT perturbation is the same for all k.
+      seed: integer seed of the noise; None draws fresh entropy. The seed is
+        an optimizer variable, saved and restored with the optimizer.
+      direction: "gradient" (DP-SAT) or "momentum" (the authors'
+        DPSATMomentum variant: the direction is the last update reversed,
+        w_{t-1} - w_t).
+      **kwargs: `name`, `weight_decay`, `use_ema`, ... of
+        `keras.optimizers.Optimizer`. `clipnorm`, `clipvalue` and
+        `global_clipnorm` are refused: they would act on the noisy gradient.
+
+    References:
+      Park, Kim, Choi, Lee. "Differentially Private Sharpness-Aware Training".
+      ICML 2023.
+    """
+
+    queries_per_step = 1
+    # DPSAMKeras overrides these.
+    _supports_accumulation = True
+
+    def __init__(
+        self,
+        learning_rate: Any = 2.0,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        *,
+        l2_norm_clip: float = 0.1,
+        noise_multiplier: float,
+        rho: float = 0.03,
+        num_microbatches: Optional[int] = None,
+        expected_batch_size: Optional[int] = None,
+        gradient_accumulation_steps: Optional[int] = 1,
+        seed: Optional[int] = None,
+        direction: str = "gradient",
+        **kwargs,
+    ):
+        for name in ("clipnorm", "clipvalue", "global_clipnorm"):
+            if kwargs.get(name) is not None:
+                raise ValueError(
+                    f"{type(self).__name__} does not accept {name}={kwargs[name]}"
+                    ": it would clip the already-noised gradient and break the"
+                    " privacy analysis. Per-example clipping is set by"
+                    " `l2_norm_clip`.")
+            kwargs.pop(name, None)
+        if kwargs.get("loss_scale_factor") is not None:
+            raise ValueError("loss_scale_factor is not supported: loss scaling "
+                             "would change the per-example gradient norms.")
+        kwargs.pop("loss_scale_factor", None)
+        super().__init__(learning_rate=learning_rate, **kwargs)
+        validation.check_non_negative("momentum", momentum)
+        if momentum > 1:
+            raise ValueError(f"Expected momentum={momentum} <= 1.")
+        self.momentum = float(momentum)
+        self.nesterov = bool(nesterov)
+        self.l2_norm_clip = validation.check_positive("l2_norm_clip",
+                                                      l2_norm_clip)
+        self.noise_multiplier = validation.check_non_negative(
+            "noise_multiplier", noise_multiplier)
+        if self.noise_multiplier == 0:
+            message = (f"{type(self).__name__}(noise_multiplier=0) adds no noise:"
+                       " training is NOT differentially private.")
+            logging.warning(message)
+            warnings.warn(message, stacklevel=2)
+        self.rho = validation.check_non_negative("rho", rho)
+        self.num_microbatches = validation.check_positive_int(
+            "num_microbatches", num_microbatches, allow_none=True)
+        self.expected_batch_size = validation.check_positive_int(
+            "expected_batch_size", expected_batch_size, allow_none=True)
+        self._accumulation_steps = validation.check_positive_int(
+            "gradient_accumulation_steps", gradient_accumulation_steps or 1)
+        self.direction = validation.check_one_of("direction", direction,
+                                                 DIRECTIONS)
+        if seed is not None:
+            validation.check_positive_int("seed", seed + 1)  # seed >= 0
+        self.seed = seed
+        if (not self._supports_accumulation and
+                self._accumulation_steps > 1):
+            raise ValueError(
+                f"{type(self).__name__} does not support gradient accumulation:"
+                " its ascent query needs the whole logical batch before the"
+                " descent pass. Use a larger physical batch.")
+        if self.use_ema and self._accumulation_steps > 1:
+            raise ValueError("use_ema with gradient_accumulation_steps > 1 is "
+                             "not supported.")
+        self._apply_mask = None
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little") >> 1
+        with keras.name_scope(self.name, caller=self):
+            # Variables, so that save/load restores them and XLA reads them.
+            self._noise_seed = keras.Variable(
+                seed, name="noise_seed", dtype="int64", trainable=False,
+                aggregation="only_first_replica")
+            self._step_budget = keras.Variable(
+                -1, name="step_budget", dtype="int64", trainable=False,
+                aggregation="only_first_replica")
+
+    # ---------------------------------------------------------------- state
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        self.momentums = []
+        if self.momentum != 0:
+            self.momentums = self.add_optimizer_variables(variables, "momentum")
+        self._directions = []
+        if self._keeps_direction():
+            # g_{t-1}, or w_{t-1} - w_t for direction="momentum".
+            self._directions = self.add_optimizer_variables(
+                variables, "dpsat_direction")
+        self._accumulators = []
+        if self._accumulation_steps > 1:
+            self._accumulators = self.add_optimizer_variables(
+                variables, "dp_accumulator")
+            self._accumulated_count = self.add_variable(
+                (), dtype="float32", name="dp_accumulated_count",
+                aggregation="only_first_replica")
+            self._accumulation_step = self.add_variable(
+                (), dtype="int64", name="dp_accumulation_step",
+                aggregation="only_first_replica")
+
+    def _keeps_direction(self) -> bool:
+        return self.rho > 0
+
+    def set_step_budget(self, max_steps: int) -> None:
+        """Refuses every noisy step once `iterations >= max_steps`.
+
+        `tf_dpsat.PrivacyCallback` sets this from a target epsilon; a step
+        beyond the budget changes no weight and releases no gradient.
+
+        Args:
+          max_steps: the number of logical steps allowed in total.
+        """
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int):
+            raise TypeError(f"Expected max_steps to be an int, got {max_steps!r}.")
+        if max_steps < 0:
+            raise ValueError(f"Expected max_steps={max_steps} >= 0.")
+        self._step_budget.assign(max_steps)
+
+    # ------------------------------------------------------- base update
+
+    def apply(self, grads, trainable_variables=None):
+        """Refuses gradients from a non-private train step.
+
+        The DP step (`private_train_step`) applies its noisy gradient through
+        the base class directly; anything reaching this method comes from a
+        plain Keras train step, i.e. training without privacy.
+        """
+        raise TypeError(
+            f"{type(self).__name__} received gradients from a non-private "
+            "train step, which would train without differential privacy. "
+            "Wrap the model with `model = tf_dpsat.make_private(model)` "
+            "(or build it with tf_dpsat.DPSequential / subclass "
+            "tf_dpsat.DPModel) before compiling it.")
+
+    def _apply_weight_decay(self, variables):
+        # Applied in update_step instead, where skipped steps can be masked.
+        del variables
+
+    def update_step(self, gradient, variable, learning_rate):
+        """SGD with momentum and decoupled weight decay, as keras.optimizers.SGD.
+
+        Also keeps the DP-SAT direction for the next step. Every assignment is
+        masked by `self._apply_mask` (see `_release`).
+        """
+        index = self._get_variable_index(variable)
+        learning_rate = tf.cast(learning_rate, variable.dtype)
+        gradient = tf.cast(gradient, variable.dtype)
+        mask = self._apply_mask
+
+        def put(target, value):
+            if mask is not None:
+                value = tf.where(mask, value, tf.convert_to_tensor(target))
+            self.assign(target, value)
+
+        old = tf.convert_to_tensor(variable)
+        new = old
+        if self.weight_decay is not None and self._use_weight_decay(variable):
+            new = new - new * tf.cast(self.weight_decay, old.dtype) * learning_rate
+        if self.momentums:
+            m = self.momentums[index]
+            momentum = tf.cast(self.momentum, variable.dtype)
+            velocity = tf.convert_to_tensor(m) * momentum - gradient * learning_rate
+            put(m, velocity)
+            if self.nesterov:
+                new = new + velocity * momentum - gradient * learning_rate
+            else:
+                new = new + velocity
+        else:
+            new = new - gradient * learning_rate
+        put(variable, new)
+        if self._directions:
+            put(self._directions[index],
+                gradient if self.direction == "gradient" else old - new)
+
+    # ------------------------------------------------------- private step
+
+    def private_train_step(self, model, x, y, sample_weight):
+        """Runs one DP-SAT step on a batch; called by the DP model's train_step.
+
+        Args:
+          model: the DP model being trained.
+          x, y, sample_weight: the batch, as unpacked by Keras.
+
+        Returns:
+          (y_pred, stats): the per-example predictions at the perturbed point
+          (for the compiled metrics) and a dict of float32 scalars: "examples"
+          (units with non-zero weight), "clipped" (units whose norm exceeded
+          C), "nonfinite" (units dropped for a NaN/Inf gradient) and
+          "extra_loss" (the sum of data-dependent `add_loss` terms).
+        """
+        self._check_model(model)
+        variables = list(model.trainable_variables)
+        if not self.built:
+            with keras.name_scope(self.name, caller=self):
+                self.build(variables)
+        self._check_variables_are_known(variables)
+
+        weights = self._example_weights(x, sample_weight)
+        params = [tf.convert_to_tensor(v.value) for v in variables]
+        eval_params = params
+        if self.rho > 0:
+            direction = self._ascent_direction(model, variables, params, x, y,
+                                               sample_weight, weights)
+            eval_params = [p + e for p, e in
+                           zip(params, clipping.perturbation(direction, self.rho))]
+        summed, stats, y_pred = self._clipped_sum(
+            model, variables, eval_params, x, y, sample_weight, weights)
+        regularization = self._regularization_gradients(model, variables)
+        self._release(variables, summed, stats, regularization)
+        return y_pred, stats
+
+    def _check_model(self, model):
+        bn = _find_batch_normalization(model)
+        if bn is not None:
+            raise ValueError(
+                f"Layer '{bn}' is a BatchNormalization layer: its batch "
+                "statistics mix examples, so per-example clipping no longer "
+                "bounds any example's influence. Replace it with "
+                "keras.layers.GroupNormalization or LayerNormalization.")
+        if model._compile_loss is None:
+            raise ValueError("The DP model was compiled without a loss; pass "
+                             "`loss=` to `model.compile`.")
+
+    def _example_weights(self, x, sample_weight):
+        """Per-example float32 weights [n]; per-timestep weights -> max."""
+        n = _batch_size(x)
+        if sample_weight is None:
+            return tf.ones([n], tf.float32)
+        weights = tf.nest.flatten(sample_weight)
+        if len(weights) != 1:
+            raise ValueError("Per-output sample weights are not supported by "
+                             "the DP train step; pass one weight per example.")
+        w = tf.cast(weights[0], tf.float32)
+        if len(w.shape) > 1:
+            w = tf.reduce_max(tf.abs(tf.reshape(w, [n, -1])), axis=1)
+        return tf.reshape(w, [n])
+
+    def _microbatch_layout(self, n):
+        """(number of units, examples per unit) for a batch of n examples."""
+        if self.num_microbatches is None:
+            return n, 1
+        m = self.num_microbatches
+        if isinstance(n, int):
+            if n % m:
+                raise ValueError(
+                    f"num_microbatches={m} does not divide the batch size {n}. "
+                    "Choose a batch size that is a multiple of it (and drop or "
+                    "pad the last partial batch) or set num_microbatches=None.")
+            return m, n // m
+        check = tf.debugging.assert_equal(
+            n % m, 0, message=f"num_microbatches={m} does not divide the "
+            "batch size; pad or drop the last partial batch.")
+        with tf.control_dependencies([check]):
+            return m, tf.identity(n // m)
+
+    def _clipped_sum(self, model, variables, params, x, y, sample_weight,
+                     weights):
+        """Clipped per-unit gradients at `params`, summed over units.
+
+        Returns:
+          (summed gradients, stats dict, stacked predictions [n, ...]).
+        """
+        n = _batch_size(x)
+        units, size = self._microbatch_layout(n)
+
+        def group(t):
+            if t is None:
+                return None
+            return tf.reshape(t, tf.concat([[units, size], tf.shape(t)[1:]], 0))
+
+        if sample_weight is None:
+            sample_weight = weights
+        if y is None:
+            raise ValueError("The DP train step needs targets `y`.")
+        grouped = tf.nest.map_structure(group, (x, y, sample_weight))
+        seeds = _seed_generators(model)
+        seed_values = [tf.convert_to_tensor(g.state.value) for g in seeds]
+
+        def unit_gradient(args):
+            (x_u, y_u, w_u), index = args
+            mapping = list(zip(variables, params))
+            # Distinct dropout randomness per example (see _SEED_STRIDE).
+            offset = tf.stack([tf.constant(0, tf.int64),
+                               (tf.cast(index, tf.int64) + 1) * _SEED_STRIDE])
+            mapping += [(g.state, tf.cast(s, tf.int64) + offset)
+                        for g, s in zip(seeds, seed_values)]
+            with tf.GradientTape() as tape:
+                tape.watch(params)
+                with StatelessScope(state_mapping=mapping,
+                                    collect_losses=True) as scope:
+                    y_pred = model(x_u, training=True)
+                loss = _compiled_loss_value(model, y_u, y_pred, w_u)
+                extra = tf.constant(0.0)
+                if scope.losses:
+                    extra = tf.add_n([tf.reduce_sum(tf.cast(l, tf.float32))
+                                      for l in scope.losses])
+                    loss = loss + extra
+            grads = tape.gradient(
+                loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return grads, y_pred, extra
+
+        indices = tf.range(units)
+        grads, y_pred, extra = tf.vectorized_map(unit_gradient,
+                                                 (grouped, indices))
+        if seeds:  # The next step draws fresh dropout masks.
+            _assign_per_replica(
+                [g.state for g in seeds],
+                [s + tf.constant([0, 1], s.dtype) for s in seed_values])
+
+        unit_weight = tf.reduce_max(tf.abs(tf.reshape(weights, [units, -1])),
+                                    axis=1)
+        active = unit_weight > 0
+        norms = clipping.per_example_norms(grads)
+        finite = tf.math.is_finite(norms)
+        keep = active & finite
+        factors = clipping.clip_factors(norms, self.l2_norm_clip, keep)
+        summed = clipping.weighted_sum(grads, factors, keep)
+        count = lambda mask: tf.reduce_sum(tf.cast(mask, tf.float32))
+        stats = {
+            "examples": count(active),
+            "clipped": count(keep & (norms + clipping.CLIP_EPSILON
+                                     > self.l2_norm_clip)),
+            "nonfinite": count(active & ~finite),
+            "extra_loss": tf.reduce_sum(tf.where(active, extra, 0.0)),
+            "unit_size": tf.cast(size, tf.float32),
+        }
+        y_pred = tf.nest.map_structure(
+            lambda t: tf.reshape(t, tf.concat([[n], tf.shape(t)[2:]], 0)),
+            y_pred)
+        return summed, stats, y_pred
+
+    def _ascent_direction(self, model, variables, params, x, y, sample_weight,
+                          weights):
+        """The DP-SAT direction: the previous private gradient (a slot)."""
+        del model, params, x, y, sample_weight, weights
+        return [tf.convert_to_tensor(d.value) for d in self._directions]
+
+    def _regularization_gradients(self, model, variables):
+        """Gradients of weight regularizers: data-independent, never clipped."""
+        with tf.GradientTape() as tape:
+            losses = model._get_regularization_losses()
+            if not losses:
+                return None
+            total = tf.add_n([tf.cast(l, tf.float32) for l in losses])
+        grads = tape.gradient(total, [v.value for v in variables],
+                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        # The optimizer sums gradients over replicas; count this term once.
+        return [g / _num_replicas() for g in grads]
+
+    def _noisy_mean(self, summed, count, unit_size, query: int):
+        """(summed + N(0, sigma^2 C^2)) / B for this replica's share.
+
+        Each replica adds noise of variance sigma^2 C^2 / R with its own seed,
+        so the sum over replicas carries exactly sigma^2 C^2 (not R times it).
+
+        Args:
+          summed: this replica's clipped sums, one tensor per variable.
+          count: units (examples or microbatches) with non-zero weight in the
+            logical step, summed over replicas.
+          unit_size: examples per unit (1 without microbatches).
+          query: index of the noisy query within the step (seeds the noise).
+        """
+        replicas = _num_replicas()
+        if self.noise_multiplier > 0:
+            stddev = (self.noise_multiplier * self.l2_norm_clip /
+                      math.sqrt(replicas))
+            seed = tf.stack([tf.convert_to_tensor(self._noise_seed.value),
+                             tf.cast(self._iterations, tf.int64)])
+            seed = tf.random.experimental.stateless_fold_in(seed, query)
+            seed = tf.random.experimental.stateless_fold_in(seed, _replica_id())
+            noise = clipping.gaussian_noise(summed, stddev, seed)
+            summed = [s + z for s, z in zip(summed, noise)]
+        if self.expected_batch_size is not None:
+            divisor = self.expected_batch_size / tf.cast(unit_size, tf.float32)
+        else:
+            divisor = tf.maximum(count, 1.0)
+        return [s / tf.cast(divisor, s.dtype) for s in summed]
+
+    def _release(self, variables, summed, stats, regularization):
+        """Noise, divide and apply the update once per logical step.
+
+        Under tf.distribute a synchronisation point (the optimizer's
+        all-reduce) cannot sit inside `tf.cond`, so the update runs on every
+        physical batch and `update_step` keeps the old values (`tf.where`)
+        unless this batch ends a logical step within the step budget. The
+        noise of a batch that does not end a step is never used.
+        """
+        count = stats["examples"]
+        if self.expected_batch_size is None:
+            count = _all_reduce_sum(count)
+        budget = tf.convert_to_tensor(self._step_budget.value)
+        apply_now = (budget < 0) | (tf.cast(self._iterations, tf.int64) < budget)
+        k = self._accumulation_steps
+        if k > 1:
+            step = tf.convert_to_tensor(self._accumulation_step.value)
+            is_last = tf.equal(step, k - 1)
+            summed = [a.value + s for a, s in zip(self._accumulators, summed)]
+            count = self._accumulated_count.value + count
+            _assign_per_replica(
+                self._accumulators,
+                [tf.where(is_last, tf.zeros_like(s), s) for s in summed])
+            self._accumulated_count.assign(tf.where(is_last, 0.0, count))
+            self._accumulation_step.assign(
+                tf.where(is_last, tf.zeros_like(step), step + 1))
+            apply_now &= is_last
+        grads = self._noisy_mean(summed, count, stats["unit_size"], query=0)
+        if regularization is not None:
+            grads = [g + r for g, r in zip(grads, regularization)]
+        self._apply_mask = apply_now
+        try:
+            super().apply(grads, variables)
+        finally:
+            self._apply_mask = None
+        # Keras counts every call to apply; count logical steps only.
+        self._iterations.assign_sub(
+            tf.cast(tf.logical_not(apply_now), self._iterations.dtype))
+
+    # ------------------------------------------------------------- config
+
+    def get_config(self):
+        config = super().get_config()
+        for name in ("clipnorm", "clipvalue", "global_clipnorm",
+                     "loss_scale_factor", "gradient_accumulation_steps"):
+            config.pop(name, None)
+        config.update({
+            "momentum": self.momentum,
+            "nesterov": self.nesterov,
+            "l2_norm_clip": self.l2_norm_clip,
+            "noise_multiplier": self.noise_multiplier,
+            "rho": self.rho,
+            "num_microbatches": self.num_microbatches,
+            "expected_batch_size": self.expected_batch_size,
+            "gradient_accumulation_steps": self._accumulation_steps,
+            "seed": self.seed,
+            "direction": self.direction,
+        })
+        return config
+
+
+@keras.saving.register_keras_serializable(package="tf_dpsat")
+class DPSAMKeras(DPSATKeras):
+    """DP-SAM, the naive private SAM baseline of Park et al. (2023).
+
+    The ascent direction is a second, freshly privatised gradient at w_t (its
+    own clipping and noise); the descent gradient is then taken at
+    w_t + rho * g_asc / ||g_asc||. That is two noisy queries and two
+    forward/backward passes per step, which `queries_per_step = 2` tells the
+    accountant (`tf_dpsat.accounting`, `tf_dpsat.PrivacyCallback`).
+
+    Takes the arguments of `DPSATKeras`; `rho` must be > 0, `direction` must be
+    "gradient" and gradient accumulation is not supported.
+    """
+
+    queries_per_step = 2
+    _supports_accumulation = False
+
+    def __init__(self, *args, rho: float = 0.03, direction: str = "gradient",
+                 **kwargs):
+        if direction != "gradient":
+            raise ValueError(f"DPSAMKeras takes no direction={direction!r}: "
+                             "its ascent direction is a fresh private gradient.")
+        if validation.check_non_negative("rho", rho) == 0:
+            raise ValueError("Expected rho=0.0 > 0 for DPSAMKeras; rho=0 is "
+                             "DP-SGD: use DPSATKeras(rho=0), which spends one "
+                             "query per step instead of two.")
+        super().__init__(*args, rho=rho, direction=direction, **kwargs)
+
+    def _keeps_direction(self) -> bool:
+        return False
+
+    def _ascent_direction(self, model, variables, params, x, y, sample_weight,
+                          weights):
+        """A private gradient at w_t, summed over replicas."""
+        summed, stats, _ = self._clipped_sum(model, variables, params, x, y,
+                                             sample_weight, weights)
+        count = stats["examples"]
+        if self.expected_batch_size is None:
+            count = _all_reduce_sum(count)
+        grads = self._noisy_mean(summed, count, stats["unit_size"], query=1)
+        return _all_reduce_sum(grads)
