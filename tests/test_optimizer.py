@@ -144,10 +144,16 @@ REFERENCE_CASES = {
 }
 
 
+@pytest.mark.parametrize("clipping", ["auto", "vectorized"])
 @pytest.mark.parametrize("model_name", sorted(MODELS))
 @pytest.mark.parametrize("case", sorted(REFERENCE_CASES))
-def test_matches_reference(model_name, case):
-    if model_name != "conv" and case in ("nesterov", "expected_batch_size"):
+def test_matches_reference(model_name, case, clipping):
+    # "auto" takes the fast path on these models; "vectorized" is checked on
+    # the conv model (tests/test_fast_clipping.py compares the two paths
+    # layer by layer).
+    if model_name != "conv" and (
+            case in ("nesterov", "expected_batch_size") or
+            clipping == "vectorized"):
         pytest.skip("covered on the conv model")
     build = MODELS[model_name]
     x, y = make_data(model_name)
@@ -155,7 +161,7 @@ def test_matches_reference(model_name, case):
     clip = dp_reference.median_norm(build(), x[:8], y[:8], XENT,
                                     ref_kwargs.get("num_microbatches"))
     common = dict(learning_rate=0.5, momentum=0.9, l2_norm_clip=clip)
-    opt_kwargs = {"rho": 0.05, **common, **opt_kwargs}
+    opt_kwargs = {"rho": 0.05, "clipping": clipping, **common, **opt_kwargs}
     ref_kwargs = {"rho": 0.05, **common, **ref_kwargs}
     model, opt, _ = fit_private(build, x, y, **opt_kwargs)
 
@@ -339,12 +345,13 @@ def test_same_seed_is_bitwise_reproducible_and_none_is_fresh():
 
 # ------------------------------------------------------- XLA, accumulation
 
-def test_xla_matches_graph_mode():
+@pytest.mark.parametrize("clipping", ["fast", "vectorized"])
+def test_xla_matches_graph_mode(clipping):
     x, y = make_data("conv")
     graph, _, _ = fit_private(conv_model, x, y, l2_norm_clip=0.5,
-                              jit_compile=False)
+                              jit_compile=False, clipping=clipping)
     xla, _, _ = fit_private(conv_model, x, y, l2_norm_clip=0.5,
-                            jit_compile=True)
+                            jit_compile=True, clipping=clipping)
     assert max_diff(weights(graph), weights(xla)) < 1e-5
 
 
@@ -384,9 +391,10 @@ def test_accumulation_adds_noise_once_per_logical_step():
 
 # ----------------------------------------------------------- tf.distribute
 
-def test_mirrored_strategy_matches_one_device(mirrored_strategy):
+@pytest.mark.parametrize("clipping", ["fast", "vectorized"])
+def test_mirrored_strategy_matches_one_device(mirrored_strategy, clipping):
     x, y = make_data("conv")
-    kwargs = dict(l2_norm_clip=0.5, rho=0.05)
+    kwargs = dict(l2_norm_clip=0.5, rho=0.05, clipping=clipping)
     single, _, _ = fit_private(conv_model, x, y, **kwargs)
     with mirrored_strategy.scope():
         model = tf_dpsat.make_private(conv_model())
@@ -427,14 +435,15 @@ def test_config_round_trip_holds_every_argument():
         learning_rate=0.3, momentum=0.5, nesterov=True, l2_norm_clip=0.7,
         noise_multiplier=1.3, rho=0.02, num_microbatches=4,
         expected_batch_size=64, gradient_accumulation_steps=2, seed=11,
-        direction="momentum", weight_decay=0.001, name="dp")
+        direction="momentum", clipping="vectorized", weight_decay=0.001,
+        name="dp")
     config = opt.get_config()
     for key, value in dict(learning_rate=0.3, momentum=0.5, nesterov=True,
                            l2_norm_clip=0.7, noise_multiplier=1.3, rho=0.02,
                            num_microbatches=4, expected_batch_size=64,
                            gradient_accumulation_steps=2, seed=11,
-                           direction="momentum", weight_decay=0.001,
-                           name="dp").items():
+                           direction="momentum", clipping="vectorized",
+                           weight_decay=0.001, name="dp").items():
         assert config[key] == pytest.approx(value) if isinstance(
             value, float) else config[key] == value, key
     clone = tf_dpsat.DPSATKeras.from_config(config)
@@ -491,6 +500,7 @@ def test_weights_are_never_left_perturbed():
     ({"num_microbatches": 0}, "Expected num_microbatches=0 >= 1."),
     ({"expected_batch_size": -4}, "Expected expected_batch_size=-4 >= 1."),
     ({"direction": "sideways"}, "direction"),
+    ({"clipping": "ghostly"}, "clipping"),
     ({"clipnorm": 1.0}, "clipnorm=1.0"),
     ({"clipvalue": 1.0}, "clipvalue=1.0"),
     ({"global_clipnorm": 1.0}, "global_clipnorm=1.0"),

@@ -42,14 +42,18 @@ from absl import logging
 from keras.src.backend.common.stateless_scope import StatelessScope
 
 from tf_dpsat import clipping
+from tf_dpsat import fast_clipping
 from tf_dpsat import validation
 
 DIRECTIONS = ("gradient", "momentum")
+CLIPPING_PATHS = ("auto", "fast", "vectorized")
 # Reductions after which Keras divides by the number of replicas; the per
 # example losses must not carry that factor (it would change what is clipped).
 _MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
 # Offset between the dropout seeds of consecutive examples (see _seed_mapping).
 _SEED_STRIDE = 2**32
+# (model, reason) pairs already logged when falling back to vectorized clipping.
+_FALLBACKS_LOGGED = set()
 
 
 def _strategy():
@@ -87,6 +91,20 @@ def _assign_per_replica(variables, values):
 
     tf.__internal__.distribute.interim.maybe_merge_call(
         update, _strategy(), [v.value for v in variables], values)
+
+
+def _unit_losses(model, y, y_pred, sample_weight, units):
+    """The compiled loss of each unit (example or microbatch), shape [units]."""
+
+    def group(t):
+        return tf.reshape(t, tf.concat([[units, -1], tf.shape(t)[1:]], 0))
+
+    def unit_loss(args):
+        y_u, p_u, w_u = args
+        return _compiled_loss_value(model, y_u, p_u, w_u)
+
+    return tf.vectorized_map(
+        unit_loss, tf.nest.map_structure(group, (y, y_pred, sample_weight)))
 
 
 def _find_batch_normalization(model) -> Optional[str]:
@@ -189,6 +207,14 @@ class DPSATKeras(keras.optimizers.Optimizer):
       direction: "gradient" (DP-SAT) or "momentum" (the authors'
         DPSATMomentum variant: the direction is the last update reversed,
         w_{t-1} - w_t).
+      clipping: how per-example gradient norms are computed. "fast" uses
+        per-layer rules (ghost norms / direct per-example gradients and
+        book-keeping, `tf_dpsat.fast_clipping`) for Dense, Conv1D/2D,
+        DepthwiseConv2D, Embedding, LayerNormalization and
+        GroupNormalization, and raises for any other trainable layer;
+        "vectorized" runs `tf.vectorized_map` over per-example backward
+        passes (any model); "auto" (default) is "fast" where it applies and
+        "vectorized" elsewhere (logged once). All three give the same result.
       **kwargs: `name`, `weight_decay`, `use_ema`, ... of
         `keras.optimizers.Optimizer`. `clipnorm`, `clipvalue` and
         `global_clipnorm` are refused: they would act on the noisy gradient.
@@ -216,6 +242,7 @@ class DPSATKeras(keras.optimizers.Optimizer):
         gradient_accumulation_steps: Optional[int] = 1,
         seed: Optional[int] = None,
         direction: str = "gradient",
+        clipping: str = "auto",
         **kwargs,
     ):
         for name in ("clipnorm", "clipvalue", "global_clipnorm"):
@@ -254,6 +281,8 @@ class DPSATKeras(keras.optimizers.Optimizer):
             "gradient_accumulation_steps", gradient_accumulation_steps or 1)
         self.direction = validation.check_one_of("direction", direction,
                                                  DIRECTIONS)
+        self.clipping = validation.check_one_of("clipping", clipping,
+                                                CLIPPING_PATHS)
         if seed is not None:
             validation.check_positive_int("seed", seed + 1)  # seed >= 0
         self.seed = seed
@@ -467,28 +496,79 @@ class DPSATKeras(keras.optimizers.Optimizer):
         """
         n = _batch_size(x)
         units, size = self._microbatch_layout(n)
-
-        def group(t):
-            if t is None:
-                return None
-            return tf.reshape(t, tf.concat([[units, size], tf.shape(t)[1:]], 0))
-
-        if sample_weight is None:
-            sample_weight = weights
         if y is None:
             raise ValueError("The DP train step needs targets `y`.")
-        grouped = tf.nest.map_structure(group, (x, y, sample_weight))
+        if sample_weight is None:
+            sample_weight = weights
         seeds = _seed_generators(model)
         seed_values = [tf.convert_to_tensor(g.state.value) for g in seeds]
+        batch = (x, y, sample_weight)
+        path = None
+        if self.clipping != "vectorized":
+            try:
+                path = self._fast_path(model, variables, params, batch, units,
+                                       seeds, seed_values)
+            except fast_clipping.Unsupported as error:
+                self._fast_path_refused(model, error)
+        if path is None:
+            path = self._vectorized_path(model, variables, params, batch,
+                                         units, size, seeds, seed_values)
+        norms, sum_clipped, y_pred, extra = path
+        if seeds:  # The next step draws fresh dropout masks.
+            _assign_per_replica(
+                [g.state for g in seeds],
+                [s + tf.constant([0, 1], s.dtype) for s in seed_values])
+
+        unit_weight = tf.reduce_max(tf.abs(tf.reshape(weights, [units, -1])),
+                                    axis=1)
+        active = unit_weight > 0
+        finite = tf.math.is_finite(norms)
+        keep = active & finite
+        factors = clipping.clip_factors(norms, self.l2_norm_clip, keep)
+        summed = sum_clipped(factors, keep)
+        count = lambda mask: tf.reduce_sum(tf.cast(mask, tf.float32))
+        stats = {
+            "examples": count(active),
+            "clipped": count(keep & (norms + clipping.CLIP_EPSILON
+                                     > self.l2_norm_clip)),
+            "nonfinite": count(active & ~finite),
+            "extra_loss": tf.reduce_sum(tf.where(active, extra, 0.0)),
+            "unit_size": tf.cast(size, tf.float32),
+        }
+        return summed, stats, y_pred
+
+    def _fast_path_refused(self, model, error):
+        if self.clipping == "fast":
+            raise ValueError(
+                f"clipping='fast' cannot handle model '{model.name}': {error}. "
+                "Use clipping='auto' (falls back to the vectorized path) or "
+                "clipping='vectorized'.") from error
+        key = (id(model), str(error))
+        if key not in _FALLBACKS_LOGGED:
+            _FALLBACKS_LOGGED.add(key)
+            logging.info("Fast per-example clipping does not apply to model "
+                         "'%s' (%s); using the vectorized path.", model.name,
+                         error)
+
+    @staticmethod
+    def _seed_mapping(seeds, seed_values, index):
+        """Maps dropout seed states to per-unit values (see _SEED_STRIDE)."""
+        offset = tf.stack([tf.constant(0, tf.int64),
+                           (tf.cast(index, tf.int64) + 1) * _SEED_STRIDE])
+        return [(g.state, tf.cast(s, tf.int64) + offset)
+                for g, s in zip(seeds, seed_values)]
+
+    def _vectorized_path(self, model, variables, params, batch, units, size,
+                         seeds, seed_values):
+        """Per-unit gradients by `tf.vectorized_map` (exact, any model)."""
+
+        def group(t):
+            return tf.reshape(t, tf.concat([[units, size], tf.shape(t)[1:]], 0))
 
         def unit_gradient(args):
             (x_u, y_u, w_u), index = args
             mapping = list(zip(variables, params))
-            # Distinct dropout randomness per example (see _SEED_STRIDE).
-            offset = tf.stack([tf.constant(0, tf.int64),
-                               (tf.cast(index, tf.int64) + 1) * _SEED_STRIDE])
-            mapping += [(g.state, tf.cast(s, tf.int64) + offset)
-                        for g, s in zip(seeds, seed_values)]
+            mapping += self._seed_mapping(seeds, seed_values, index)
             with tf.GradientTape() as tape:
                 tape.watch(params)
                 with StatelessScope(state_mapping=mapping,
@@ -504,35 +584,45 @@ class DPSATKeras(keras.optimizers.Optimizer):
                 loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             return grads, y_pred, extra
 
-        indices = tf.range(units)
-        grads, y_pred, extra = tf.vectorized_map(unit_gradient,
-                                                 (grouped, indices))
-        if seeds:  # The next step draws fresh dropout masks.
-            _assign_per_replica(
-                [g.state for g in seeds],
-                [s + tf.constant([0, 1], s.dtype) for s in seed_values])
-
-        unit_weight = tf.reduce_max(tf.abs(tf.reshape(weights, [units, -1])),
-                                    axis=1)
-        active = unit_weight > 0
-        norms = clipping.per_example_norms(grads)
-        finite = tf.math.is_finite(norms)
-        keep = active & finite
-        factors = clipping.clip_factors(norms, self.l2_norm_clip, keep)
-        summed = clipping.weighted_sum(grads, factors, keep)
-        count = lambda mask: tf.reduce_sum(tf.cast(mask, tf.float32))
-        stats = {
-            "examples": count(active),
-            "clipped": count(keep & (norms + clipping.CLIP_EPSILON
-                                     > self.l2_norm_clip)),
-            "nonfinite": count(active & ~finite),
-            "extra_loss": tf.reduce_sum(tf.where(active, extra, 0.0)),
-            "unit_size": tf.cast(size, tf.float32),
-        }
+        grads, y_pred, extra = tf.vectorized_map(
+            unit_gradient, (tf.nest.map_structure(group, batch),
+                            tf.range(units)))
+        n = _batch_size(batch[0])
         y_pred = tf.nest.map_structure(
             lambda t: tf.reshape(t, tf.concat([[n], tf.shape(t)[2:]], 0)),
             y_pred)
-        return summed, stats, y_pred
+        norms = clipping.per_example_norms(grads)
+        return (norms, lambda f, keep: clipping.weighted_sum(grads, f, keep),
+                y_pred, extra)
+
+    def _fast_path(self, model, variables, params, batch, units, seeds,
+                   seed_values):
+        """Per-unit norms from layer rules, one forward and one backward."""
+        x, y, sample_weight = batch
+        fast_clipping.check_supported(model)
+        mapping = list(zip(variables, params))
+        mapping += self._seed_mapping(seeds, seed_values, 0)
+        with tf.GradientTape() as tape:
+            with StatelessScope(state_mapping=mapping,
+                                collect_losses=True) as scope:
+                y_pred, records = fast_clipping.forward(model, variables, x,
+                                                         tape)
+            if scope.losses:
+                raise fast_clipping.Unsupported("data-dependent add_loss terms")
+            total = tf.reduce_sum(
+                _unit_losses(model, y, y_pred, sample_weight, units))
+        deltas = tape.gradient(
+            total, [r.z for r in records],
+            unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        sq, caches = fast_clipping.per_unit_sq_norms(records, deltas, units)
+        # Rounding can make a ghost norm slightly negative; NaN stays NaN.
+        norms = tf.sqrt(tf.where(sq < 0, tf.zeros_like(sq), sq))
+
+        def sum_clipped(factors, keep):
+            return fast_clipping.clipped_sums(records, deltas, caches, factors,
+                                              keep, variables, units)
+
+        return norms, sum_clipped, y_pred, tf.zeros([units])
 
     def _ascent_direction(self, model, variables, params, x, y, sample_weight,
                           weights):
@@ -638,6 +728,7 @@ class DPSATKeras(keras.optimizers.Optimizer):
             "gradient_accumulation_steps": self._accumulation_steps,
             "seed": self.seed,
             "direction": self.direction,
+            "clipping": self.clipping,
         })
         return config
 

@@ -1,0 +1,280 @@
+"""The fast clipping path against the exact vectorized path, layer by layer."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_dpsat
+from tf_dpsat import fast_clipping
+from tf_dpsat import models
+
+XENT = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+pytestmark = pytest.mark.filterwarnings("ignore:.*NOT differentially private")
+
+
+def _compiled(model, clipping, **kwargs):
+    model = tf_dpsat.make_private(model)
+    opt = tf_dpsat.DPSATKeras(noise_multiplier=0.0, clipping=clipping, **kwargs)
+    model.compile(optimizer=opt, loss=XENT)
+    return model, opt
+
+
+def _clipped(model, opt, x, y, weights, clip_quantile=None, jit=False):
+    """The DP step's clipped sum, stats and predictions at the weights."""
+    variables = model.trainable_variables
+    x, y, weights = (tf.constant(x), tf.constant(y),
+                     tf.constant(weights, tf.float32))
+    if not model._compile_loss.built:
+        model._symbolic_build(data_batch=(x, y, weights))
+
+    @tf.function(jit_compile=jit)
+    def step(x, y, weights):
+        params = [tf.convert_to_tensor(v) for v in variables]
+        return opt._clipped_sum(model, variables, params, x, y, weights,
+                                weights)
+
+    return step(x, y, weights)
+
+
+def _compare(build, x, y, *, weights=None, clip=None, jit=False,
+             num_microbatches=None, atol=1e-5):
+    """Fast and vectorized paths agree on clipped sums and statistics."""
+    if weights is None:
+        weights = np.ones(len(y), np.float32)
+    results = {}
+    for path in ("fast", "vectorized"):
+        model, opt = _compiled(build(), path, l2_norm_clip=clip or 1.0,
+                               num_microbatches=num_microbatches)
+        results[path] = _clipped(model, opt, x, y, weights, jit=jit)
+    (fast, fstats, fpred), (vec, vstats, vpred) = (results["fast"],
+                                                  results["vectorized"])
+    for a, b in zip(fast, vec):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=atol, rtol=1e-4)
+    for key in ("examples", "clipped", "nonfinite"):
+        assert float(fstats[key]) == float(vstats[key]), key
+    # NaN inputs may give NaN or 0 through relu depending on the kernel;
+    # compare the rows where both are finite.
+    rows = np.all(np.isfinite(fpred.numpy()) & np.isfinite(vpred.numpy()), 1)
+    np.testing.assert_allclose(fpred.numpy()[rows], vpred.numpy()[rows],
+                               atol=1e-5)
+    return fstats
+
+
+def _median_clip(build, x, y):
+    """A clip norm that binds on about half of the examples."""
+    model, opt = _compiled(build(), "vectorized", l2_norm_clip=1e9)
+    variables = model.trainable_variables
+    model._symbolic_build(data_batch=(tf.constant(x), tf.constant(y)))
+    norms = []
+    for i in range(len(y)):
+        with tf.GradientTape() as tape:
+            loss = XENT(y[i:i + 1], model(x[i:i + 1], training=True))
+        g = tape.gradient(loss, variables)
+        norms.append(np.sqrt(sum(float(tf.reduce_sum(tf.square(
+            tf.convert_to_tensor(t)))) for t in g)))
+    return float(np.median(norms))
+
+
+def _seq(*layers, input_shape, dtype="float32", seed=0):
+    def build():
+        keras.utils.set_random_seed(seed)
+        return keras.Sequential([keras.Input(input_shape, dtype=dtype),
+                                 *[layer() for layer in layers]])
+    return build
+
+
+def _images(n, shape, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, *shape)).astype("float32")
+    x[::3] *= 5.0  # clipping binds on these
+    return x, rng.integers(0, 3, n)
+
+
+LAYER_CASES = {
+    "dense": (_seq(lambda: keras.layers.Dense(7, activation="tanh"),
+                   lambda: keras.layers.Dense(3), input_shape=(5,)), (5,)),
+    "dense_sequence_ghost": (_seq(
+        lambda: keras.layers.Dense(40, activation="relu"),
+        lambda: keras.layers.Dense(40), lambda: keras.layers.Flatten(),
+        lambda: keras.layers.Dense(3), input_shape=(2, 40)), (2, 40)),
+    "dense_sequence_direct": (_seq(
+        lambda: keras.layers.Dense(3, activation="relu"),
+        lambda: keras.layers.GlobalAveragePooling1D(),
+        lambda: keras.layers.Dense(3), input_shape=(9, 4)), (9, 4)),
+    "conv2d_same_strided": (_seq(
+        lambda: keras.layers.Conv2D(4, 3, strides=2, padding="same",
+                                    activation="relu"),
+        lambda: keras.layers.Flatten(), lambda: keras.layers.Dense(3),
+        input_shape=(7, 7, 2)), (7, 7, 2)),
+    "conv2d_valid_dilated": (_seq(
+        lambda: keras.layers.Conv2D(3, (3, 2), dilation_rate=(2, 1),
+                                    padding="valid"),
+        lambda: keras.layers.Flatten(), lambda: keras.layers.Dense(3),
+        input_shape=(8, 6, 2)), (8, 6, 2)),
+    "conv2d_ghost": (_seq(  # 2x2 output, 3x3x16 -> 32: ghost is cheaper
+        lambda: keras.layers.Conv2D(32, 3, padding="valid"),
+        lambda: keras.layers.Flatten(), lambda: keras.layers.Dense(3),
+        input_shape=(4, 4, 16)), (4, 4, 16)),
+    "conv2d_groups": (_seq(
+        lambda: keras.layers.Conv2D(6, 3, groups=2, padding="same"),
+        lambda: keras.layers.Flatten(), lambda: keras.layers.Dense(3),
+        input_shape=(5, 5, 4)), (5, 5, 4)),
+    "conv1d": (_seq(
+        lambda: keras.layers.Conv1D(4, 3, strides=2, padding="same",
+                                    activation="selu"),
+        lambda: keras.layers.Flatten(), lambda: keras.layers.Dense(3),
+        input_shape=(9, 3)), (9, 3)),
+    "depthwise": (_seq(
+        lambda: keras.layers.DepthwiseConv2D(3, depth_multiplier=2,
+                                             padding="same"),
+        lambda: keras.layers.Flatten(), lambda: keras.layers.Dense(3),
+        input_shape=(5, 5, 3)), (5, 5, 3)),
+    "group_norm_affine": (_seq(
+        lambda: keras.layers.Conv2D(4, 3),
+        lambda: keras.layers.GroupNormalization(2),
+        lambda: keras.layers.Flatten(), lambda: keras.layers.Dense(3),
+        input_shape=(5, 5, 2)), (5, 5, 2)),
+    "layer_norm": (_seq(
+        lambda: keras.layers.Dense(6),
+        lambda: keras.layers.LayerNormalization(),
+        lambda: keras.layers.Flatten(), lambda: keras.layers.Dense(3),
+        input_shape=(4, 5)), (4, 5)),
+    "layer_norm_two_axes": (_seq(
+        lambda: keras.layers.Dense(6),
+        lambda: keras.layers.LayerNormalization(axis=[1, 2]),
+        lambda: keras.layers.Flatten(), lambda: keras.layers.Dense(3),
+        input_shape=(4, 5)), (4, 5)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAYER_CASES))
+def test_layer_matches_vectorized(case):
+    build, shape = LAYER_CASES[case]
+    x, y = _images(12, shape)
+    clip = _median_clip(build, x, y)
+    stats = _compare(build, x, y, clip=clip)
+    assert 0 < float(stats["clipped"]) < 12  # both branches of the clip
+
+
+def test_embedding_with_repeated_ids():
+    build = _seq(lambda: keras.layers.Embedding(10, 4),
+                 lambda: keras.layers.Flatten(), lambda: keras.layers.Dense(3),
+                 input_shape=(6,), dtype="int32")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 4, size=(12, 6)).astype("int32")  # many repeats
+    y = rng.integers(0, 3, 12)
+    _compare(build, x, y, clip=_median_clip(build, x, y))
+
+
+def test_padding_and_nonfinite_examples_are_dropped():
+    build, shape = LAYER_CASES["conv2d_same_strided"]
+    x, y = _images(12, shape)
+    x[2] = np.nan     # a non-finite example: dropped and counted
+    x[5] = 1e6        # a padded example with garbage: weight 0
+    weights = np.ones(12, np.float32)
+    weights[5] = 0.0
+    stats = _compare(build, x, y, weights=weights, clip=0.5)
+    assert float(stats["examples"]) == 11
+    assert float(stats["nonfinite"]) == 1
+
+
+def test_microbatches_match_vectorized():
+    build, shape = LAYER_CASES["conv2d_same_strided"]
+    x, y = _images(12, shape)
+    _compare(build, x, y, clip=0.5, num_microbatches=4)
+
+
+def test_xla_fast_path_matches_vectorized():
+    build, shape = LAYER_CASES["conv2d_ghost"]
+    x, y = _images(8, shape)
+    _compare(build, x, y, clip=0.5, jit=True)
+
+
+@pytest.mark.parametrize("name, shape", [("tb_cnn", (32, 32, 3)),
+                                         ("dpnas_cifar", (32, 32, 3)),
+                                         ("dpnas_fmnist", (28, 28, 1)),
+                                         ("mlp", (8, 8, 1))])
+def test_paper_models_match_vectorized(name, shape):
+    def build():
+        return models.build_model(name, shape, 10, seed=0)
+
+    fast_clipping.check_supported(build())  # every layer has a rule
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(4, *shape)).astype("float32")
+    y = rng.integers(0, 10, 4)
+    _compare(build, x, y, clip=0.05, atol=2e-5)
+
+
+def test_training_with_rho_matches_vectorized():
+    # Several DP-SAT steps (norms taken at the perturbed weights), momentum.
+    build, shape = LAYER_CASES["group_norm_affine"]
+    x, y = _images(24, shape)
+    final = {}
+    for path in ("fast", "vectorized"):
+        model, _ = _compiled(build(), path, learning_rate=0.5, momentum=0.9,
+                             l2_norm_clip=0.5, rho=0.1, seed=1)
+        model.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+        final[path] = [v.numpy() for v in model.trainable_variables]
+    for a, b in zip(final["fast"], final["vectorized"]):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+class _Scale(keras.layers.Layer):
+    """A trainable layer no fast rule covers."""
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(shape=(input_shape[-1],),
+                                     initializer="ones")
+
+    def call(self, x):
+        return x * self.scale
+
+
+def test_unsupported_layer_falls_back_or_refuses():
+    build = _seq(lambda: keras.layers.Dense(4), _Scale,
+                 lambda: keras.layers.Dense(3), input_shape=(5,))
+    with pytest.raises(fast_clipping.Unsupported, match="_Scale"):
+        fast_clipping.check_supported(build())
+    x, y = _images(8, (5,))
+    auto, opt = _compiled(build(), "auto", l2_norm_clip=0.5)
+    summed, _, _ = _clipped(auto, opt, x, y, np.ones(8))
+    vec, vopt = _compiled(build(), "vectorized", l2_norm_clip=0.5)
+    expected, _, _ = _clipped(vec, vopt, x, y, np.ones(8))
+    for a, b in zip(summed, expected):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
+    forced, fopt = _compiled(build(), "fast", l2_norm_clip=0.5)
+    with pytest.raises(ValueError, match="clipping='fast' cannot handle"):
+        _clipped(forced, fopt, x, y, np.ones(8))
+
+
+def test_shared_layer_and_activity_regularizer_fall_back():
+    shared = keras.layers.Dense(5)
+    inputs = keras.Input((5,))
+    outputs = keras.layers.Dense(3)(shared(shared(inputs)))
+    with pytest.raises(fast_clipping.Unsupported, match="shared"):
+        with tf.GradientTape() as tape:
+            fast_clipping.forward(keras.Model(inputs, outputs),
+                                  keras.Model(inputs, outputs).trainable_variables,
+                                  tf.ones((2, 5)), tape)
+    regularized = _seq(lambda: keras.layers.Dense(
+        4, activity_regularizer=keras.regularizers.L2(0.1)),
+        lambda: keras.layers.Dense(3), input_shape=(5,))
+    with pytest.raises(fast_clipping.Unsupported, match="no fast rule"):
+        fast_clipping.check_supported(regularized())
+
+
+def test_nested_functional_model():
+    def build():
+        keras.utils.set_random_seed(0)
+        inner_in = keras.Input((6,))
+        inner = keras.Model(inner_in, keras.layers.Dense(4, activation="tanh")(
+            inner_in))
+        inputs = keras.Input((6,))
+        a = inner(inputs)
+        b = keras.layers.Dense(4)(inputs)
+        merged = keras.layers.Concatenate()([a, b])
+        return keras.Model(inputs, keras.layers.Dense(3)(merged))
+
+    x, y = _images(10, (6,))
+    _compare(build, x, y, clip=_median_clip(build, x, y))

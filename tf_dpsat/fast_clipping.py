@@ -1,0 +1,581 @@
+"""Per-example clipping without per-example backward passes.
+
+The vectorized path (`tf.vectorized_map` of a per-example gradient) is exact
+but slow: TensorFlow has no vectorized rule for the convolution filter
+gradient, and it materialises B x parameters of memory. For the layers that
+make up most networks, each example's weight gradient is a simple function of
+what the layer saw and what came back:
+
+  Dense       z = a W + b:   dL_i/dW = sum_t a_it^T d_it,  dL_i/db = sum_t d_it
+  Conv        the same, with a_it the receptive field (patch) at position t
+  Embedding   dL_i/dE[v] = sum_{t: id_it = v} d_it
+  Layer/GroupNormalization  z = xhat * gamma + beta
+
+where a is the layer input and d = dL/dz the gradient at its (pre-activation)
+output. One forward pass and one backward pass to the z's give every a and d;
+then, per layer, either
+
+  * the ghost norm (Goodfellow 2015; Li et al. 2022; Bu et al. 2022):
+    ||dL_i/dW||^2 = sum_{t,s} (a_it . a_is)(d_it . d_is), cost T^2 (d_in + d_out)
+    per example and no B x |W| memory, or
+  * the direct per-example gradient, cost T d_in d_out,
+
+whichever is cheaper for the layer's shapes (mixed ghost clipping, Bu et al.
+2022). With the per-example norms known, the clip factors c_i give the clipped
+sum per layer directly, sum_i c_i dL_i/dW, from the same a and d ("book-keeping",
+Bu et al. 2023), so no second backward pass is needed.
+
+Models are interpreted layer by layer (Sequential and functional graphs,
+nested too); a model with any trainable layer outside these rules, a shared
+layer, masking, or data-dependent `add_loss` terms raises `Unsupported`, and
+the optimizer falls back to the exact vectorized path.
+
+References:
+  Goodfellow. "Efficient Per-Example Gradient Computations". arXiv:1510.01799.
+  Li, Tramer, Liang, Hashimoto. "Large Language Models Can Be Strong
+  Differentially Private Learners". ICLR 2022.
+  Bu, Mao, Xu. "Scalable and Efficient Training of Large Convolutional Neural
+  Networks with Differential Privacy". NeurIPS 2022.
+  Bu, Wang, Zha, Karypis. "Differentially Private Optimization on Large
+  Model at Small Cost" (book-keeping). ICML 2023.
+"""
+
+import dataclasses
+from typing import Any, Callable, List, Optional
+
+import keras
+import tensorflow as tf
+from keras import ops
+from keras.src.models import functional as keras_functional
+
+
+class Unsupported(Exception):
+    """The model has a part no fast rule covers; use the vectorized path."""
+
+
+@dataclasses.dataclass
+class _Record:
+    """What one layer call contributes: its rule, variables and tensors."""
+    rule: "_Rule"
+    layer: Any
+    variables: List[Any]   # the layer's trainable Keras variables, in order
+    z: tf.Tensor           # the tensor whose gradient d the rule needs
+    saved: dict            # tensors saved by the forward pass (inputs, ...)
+
+
+def _group(t: tf.Tensor, units: int) -> tf.Tensor:
+    """[B, ...] -> [units, B / units * prod(...) rows, last dim]."""
+    return tf.reshape(t, [units, -1, t.shape[-1]])
+
+
+def _gram(u: tf.Tensor) -> tf.Tensor:
+    return tf.einsum("mpi,mqi->mpq", u, u)
+
+
+class _Rule:
+    """Per-layer fast rule: forward pass, per-unit squared norms, sums."""
+
+    def forward(self, layer, x, saved, watch):
+        """Returns (z, output); calls watch(z) before z is used further."""
+        raise NotImplementedError
+
+    def sq_norms(self, record, d, units):
+        """Per-unit squared gradient norms [units] and a cache for `sums`."""
+        raise NotImplementedError
+
+    def sums(self, record, d, cache, factors, units):
+        """sum_u factor_u dL_u/dV for each of the record's variables."""
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------- Dense
+
+class _DenseRule(_Rule):
+    """keras.layers.Dense on inputs of any rank."""
+
+    def forward(self, layer, x, saved, watch):
+        x = tf.cast(x, layer.compute_dtype)
+        saved["a"] = x
+        z = ops.matmul(x, layer.kernel)
+        if layer.bias is not None:
+            z = ops.add(z, layer.bias)
+        watch(z)
+        return z, (layer.activation(z) if layer.activation else z)
+
+    def sq_norms(self, record, d, units):
+        a = _group(record.saved["a"], units)
+        d = _group(d, units)
+        positions, d_in, d_out = a.shape[1], a.shape[2], d.shape[2]
+        cache = {}
+        if positions == 1:
+            sq = tf.reduce_sum(a * a, [1, 2]) * tf.reduce_sum(d * d, [1, 2])
+        elif positions * (d_in + d_out) < d_in * d_out:
+            sq = tf.reduce_sum(_gram(a) * _gram(d), [1, 2])
+        else:
+            per_unit = tf.einsum("mpi,mpo->mio", a, d)
+            cache["kernel"] = per_unit
+            sq = tf.reduce_sum(tf.square(per_unit), [1, 2])
+        if record.layer.bias is not None:
+            bias = tf.reduce_sum(d, 1)
+            cache["bias"] = bias
+            sq += tf.reduce_sum(tf.square(bias), 1)
+        return sq, cache
+
+    def sums(self, record, d, cache, factors, units):
+        if "kernel" in cache:
+            kernel = tf.einsum("m,mio->io", factors, cache["kernel"])
+        else:
+            a = _group(record.saved["a"], units)
+            kernel = tf.einsum("mpi,mpo->io", a, _group(d, units)
+                               * factors[:, None, None])
+        grads = [kernel]
+        if record.layer.bias is not None:
+            grads.append(tf.einsum("m,mo->o", factors, cache["bias"]))
+        return grads
+
+
+# ---------------------------------------------------------------------- Conv
+
+def _same_padding(size, kernel, stride, dilation):
+    """TensorFlow's SAME padding (before, after) and output size."""
+    out = -(-size // stride)
+    span = (kernel - 1) * dilation + 1
+    total = max((out - 1) * stride + span - size, 0)
+    return (total // 2, total - total // 2), out
+
+
+def _shifted_inputs(a, kernel_size, strides, dilation, padding):
+    """The input seen by each kernel offset: kh*kw tensors [B, Ho, Wo, C].
+
+    Slicing the padded input once per offset gives every patch without
+    materialising the [B, Ho*Wo, kh*kw*C] patch matrix at once.
+    """
+    (kh, kw), (sh, sw), (dh, dw) = kernel_size, strides, dilation
+    h, w = a.shape[1], a.shape[2]
+    if padding == "same":
+        (ph, h_out), (pw, w_out) = (_same_padding(h, kh, sh, dh),
+                                    _same_padding(w, kw, sw, dw))
+        a = tf.pad(a, [[0, 0], list(ph), list(pw), [0, 0]])
+    else:
+        h_out = (h - (kh - 1) * dh - 1) // sh + 1
+        w_out = (w - (kw - 1) * dw - 1) // sw + 1
+    shifts = []
+    for i in range(kh):
+        for j in range(kw):
+            shifts.append(a[:, i * dh: i * dh + (h_out - 1) * sh + 1: sh,
+                            j * dw: j * dw + (w_out - 1) * sw + 1: sw, :])
+    return shifts
+
+
+class _ConvRule(_Rule):
+    """keras.layers.Conv1D / Conv2D (channels_last, any stride, padding
+    "same"/"valid", dilation, groups) and DepthwiseConv2D."""
+
+    def __init__(self, depthwise: bool = False):
+        self.depthwise = depthwise
+
+    def _geometry(self, layer):
+        if layer.rank == 1:
+            return ((1,) + tuple(layer.kernel_size), (1,) + tuple(layer.strides),
+                    (1,) + tuple(layer.dilation_rate))
+        return (tuple(layer.kernel_size), tuple(layer.strides),
+                tuple(layer.dilation_rate))
+
+    def forward(self, layer, x, saved, watch):
+        x = tf.cast(x, layer.compute_dtype)
+        saved["a"] = x[:, None] if layer.rank == 1 else x
+        if self.depthwise:
+            z = ops.depthwise_conv(x, layer.kernel, strides=layer.strides,
+                                   padding=layer.padding,
+                                   dilation_rate=layer.dilation_rate,
+                                   data_format=layer.data_format)
+        else:
+            z = layer.convolution_op(x, layer.kernel)
+        if layer.use_bias:
+            z = ops.add(z, ops.reshape(layer.bias, (1,) * (layer.rank + 1) +
+                                       (z.shape[-1],)))
+        watch(z)
+        return z, (layer.activation(z) if layer.activation else z)
+
+    def _shifts(self, record, units):
+        layer = record.layer
+        shifts = _shifted_inputs(record.saved["a"], *self._geometry(layer),
+                                 layer.padding)
+        return [_group(s, units) for s in shifts]
+
+    def _per_unit_kernel(self, shifts, d, layer):
+        """[units, *kernel.shape] per-unit kernel gradients."""
+        kernel_shape = tuple(layer.kernel.shape)
+        groups = getattr(layer, "groups", 1)
+        if groups == 1:
+            per = [tf.einsum("mpc,mpo->mco", s, d) for s in shifts]
+        else:
+            per = [self._grouped(s, d, groups) for s in shifts]
+        return tf.reshape(tf.stack(per, 1), [-1, *kernel_shape])
+
+    def _depthwise_per_unit(self, record, d, units):
+        """Per-unit depthwise kernels by one backprop-filter op.
+
+        A depthwise convolution treats channels independently, so folding the
+        batch into the channels ([B, H, W, C] -> [1, H, W, B*C]) turns the B
+        per-example filter gradients into one ordinary depthwise filter
+        gradient of shape [kh, kw, B*C, mult].
+        """
+        layer = record.layer
+        a = record.saved["a"]
+        kh, kw, c, mult = layer.kernel.shape
+        (sh, sw), (dh, dw) = layer.strides, layer.dilation_rate
+
+        def fold(t):
+            t = tf.transpose(t, [1, 2, 0, 3])
+            return tf.reshape(t, [1, t.shape[0], t.shape[1], -1])
+
+        g = tf.nn.depthwise_conv2d_backprop_filter(
+            fold(a), [kh, kw, a.shape[0] * c, mult], fold(d),
+            strides=[1, sh, sw, 1], padding=layer.padding.upper(),
+            dilations=[1, dh, dw, 1])
+        g = tf.transpose(tf.reshape(g, [kh, kw, units, -1, c, mult]),
+                         [2, 3, 0, 1, 4, 5])
+        return tf.reduce_sum(g, 1)
+
+    @staticmethod
+    def _grouped(s, d, groups):
+        m, p, c = s.shape
+        o = d.shape[-1]
+        s = tf.reshape(s, [m, p, groups, c // groups])
+        d = tf.reshape(d, [m, p, groups, o // groups])
+        g = tf.einsum("mpgc,mpgo->mcgo", s, d)
+        return tf.reshape(g, [m, c // groups, o])
+
+    def _use_ghost(self, layer, positions, d_out):
+        if self.depthwise or getattr(layer, "groups", 1) != 1:
+            return False
+        k = 1
+        for size in layer.kernel.shape[:-1]:
+            k *= size
+        return positions * (k + d_out) < k * d_out
+
+    def sq_norms(self, record, d, units):
+        layer = record.layer
+        if self.depthwise:
+            per_unit = self._depthwise_per_unit(record, d, units)
+            cache = {"kernel": per_unit}
+            sq = tf.reduce_sum(tf.reshape(tf.square(per_unit), [units, -1]), 1)
+            if layer.use_bias:
+                cache["bias"] = tf.reduce_sum(_group(d, units), 1)
+                sq += tf.reduce_sum(tf.square(cache["bias"]), 1)
+            return sq, cache
+        shifts = self._shifts(record, units)
+        d = _group(d, units)
+        cache = {"shifts": shifts}
+        if self._use_ghost(layer, d.shape[1], d.shape[2]):
+            sq = tf.reduce_sum(tf.add_n([_gram(s) for s in shifts]) * _gram(d),
+                               [1, 2])
+        else:
+            per_unit = self._per_unit_kernel(shifts, d, layer)
+            cache["kernel"] = per_unit
+            sq = tf.reduce_sum(tf.reshape(tf.square(per_unit), [units, -1]), 1)
+        if layer.use_bias:
+            bias = tf.reduce_sum(d, 1)
+            cache["bias"] = bias
+            sq += tf.reduce_sum(tf.square(bias), 1)
+        return sq, cache
+
+    def sums(self, record, d, cache, factors, units):
+        layer = record.layer
+        if "kernel" in cache:
+            kernel = tf.tensordot(factors, cache["kernel"], 1)
+        else:
+            d = _group(d, units) * factors[:, None, None]
+            per = [tf.einsum("mpc,mpo->co", s, d) for s in cache["shifts"]]
+            kernel = tf.reshape(tf.stack(per, 0), layer.kernel.shape)
+        grads = [kernel]
+        if layer.use_bias:
+            grads.append(tf.tensordot(factors, cache["bias"], 1))
+        return grads
+
+
+# ----------------------------------------------------------------- Embedding
+
+class _EmbeddingRule(_Rule):
+    """keras.layers.Embedding (without mask_zero)."""
+
+    def forward(self, layer, x, saved, watch):
+        ids = tf.cast(x, "int32")
+        saved["ids"] = ids
+        z = ops.take(layer.embeddings, ids, axis=0)
+        watch(z)
+        return z, z
+
+    def sq_norms(self, record, d, units):
+        ids = tf.reshape(record.saved["ids"], [units, -1])
+        d = _group(d, units)
+        if ids.shape[1] == 1:
+            return tf.reduce_sum(d * d, [1, 2]), {}
+        same = tf.cast(tf.equal(ids[:, :, None], ids[:, None, :]), d.dtype)
+        return tf.reduce_sum(same * _gram(d), [1, 2]), {}
+
+    def sums(self, record, d, cache, factors, units):
+        ids = tf.reshape(record.saved["ids"], [units, -1])
+        d = _group(d, units) * factors[:, None, None]
+        table = record.layer.embeddings
+        return [tf.math.unsorted_segment_sum(
+            tf.reshape(d, [-1, d.shape[-1]]), tf.reshape(ids, [-1]),
+            table.shape[0])]
+
+
+# ------------------------------------------------------------- normalization
+
+class _AffineNormRule(_Rule):
+    """LayerNormalization / GroupNormalization: z = xhat * gamma + beta."""
+
+    def _normalize(self, layer, x):
+        raise NotImplementedError
+
+    def _param_shape(self, layer, rank):
+        raise NotImplementedError
+
+    def forward(self, layer, x, saved, watch):
+        x = tf.cast(x, "float32")
+        xhat = self._normalize(layer, x)
+        saved["xhat"] = xhat
+        shape = self._param_shape(layer, len(x.shape))
+        z = xhat
+        if getattr(layer, "gamma", None) is not None:
+            z = z * tf.reshape(tf.cast(layer.gamma, z.dtype), shape)
+        if getattr(layer, "beta", None) is not None:
+            z = z + tf.reshape(tf.cast(layer.beta, z.dtype), shape)
+        watch(z)
+        return z, tf.cast(z, layer.compute_dtype)
+
+    def _per_unit(self, record, d, units):
+        """Per-unit gamma and beta gradients, each [units, *param.shape]."""
+        layer = record.layer
+        shape = self._param_shape(layer, len(d.shape))
+        keep = [i for i, s in enumerate(shape) if s != 1 and i > 0]
+        perm = [0] + [i for i in range(1, len(shape)) if i not in keep] + keep
+        param = [d.shape[i] for i in keep]
+        out = []
+        for name, t in (("gamma", record.saved["xhat"] * d), ("beta", d)):
+            if getattr(layer, name, None) is None:
+                continue
+            t = tf.reshape(tf.transpose(t, perm), [units, -1, *param])
+            out.append(tf.reshape(tf.reduce_sum(t, 1),
+                                  [units, *getattr(layer, name).shape]))
+        return out
+
+    def sq_norms(self, record, d, units):
+        per_unit = self._per_unit(record, d, units)
+        sq = tf.add_n([tf.reduce_sum(tf.reshape(tf.square(g), [units, -1]), 1)
+                       for g in per_unit])
+        return sq, {"per_unit": per_unit}
+
+    def sums(self, record, d, cache, factors, units):
+        return [tf.tensordot(factors, g, 1) for g in cache["per_unit"]]
+
+
+class _LayerNormRule(_AffineNormRule):
+
+    def _normalize(self, layer, x):
+        return ops.layer_normalization(x, None, None, layer.axis, layer.epsilon,
+                                       rms_scaling=layer.rms_scaling)
+
+    def _param_shape(self, layer, rank):
+        axes = [a % rank for a in (layer.axis if isinstance(
+            layer.axis, (list, tuple)) else [layer.axis])]
+        gamma = layer.gamma if layer.gamma is not None else layer.beta
+        shape = [1] * rank
+        for a, size in zip(sorted(axes), gamma.shape):
+            shape[a] = size
+        return shape
+
+
+class _GroupNormRule(_AffineNormRule):
+
+    def _normalize(self, layer, x):
+        shape = tf.shape(x)
+        groups = layer.groups
+        grouped = tf.reshape(x, tf.concat([shape[:-1], [groups, -1]], 0))
+        axes = list(range(1, len(x.shape) - 1)) + [len(x.shape)]
+        mean, variance = tf.nn.moments(grouped, axes, keepdims=True)
+        xhat = (grouped - mean) * tf.math.rsqrt(variance + layer.epsilon)
+        return tf.reshape(xhat, shape)
+
+    def _param_shape(self, layer, rank):
+        return [1] * (rank - 1) + [layer.gamma.shape[0] if layer.gamma
+                                   is not None else layer.beta.shape[0]]
+
+
+# ------------------------------------------------------------ interpretation
+
+def _rule_for(layer) -> Optional[_Rule]:
+    # The rules replace layer.__call__, so anything __call__ adds beyond
+    # call() (activity regularization, quantized or LoRA kernels, mixed
+    # precision) is left to the vectorized path.
+    if (getattr(layer, "quantization_mode", None) or
+            getattr(layer, "lora_enabled", False) or
+            getattr(layer, "activity_regularizer", None) is not None or
+            layer.compute_dtype != "float32"):
+        return None
+    if type(layer) is keras.layers.Dense:
+        return _DenseRule()
+    if type(layer) is keras.layers.DepthwiseConv2D:
+        if layer.data_format == "channels_last" and layer.padding in (
+                "same", "valid"):
+            return _ConvRule(depthwise=True)
+        return None
+    if type(layer) in (keras.layers.Conv1D, keras.layers.Conv2D):
+        if layer.data_format == "channels_last" and layer.padding in (
+                "same", "valid"):
+            return _ConvRule()
+        return None
+    if type(layer) is keras.layers.Embedding:
+        return None if layer.mask_zero else _EmbeddingRule()
+    if type(layer) is keras.layers.LayerNormalization:
+        return _LayerNormRule()
+    if type(layer) is keras.layers.GroupNormalization:
+        return _GroupNormRule() if layer.axis in (-1,) else None
+    return None
+
+
+def _has_trainable_weights(layer) -> bool:
+    return bool(layer.trainable_weights)
+
+
+class _Interpreter:
+    """Runs a model layer by layer, recording what the fast rules need."""
+
+    def __init__(self, trainable_ids: set, tape: tf.GradientTape):
+        self.records: List[_Record] = []
+        self._tape = tape
+        self._trainable_ids = trainable_ids
+        self._seen_variables: set = set()
+
+    def run(self, model, x):
+        if isinstance(model, keras.Sequential):
+            for layer in model.layers:
+                x = self._call(layer)(x)
+            return x
+        if isinstance(model, keras_functional.Functional):
+            inputs = model._standardize_inputs(x)
+            outputs = model._run_through_graph(inputs, operation_fn=self._call)
+            return keras_functional.unpack_singleton(outputs)
+        raise Unsupported(
+            f"subclassed model {type(model).__name__} (its call() cannot be "
+            "traced layer by layer)")
+
+    def _call(self, layer) -> Callable:
+        if not _has_trainable_weights(layer):
+            return keras_functional.operation_fn(layer, training=True)
+        if isinstance(layer, (keras.Sequential, keras_functional.Functional)):
+            def call_model(x, **kwargs):
+                if kwargs.get("mask") is not None:
+                    raise Unsupported(f"masked input to model '{layer.name}'")
+                return self.run(layer, x)
+            return call_model
+        rule = _rule_for(layer)
+        if rule is None:
+            raise Unsupported(f"no fast rule for layer '{layer.name}' "
+                              f"({type(layer).__name__})")
+        variables = [v for v in layer.trainable_weights
+                     if id(v) in self._trainable_ids]
+        for v in variables:
+            if id(v) in self._seen_variables:
+                raise Unsupported(f"layer '{layer.name}' is shared (called "
+                                  "more than once)")
+            self._seen_variables.add(id(v))
+
+        def call(x, **kwargs):
+            if kwargs.get("mask") is not None or getattr(x, "_keras_mask",
+                                                         None) is not None:
+                raise Unsupported(f"masked input to layer '{layer.name}'")
+            saved = {}
+            z, out = rule.forward(layer, x, saved, self._tape.watch)
+            self.records.append(_Record(rule, layer, variables, z, saved))
+            return out
+
+        return call
+
+
+def check_supported(model) -> None:
+    """Raises `Unsupported` unless every trainable layer has a fast rule.
+
+    A structural check (no tensors are computed); `clipped_sum` also raises
+    when it meets something this check cannot see (masks, add_loss).
+    """
+
+    def visit(layer):
+        if not _has_trainable_weights(layer):
+            return
+        if isinstance(layer, (keras.Sequential, keras_functional.Functional)):
+            for sub in layer.layers:
+                visit(sub)
+            return
+        if _rule_for(layer) is None:
+            raise Unsupported(f"no fast rule for layer '{layer.name}' "
+                              f"({type(layer).__name__})")
+
+    if not isinstance(model, (keras.Sequential, keras_functional.Functional)):
+        raise Unsupported(f"subclassed model {type(model).__name__}")
+    for layer in model.layers:
+        visit(layer)
+
+
+def forward(model, variables, x, tape: tf.GradientTape):
+    """Runs `model` on `x`, returning (outputs, records).
+
+    Call it inside the `keras.StatelessScope` that maps the variables to the
+    point where gradients are taken, and inside `tape`, which is made to
+    watch each recorded z (and nothing else: no weight gradient is needed).
+    """
+    interpreter = _Interpreter({id(v) for v in variables}, tape)
+    outputs = interpreter.run(model, x)
+    covered = {id(v) for r in interpreter.records for v in r.variables}
+    missing = [v.path for v in variables if id(v) not in covered]
+    if missing:
+        raise Unsupported(f"variables used outside the fast rules: {missing}")
+    return outputs, interpreter.records
+
+
+def per_unit_sq_norms(records, deltas, units):
+    """Squared per-unit gradient norms summed over layers, and rule caches."""
+    total, caches = None, []
+    for record, d in zip(records, deltas):
+        sq, cache = record.rule.sq_norms(record, tf.cast(d, tf.float32), units)
+        caches.append(cache)
+        total = sq if total is None else total + sq
+    return total, caches
+
+
+def clipped_sums(records, deltas, caches, factors, keep, variables, units):
+    """sum_u factor_u g_u for every variable, ordered like `variables`.
+
+    Units with keep = False (padding, non-finite gradients) are removed with
+    `tf.where` on the per-layer tensors, so a NaN cannot leak into the sum.
+    """
+    by_id = {}
+    for record, d, cache in zip(records, deltas, caches):
+        d = tf.cast(d, tf.float32)
+        d = tf.where(_expand(keep, d, units), d, tf.zeros_like(d))
+        cache = {k: ([_mask_units(t, keep) for t in v] if isinstance(v, list)
+                     else _mask_units(v, keep)) for k, v in cache.items()}
+        if isinstance(record.rule, _DenseRule) and "kernel" not in cache:
+            a = record.saved["a"]
+            record = dataclasses.replace(record, saved={
+                **record.saved, "a": tf.where(_expand(keep, a, units), a,
+                                              tf.zeros_like(a))})
+        grads = record.rule.sums(record, d, cache, factors, units)
+        for v, g in zip(record.variables, grads):
+            by_id[id(v)] = tf.cast(g, v.dtype)
+    return [by_id[id(v)] for v in variables]
+
+
+def _expand(keep, t, units):
+    """Per-unit keep [units] broadcast to a per-example tensor [B, ...]."""
+    per_example = tf.repeat(keep, tf.shape(t)[0] // units)
+    return tf.reshape(per_example, [-1] + [1] * (len(t.shape) - 1))
+
+
+def _mask_units(t, keep):
+    mask = tf.reshape(keep, [-1] + [1] * (len(t.shape) - 1))
+    return tf.where(mask, t, tf.zeros_like(t))
