@@ -1,9 +1,40 @@
-"""tf_dpsat: differentially private sharpness-aware training (DP-SAT) for Keras 3."""
+"""tf_dpsat: differentially private sharpness-aware training (DP-SAT) for Keras 3.
 
-from tf_dpsat.version import __version__
+    model = tf_dpsat.make_private(keras_model)
+    model.compile(optimizer=tf_dpsat.DPSATKeras(noise_multiplier=1.1, ...),
+                  loss=..., metrics=["accuracy"])
+    model.fit(train, callbacks=[tf_dpsat.PrivacyCallback(num_examples=N)])
+
+Reference: Park, Kim, Choi, Lee. "Differentially Private Sharpness-Aware
+Training". ICML 2023. https://arxiv.org/abs/2306.05651
+"""
+
+from tf_dpsat import accounting
+from tf_dpsat import clipping
+from tf_dpsat import data
+from tf_dpsat import fast_clipping
+from tf_dpsat import models
+from tf_dpsat.callbacks import PrivacyCallback
 from tf_dpsat.dp_model import DPFunctional
 from tf_dpsat.dp_model import DPModel
 from tf_dpsat.dp_model import DPSequential
 from tf_dpsat.dp_model import make_private
 from tf_dpsat.optimizer import DPSAMKeras
 from tf_dpsat.optimizer import DPSATKeras
+from tf_dpsat.version import __version__
+
+__all__ = [
+    "DPFunctional",
+    "DPModel",
+    "DPSAMKeras",
+    "DPSATKeras",
+    "DPSequential",
+    "PrivacyCallback",
+    "__version__",
+    "accounting",
+    "clipping",
+    "data",
+    "fast_clipping",
+    "make_private",
+    "models",
+]

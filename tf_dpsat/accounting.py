@@ -52,7 +52,6 @@ import contextlib
 import functools
 import logging
 import math
-import numbers
 import sys
 import textwrap
 from typing import Callable, Optional, Sequence
@@ -61,6 +60,8 @@ import dp_accounting
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 import numpy as np
+
+from tf_dpsat import validation
 
 # RDP orders: the fractional grid 1.1, 1.2, ..., 10.9 that Opacus and
 # tensorflow-privacy use for the small orders that matter at moderate epsilon,
@@ -91,54 +92,8 @@ _MIN_SIGMA, _MAX_SIGMA = 1e-4, 1e6
 _INTEGER_SLACK = 1e-9
 
 
-# ----------------------------------------------------------------- validation
-def _check_real(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"Expected {name} to be a real number, got {value!r}.")
-    return float(value)
-
-
-def _check_positive(name: str, value) -> float:
-    value = _check_real(name, value)
-    if not value > 0:  # Also rejects NaN.
-        raise ValueError(f"Expected {name}={value} > 0.")
-    return value
-
-
-def _check_non_negative(name: str, value) -> float:
-    value = _check_real(name, value)
-    if not value >= 0:
-        raise ValueError(f"Expected {name}={value} >= 0.")
-    return value
-
-
-def _check_delta(delta) -> float:
-    delta = _check_positive("delta", delta)
-    if not delta < 1:
-        raise ValueError(f"Expected delta={delta} < 1.")
-    return delta
-
-
-def _check_probability(name: str, value) -> float:
-    value = _check_real(name, value)
-    if not 0 < value <= 1:
-        raise ValueError(f"Expected 0 < {name}={value} <= 1.")
-    return value
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"Expected {name} to be an integer, got {value!r}.")
-    if value < minimum:
-        raise ValueError(f"Expected {name}={value} >= {minimum}.")
-    return int(value)
-
-
 def _check_accountant(accountant: str) -> str:
-    if accountant not in ACCOUNTANTS:
-        raise ValueError(
-            f"Expected accountant={accountant!r} to be one of {ACCOUNTANTS}.")
-    return accountant
+    return validation.check_one_of("accountant", accountant, ACCOUNTANTS)
 
 
 # -------------------------------------------------------------- core analyses
@@ -232,11 +187,11 @@ def compute_epsilon(*, noise_multiplier: float, sampling_probability: float,
       ValueError: If an argument is out of range.
       TypeError: If an argument has the wrong type.
     """
-    sigma = _check_non_negative("noise_multiplier", noise_multiplier)
-    q = _check_probability("sampling_probability", sampling_probability)
-    steps = _check_int("steps", steps, 1)
-    delta = _check_delta(delta)
-    k = _check_int("queries_per_step", queries_per_step, 1)
+    sigma = validation.check_non_negative("noise_multiplier", noise_multiplier)
+    q = validation.check_probability("sampling_probability", sampling_probability)
+    steps = validation.check_int("steps", steps, 1)
+    delta = validation.check_delta(delta)
+    k = validation.check_int("queries_per_step", queries_per_step, 1)
     _check_accountant(accountant)
     return _epsilon(_step_noise_multiplier(sigma, k), q, steps, delta, accountant)
 
@@ -265,10 +220,10 @@ def compute_epsilon_once_per_epoch(*, noise_multiplier: float, epochs: float,
       ValueError: If an argument is out of range.
       TypeError: If an argument has the wrong type.
     """
-    sigma = _check_non_negative("noise_multiplier", noise_multiplier)
-    epochs = _check_positive("epochs", epochs)
-    delta = _check_delta(delta)
-    k = _check_int("queries_per_step", queries_per_step, 1)
+    sigma = validation.check_non_negative("noise_multiplier", noise_multiplier)
+    epochs = validation.check_positive("epochs", epochs)
+    delta = validation.check_delta(delta)
+    k = validation.check_int("queries_per_step", queries_per_step, 1)
     _check_accountant(accountant)
     participations = math.ceil(epochs - _INTEGER_SLACK)
     return _epsilon(_step_noise_multiplier(sigma, k), 1.0, participations, delta,
@@ -284,9 +239,9 @@ def poisson_steps(*, num_examples: int, batch_size: int, epochs: float) -> int:
     Raises:
       ValueError: If an argument is out of range.
     """
-    num_examples = _check_int("num_examples", num_examples, 1)
-    batch_size = _check_int("batch_size", batch_size, 1)
-    epochs = _check_positive("epochs", epochs)
+    num_examples = validation.check_int("num_examples", num_examples, 1)
+    batch_size = validation.check_int("batch_size", batch_size, 1)
+    epochs = validation.check_positive("epochs", epochs)
     return max(1, math.ceil(epochs * num_examples / batch_size - _INTEGER_SLACK))
 
 
@@ -310,10 +265,10 @@ def effective_noise_multiplier(noise_multiplier: float, *, batch_size: float,
     Raises:
       ValueError: If an argument is out of range.
     """
-    sigma = _check_non_negative("noise_multiplier", noise_multiplier)
-    batch_size = _check_positive("batch_size", batch_size)
+    sigma = validation.check_non_negative("noise_multiplier", noise_multiplier)
+    batch_size = validation.check_positive("batch_size", batch_size)
     if num_microbatches is not None:
-        _check_int("num_microbatches", num_microbatches, 1)
+        validation.check_int("num_microbatches", num_microbatches, 1)
     return sigma / 2 if uses_microbatching(batch_size, num_microbatches) else sigma
 
 
@@ -374,11 +329,11 @@ def calibrate_noise_multiplier(*, target_epsilon: float,
       ValueError: If an argument is out of range or the target needs sigma > 1e6.
       TypeError: If an argument has the wrong type.
     """
-    target = _check_positive("target_epsilon", target_epsilon)
-    q = _check_probability("sampling_probability", sampling_probability)
-    steps = _check_int("steps", steps, 1)
-    delta = _check_delta(delta)
-    k = _check_int("queries_per_step", queries_per_step, 1)
+    target = validation.check_positive("target_epsilon", target_epsilon)
+    q = validation.check_probability("sampling_probability", sampling_probability)
+    steps = validation.check_int("steps", steps, 1)
+    delta = validation.check_delta(delta)
+    k = validation.check_int("queries_per_step", queries_per_step, 1)
     _check_accountant(accountant)
 
     def fits_with(pld_interval: float) -> Callable[[float], bool]:
@@ -431,10 +386,10 @@ def privacy_statement(*, num_examples: int, batch_size: int,
       ValueError: If an argument is out of range.
       TypeError: If an argument has the wrong type.
     """
-    num_examples = _check_int("num_examples", num_examples, 1)
-    batch_size = _check_int("batch_size", batch_size, 1)
-    q = _check_probability("batch_size / num_examples", batch_size / num_examples)
-    k = _check_int("queries_per_step", queries_per_step, 1)
+    num_examples = validation.check_int("num_examples", num_examples, 1)
+    batch_size = validation.check_int("batch_size", batch_size, 1)
+    q = validation.check_probability("batch_size / num_examples", batch_size / num_examples)
+    k = validation.check_int("queries_per_step", queries_per_step, 1)
     _check_accountant(accountant)
     sigma = effective_noise_multiplier(noise_multiplier, batch_size=batch_size,
                                        num_microbatches=num_microbatches)
@@ -516,7 +471,7 @@ def _calibrate_for_cli(args: argparse.Namespace) -> float:
     """The optimizer's noise multiplier for --epsilon (undoing microbatch halving)."""
     steps = poisson_steps(num_examples=args.num_examples,
                           batch_size=args.batch_size, epochs=args.epochs)
-    q = _check_probability("batch_size / num_examples",
+    q = validation.check_probability("batch_size / num_examples",
                            args.batch_size / args.num_examples)
     sigma = calibrate_noise_multiplier(
         target_epsilon=args.epsilon, sampling_probability=q, steps=steps,

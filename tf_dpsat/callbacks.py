@@ -28,9 +28,7 @@ import keras
 
 from tf_dpsat import accounting
 # Package-internal argument checks shared with the accounting module.
-from tf_dpsat.accounting import _check_delta
-from tf_dpsat.accounting import _check_int
-from tf_dpsat.accounting import _check_positive
+from tf_dpsat import validation
 
 SAMPLINGS = ("poisson", "shuffle")
 # What the callback reads from model.optimizer (set_step_budget is optional).
@@ -105,10 +103,10 @@ class PrivacyCallback(keras.callbacks.Callback):
             ValueError: If an argument is out of range.
         """
         super().__init__()
-        self.num_examples = _check_int("num_examples", num_examples, 1)
-        self.delta = _check_delta(delta)
+        self.num_examples = validation.check_int("num_examples", num_examples, 1)
+        self.delta = validation.check_delta(delta)
         self.target_epsilon = (None if target_epsilon is None else
-                               _check_positive("target_epsilon", target_epsilon))
+                               validation.check_positive("target_epsilon", target_epsilon))
         if sampling not in SAMPLINGS:
             raise ValueError(
                 f"Expected sampling={sampling!r} to be one of {SAMPLINGS}.")
@@ -129,7 +127,7 @@ class PrivacyCallback(keras.callbacks.Callback):
             RuntimeError: If the callback is not attached to a compiled model.
             TypeError: If the optimizer lacks a DP attribute.
         """
-        return self._epsilon(self._setup(), _check_int("steps", steps, 0))
+        return self._epsilon(self._setup(), validation.check_int("steps", steps, 0))
 
     # ---------------------------------------------------------- Keras hooks
     def on_train_begin(self, logs=None):
@@ -169,7 +167,7 @@ class PrivacyCallback(keras.callbacks.Callback):
 
     # -------------------------------------------------------------- helpers
     def _check_batch_size(self, batch_size) -> int:
-        batch_size = _check_int("batch_size", batch_size, 1)
+        batch_size = validation.check_int("batch_size", batch_size, 1)
         if batch_size > self.num_examples:
             raise ValueError(f"Expected batch_size={batch_size} <= "
                              f"num_examples={self.num_examples}.")
@@ -218,7 +216,7 @@ class PrivacyCallback(keras.callbacks.Callback):
             num_microbatches=num_microbatches)
         return _Setup(
             noise_multiplier=sigma,
-            queries_per_step=_check_int(
+            queries_per_step=validation.check_int(
                 "queries_per_step", self._attribute("queries_per_step"), 1),
             sampling_probability=batch_size / self.num_examples,
             steps_per_epoch=self.num_examples // batch_size)

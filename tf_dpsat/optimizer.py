@@ -273,18 +273,17 @@ class DPSATKeras(keras.optimizers.Optimizer):
             logging.warning(message)
             warnings.warn(message, stacklevel=2)
         self.rho = validation.check_non_negative("rho", rho)
-        self.num_microbatches = validation.check_positive_int(
+        self.num_microbatches = validation.check_int(
             "num_microbatches", num_microbatches, allow_none=True)
-        self.expected_batch_size = validation.check_positive_int(
+        self.expected_batch_size = validation.check_int(
             "expected_batch_size", expected_batch_size, allow_none=True)
-        self._accumulation_steps = validation.check_positive_int(
+        self._accumulation_steps = validation.check_int(
             "gradient_accumulation_steps", gradient_accumulation_steps or 1)
         self.direction = validation.check_one_of("direction", direction,
                                                  DIRECTIONS)
         self.clipping = validation.check_one_of("clipping", clipping,
                                                 CLIPPING_PATHS)
-        if seed is not None:
-            validation.check_positive_int("seed", seed + 1)  # seed >= 0
+        validation.check_int("seed", seed, minimum=0, allow_none=True)
         self.seed = seed
         if (not self._supports_accumulation and
                 self._accumulation_steps > 1):

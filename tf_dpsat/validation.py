@@ -1,16 +1,24 @@
 """Argument checks shared by the library.
 
-Privacy depends on these values (a clip norm of 0 or a NaN noise multiplier
-silently voids the guarantee), so every check raises an exception that names
-the offending value; none of them is an `assert`, which `python -O` removes.
+Privacy depends on these values (a clip norm of 0, a NaN noise multiplier or
+a delta of 1 silently voids the guarantee), so every check raises an
+exception naming the offending value, in the form "Expected delta=0.0 > 0.";
+none is an `assert`, which `python -O` removes.
 """
 
 import math
+import numbers
 from typing import Any, Optional
 
 
-def _check_real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def check_real(name: str, value: Any) -> float:
+    """Returns `value` as a float; raises unless it is a finite real number.
+
+    Raises:
+      TypeError: for a non-number (or a bool).
+      ValueError: for NaN or an infinity.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"Expected {name} to be a real number, got {value!r}.")
     value = float(value)
     if not math.isfinite(value):
@@ -20,7 +28,7 @@ def _check_real(name: str, value: Any) -> float:
 
 def check_positive(name: str, value: Any) -> float:
     """Returns `value` as a float; raises unless it is finite and > 0."""
-    value = _check_real(name, value)
+    value = check_real(name, value)
     if value <= 0:
         raise ValueError(f"Expected {name}={value} > 0.")
     return value
@@ -28,30 +36,46 @@ def check_positive(name: str, value: Any) -> float:
 
 def check_non_negative(name: str, value: Any) -> float:
     """Returns `value` as a float; raises unless it is finite and >= 0."""
-    value = _check_real(name, value)
+    value = check_real(name, value)
     if value < 0:
         raise ValueError(f"Expected {name}={value} >= 0.")
     return value
 
 
-def check_positive_int(name: str, value: Any,
-                                              allow_none: bool = False) -> Optional[int]:
-    """Returns `value` as an int; raises unless it is an integer >= 1."""
+def check_probability(name: str, value: Any) -> float:
+    """Returns `value` as a float; raises unless 0 < value <= 1."""
+    value = check_real(name, value)
+    if not 0 < value <= 1:
+        raise ValueError(f"Expected 0 < {name}={value} <= 1.")
+    return value
+
+
+def check_delta(delta: Any) -> float:
+    """Returns delta as a float; raises unless 0 < delta < 1."""
+    delta = check_positive("delta", delta)
+    if delta >= 1:
+        raise ValueError(f"Expected delta={delta} < 1.")
+    return delta
+
+
+def check_int(name: str, value: Any, minimum: int = 1,
+              allow_none: bool = False) -> Optional[int]:
+    """Returns `value` as an int; raises unless it is an integer >= minimum.
+
+    NumPy integers are accepted; floats, even integral ones, are not (a
+    fractional batch size or step count is a bug upstream).
+    """
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        # Accept integral floats such as 2000.0, a common result of arithmetic.
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise TypeError(f"Expected {name} to be an integer, got {value!r}.")
-    if value < 1:
-        raise ValueError(f"Expected {name}={value} >= 1.")
-    return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"Expected {name} to be an integer, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"Expected {name}={value} >= {minimum}.")
+    return int(value)
 
 
 def check_one_of(name: str, value: Any, allowed: tuple) -> Any:
     """Returns `value`; raises unless it is one of `allowed`."""
     if value not in allowed:
-        raise ValueError(f"Expected {name} to be one of {allowed}, got {value!r}.")
+        raise ValueError(f"Expected {name}={value!r} to be one of {allowed}.")
     return value
