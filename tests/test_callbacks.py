@@ -1,71 +1,29 @@
-"""Tests for tf_dpsat.callbacks.PrivacyCallback.
-
-These use a stand-in for the DP optimizer: a keras SGD with the attributes the
-callback reads. The lead will add tests with the real DPSATKeras.
-"""
+"""Tests for tf_dpsat.callbacks.PrivacyCallback with the real DP optimizers."""
 
 import logging
 
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
+import tf_dpsat
 from tf_dpsat import accounting
 from tf_dpsat.callbacks import PrivacyCallback
 
 NUM_EXAMPLES, BATCH = 64, 16  # q = 1/4, 4 steps per epoch.
 SIGMA = 1.0
+pytestmark = pytest.mark.filterwarnings("ignore:.*NOT differentially private")
 
 
-# TODO(lead): stand-in only; the lead adds tests with the real DPSATKeras.
-@keras.saving.register_keras_serializable(package="tf_dpsat_test")
-class StandInDPOptimizer(keras.optimizers.SGD):
-    """SGD exposing the DP optimizer interface that PrivacyCallback relies on.
+def _optimizer(cls=tf_dpsat.DPSATKeras, **kwargs):
+    kwargs = {"learning_rate": 0.1, "momentum": 0.0, "noise_multiplier": SIGMA,
+              "l2_norm_clip": 1.0, "expected_batch_size": BATCH, "seed": 0,
+              **kwargs}
+    return cls(**kwargs)
 
-    Stand-in until the tests with the real DP optimizer land. A step at or beyond
-    the budget changes nothing and does not advance `iterations`, as the real
-    optimizer promises; `noisy_steps` counts the steps actually applied.
-    """
 
-    def __init__(self, noise_multiplier=SIGMA, queries_per_step=1,
-                 expected_batch_size=BATCH, num_microbatches=None, **kwargs):
-        super().__init__(**kwargs)
-        self.noise_multiplier = noise_multiplier
-        self.queries_per_step = queries_per_step
-        self.expected_batch_size = expected_batch_size
-        self.num_microbatches = num_microbatches
-        self.budget = None
-        self._budget = tf.Variable(np.iinfo(np.int64).max, dtype=tf.int64,
-                                   trainable=False)
-        self.noisy_steps = tf.Variable(0, dtype=tf.int64, trainable=False)
-
-    def set_step_budget(self, max_steps):
-        self.budget = max_steps
-        self._budget.assign(max_steps)
-
-    def _within_budget(self):
-        return tf.less(tf.convert_to_tensor(self.iterations), self._budget)
-
-    def update_step(self, gradient, variable, learning_rate):
-        # A no-op beyond the budget (plain SGD: a zero gradient changes nothing).
-        keep = tf.cast(self._within_budget(), gradient.dtype)
-        super().update_step(gradient * keep, variable, learning_rate)
-
-    def apply(self, grads, trainable_variables=None):
-        self.noisy_steps.assign_add(tf.cast(self._within_budget(), tf.int64))
-        super().apply(grads, trainable_variables)
-        # A refused step is not a noisy step: iterations stays at the budget.
-        self.iterations.assign(tf.minimum(
-            tf.convert_to_tensor(self.iterations), self._budget))
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(noise_multiplier=self.noise_multiplier,
-                      queries_per_step=self.queries_per_step,
-                      expected_batch_size=self.expected_batch_size,
-                      num_microbatches=self.num_microbatches)
-        return config
+def _budget(optimizer):
+    return int(optimizer._step_budget.numpy())
 
 
 def _data():
@@ -75,9 +33,8 @@ def _data():
 
 
 def _model(optimizer=None):
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
-    model.compile(optimizer=optimizer or StandInDPOptimizer(learning_rate=0.1),
-                  loss="mse")
+    model = tf_dpsat.DPSequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(optimizer=optimizer or _optimizer(), loss="mse")
     return model
 
 
@@ -104,7 +61,7 @@ def test_epsilon_logged_every_epoch():
     np.testing.assert_allclose(history.history["epsilon"], expected, rtol=1e-12)
     assert callback.epsilon == expected[-1]
     assert callback.epsilon_at(12) == expected[-1]
-    assert callback.max_steps is None and model.optimizer.budget is None
+    assert callback.max_steps is None and _budget(model.optimizer) == -1
 
 
 def test_shuffle_sampling_counts_passes_over_the_data():
@@ -125,20 +82,21 @@ def test_stops_exactly_at_budget_and_refuses_to_resume(caplog):
     callback = PrivacyCallback(NUM_EXAMPLES, target_epsilon=target)
     with caplog.at_level(logging.WARNING, logger="absl"):
         history = _fit(model, callback, epochs=5)
-    assert callback.max_steps == budget == model.optimizer.budget
+    assert callback.max_steps == budget == _budget(model.optimizer)
     assert _iterations(model) == budget
-    assert int(model.optimizer.noisy_steps.numpy()) == budget
     assert len(history.history["epsilon"]) == 2  # Stopped in the second epoch.
     assert history.history["epsilon"][-1] == _poisson_epsilon(budget) <= target
     stops = [r for r in caplog.records if "Privacy budget reached" in r.message]
     assert len(stops) == 1 and "after 6 noisy steps" in stops[0].message
 
     # Keras runs one batch before it checks stop_training; the budget makes
-    # the optimizer refuse it.
+    # the optimizer refuse it: no weight changes, no step is counted.
+    weights = [w.numpy().copy() for w in model.weights]
     history = _fit(model, callback, epochs=5)
     assert model.stop_training
     assert _iterations(model) == budget
-    assert int(model.optimizer.noisy_steps.numpy()) == budget
+    for before, after in zip(weights, model.weights):
+        np.testing.assert_array_equal(before, after.numpy())
     assert history.history["epsilon"] == [_poisson_epsilon(budget)]
 
 
@@ -159,7 +117,8 @@ def test_epsilon_continues_after_save_and_load(tmp_path):
     path = str(tmp_path / "model.keras")
     model.save(path)
     restored = keras.models.load_model(path)
-    assert isinstance(restored.optimizer, StandInDPOptimizer)
+    assert isinstance(restored, tf_dpsat.DPSequential)
+    assert isinstance(restored.optimizer, tf_dpsat.DPSATKeras)
     assert _iterations(restored) == 8
     callback = PrivacyCallback(NUM_EXAMPLES)
     history = _fit(restored, callback, epochs=1)
@@ -183,13 +142,13 @@ def test_epsilon_is_cached(monkeypatch):
 
 
 def test_microbatching_and_queries_per_step():
-    optimizer = StandInDPOptimizer(num_microbatches=4, queries_per_step=2)
+    optimizer = _optimizer(tf_dpsat.DPSAMKeras, num_microbatches=4)
     callback = PrivacyCallback(NUM_EXAMPLES)  # Batch size from the optimizer.
     callback.set_model(_model(optimizer))
     # Microbatches of 4 examples: sensitivity doubles, sigma halves.
     assert callback.epsilon_at(10) == pytest.approx(
         _poisson_epsilon(10, sigma=SIGMA / 2, queries_per_step=2), rel=1e-12)
-    per_example = StandInDPOptimizer(num_microbatches=BATCH)
+    per_example = _optimizer(num_microbatches=BATCH)
     callback = PrivacyCallback(NUM_EXAMPLES, batch_size=BATCH)
     callback.set_model(_model(per_example))
     assert callback.epsilon_at(10) == _poisson_epsilon(10)
@@ -204,13 +163,14 @@ def test_batch_size_from_callback_overrides_optimizer():
 
 def test_missing_batch_size_is_explained():
     callback = PrivacyCallback(NUM_EXAMPLES)
-    callback.set_model(_model(StandInDPOptimizer(expected_batch_size=None)))
+    callback.set_model(_model(_optimizer(expected_batch_size=None)))
     with pytest.raises(ValueError, match="expected_batch_size"):
         callback.epsilon_at(1)
 
 
 def test_non_dp_optimizer_is_rejected():
-    model = _model(keras.optimizers.SGD())
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(), loss="mse")
     with pytest.raises(TypeError, match="noise_multiplier"):
         _fit(model, PrivacyCallback(NUM_EXAMPLES), epochs=1)
 
