@@ -673,11 +673,12 @@ class DPSATKeras(keras.optimizers.Optimizer):
     def _release(self, variables, summed, stats, regularization):
         """Noise, divide and apply the update once per logical step.
 
-        Under tf.distribute a synchronisation point (the optimizer's
-        all-reduce) cannot sit inside `tf.cond`, so the update runs on every
-        physical batch and `update_step` keeps the old values (`tf.where`)
-        unless this batch ends a logical step within the step budget. The
-        noise of a batch that does not end a step is never used.
+        On one device the update sits in a `tf.cond`: it runs only when the
+        batch ends a logical step within the step budget. Under tf.distribute
+        a synchronisation point (the optimizer's all-reduce) cannot sit inside
+        `tf.cond`, so there the update runs on every physical batch and
+        `update_step` keeps the old values (`tf.where`) unless the batch ends
+        a step within the budget; the noise of such a batch is never used.
         """
         count = stats["examples"]
         if self.expected_batch_size is None:
@@ -697,12 +698,24 @@ class DPSATKeras(keras.optimizers.Optimizer):
             self._accumulation_step.assign(
                 tf.where(is_last, tf.zeros_like(step), step + 1))
             apply_now &= is_last
-        grads = self._noisy_mean(summed, count, stats["unit_size"], query=0)
-        if regularization is not None:
-            grads = [g + r for g, r in zip(grads, regularization)]
+
+        def noisy_gradients():
+            grads = self._noisy_mean(summed, count, stats["unit_size"], query=0)
+            if regularization is not None:
+                grads = [g + r for g, r in zip(grads, regularization)]
+            return grads
+
+        if not tf.distribute.has_strategy():
+            def apply():
+                keras.optimizers.Optimizer.apply(self, noisy_gradients(),
+                                                 variables)
+                return tf.constant(True)
+
+            tf.cond(apply_now, apply, lambda: tf.constant(False))
+            return
         self._apply_mask = apply_now
         try:
-            super().apply(grads, variables)
+            super().apply(noisy_gradients(), variables)
         finally:
             self._apply_mask = None
         # Keras counts every call to apply; count logical steps only.
