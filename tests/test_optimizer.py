@@ -1,6 +1,7 @@
 """DPSATKeras / DPSAMKeras against hand-derived values and a reference loop."""
 
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -144,17 +145,19 @@ REFERENCE_CASES = {
 }
 
 
-@pytest.mark.parametrize("clipping", ["auto", "vectorized"])
-@pytest.mark.parametrize("model_name", sorted(MODELS))
-@pytest.mark.parametrize("case", sorted(REFERENCE_CASES))
-def test_matches_reference(model_name, case, clipping):
-    # "auto" takes the fast path on these models; "vectorized" is checked on
-    # the conv model (tests/test_fast_clipping.py compares the two paths
-    # layer by layer).
-    if model_name != "conv" and (
-            case in ("nesterov", "expected_batch_size") or
-            clipping == "vectorized"):
-        pytest.skip("covered on the conv model")
+# Every case on the conv model with both clipping paths; the dense and
+# embedding models with "auto" (the fast path) and the cases that differ by
+# model. tests/test_fast_clipping.py compares the two paths layer by layer.
+REFERENCE_RUNS = sorted(
+    [(case, "conv", clipping) for case in REFERENCE_CASES
+     for clipping in ("auto", "vectorized")] +
+    [(case, model, "auto") for case in REFERENCE_CASES
+     if case not in ("nesterov", "expected_batch_size")
+     for model in ("dense", "embedding")])
+
+
+@pytest.mark.parametrize("case, model_name, clipping", REFERENCE_RUNS)
+def test_matches_reference(case, model_name, clipping):
     build = MODELS[model_name]
     x, y = make_data(model_name)
     opt_kwargs, ref_kwargs = REFERENCE_CASES[case]
@@ -341,6 +344,28 @@ def test_same_seed_is_bitwise_reproducible_and_none_is_fresh():
     assert all(np.array_equal(u, v) for u, v in zip(a, b))
     assert not all(np.array_equal(u, v) for u, v in zip(c, d))
     assert not all(np.array_equal(u, v) for u, v in zip(a, c))
+
+
+def test_dataset_of_unknown_length_counts_only_real_steps():
+    # Keras starts one more step function when a dataset of unknown length
+    # runs out; that must neither count a step nor touch the weights.
+    x, y = make_data("dense", n=32)
+    results = []
+    for unknown in (False, True):
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+        if unknown:
+            ds = ds.filter(lambda *_: True)
+        model = tf_dpsat.make_private(dense_model())
+        opt = tf_dpsat.DPSATKeras(learning_rate=0.5, noise_multiplier=1.0,
+                                  seed=3)
+        model.compile(optimizer=opt, loss=XENT)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Your input ran out of data"
+            model.fit(ds, epochs=1, verbose=0)
+        assert int(opt.iterations.numpy()) == 4
+        results.append(weights(model))
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
 
 
 # ------------------------------------------------------- XLA, accumulation

@@ -63,9 +63,38 @@ class _Record:
     saved: dict            # tensors saved by the forward pass (inputs, ...)
 
 
-def _group(t: tf.Tensor, units: int) -> tf.Tensor:
-    """[B, ...] -> [units, B / units * prod(...) rows, last dim]."""
-    return tf.reshape(t, [units, -1, t.shape[-1]])
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How the batch splits into units (examples or microbatches).
+
+    Attributes:
+      units: number of units; a Python int or, for a dynamic batch, a tensor.
+      size: examples per unit; a Python int or a tensor.
+    """
+    units: Any
+    size: Any
+
+
+def _group(t: tf.Tensor, layout: Layout) -> tf.Tensor:
+    """[B, ..., C] -> [units, positions per unit, C].
+
+    The positions dimension stays static whenever it can be known, since the
+    ghost-versus-direct choice is made from static shapes.
+    """
+    positions = layout.size if isinstance(layout.size, int) else None
+    for dim in t.shape[1:-1]:
+        positions = None if positions is None or dim is None else positions * dim
+    return tf.reshape(t, [layout.units, -1 if positions is None else positions,
+                          t.shape[-1]])
+
+
+def _ghost_is_cheaper(positions: Optional[int], d_in: int, d_out: int) -> bool:
+    """Ghost norm, T^2 (d_in + d_out) per unit, against direct, T d_in d_out.
+
+    Unknown T (a dynamic microbatch size) takes the direct gradient, whose
+    cost grows only linearly in T.
+    """
+    return positions is not None and positions * (d_in + d_out) < d_in * d_out
 
 
 def _gram(u: tf.Tensor) -> tf.Tensor:
@@ -79,11 +108,11 @@ class _Rule:
         """Returns (z, output); calls watch(z) before z is used further."""
         raise NotImplementedError
 
-    def sq_norms(self, record, d, units):
+    def sq_norms(self, record, d, layout):
         """Per-unit squared gradient norms [units] and a cache for `sums`."""
         raise NotImplementedError
 
-    def sums(self, record, d, cache, factors, units):
+    def sums(self, record, d, cache, factors, layout):
         """sum_u factor_u dL_u/dV for each of the record's variables."""
         raise NotImplementedError
 
@@ -102,14 +131,14 @@ class _DenseRule(_Rule):
         watch(z)
         return z, (layer.activation(z) if layer.activation else z)
 
-    def sq_norms(self, record, d, units):
-        a = _group(record.saved["a"], units)
-        d = _group(d, units)
+    def sq_norms(self, record, d, layout):
+        a = _group(record.saved["a"], layout)
+        d = _group(d, layout)
         positions, d_in, d_out = a.shape[1], a.shape[2], d.shape[2]
         cache = {}
         if positions == 1:
             sq = tf.reduce_sum(a * a, [1, 2]) * tf.reduce_sum(d * d, [1, 2])
-        elif positions * (d_in + d_out) < d_in * d_out:
+        elif _ghost_is_cheaper(positions, d_in, d_out):
             sq = tf.reduce_sum(_gram(a) * _gram(d), [1, 2])
         else:
             per_unit = tf.einsum("mpi,mpo->mio", a, d)
@@ -121,12 +150,12 @@ class _DenseRule(_Rule):
             sq += tf.reduce_sum(tf.square(bias), 1)
         return sq, cache
 
-    def sums(self, record, d, cache, factors, units):
+    def sums(self, record, d, cache, factors, layout):
         if "kernel" in cache:
             kernel = tf.einsum("m,mio->io", factors, cache["kernel"])
         else:
-            a = _group(record.saved["a"], units)
-            kernel = tf.einsum("mpi,mpo->io", a, _group(d, units)
+            a = _group(record.saved["a"], layout)
+            kernel = tf.einsum("mpi,mpo->io", a, _group(d, layout)
                                * factors[:, None, None])
         grads = [kernel]
         if record.layer.bias is not None:
@@ -197,11 +226,11 @@ class _ConvRule(_Rule):
         watch(z)
         return z, (layer.activation(z) if layer.activation else z)
 
-    def _shifts(self, record, units):
+    def _shifts(self, record, layout):
         layer = record.layer
         shifts = _shifted_inputs(record.saved["a"], *self._geometry(layer),
                                  layer.padding)
-        return [_group(s, units) for s in shifts]
+        return [_group(s, layout) for s in shifts]
 
     def _per_unit_kernel(self, shifts, d, layer):
         """[units, *kernel.shape] per-unit kernel gradients."""
@@ -213,7 +242,7 @@ class _ConvRule(_Rule):
             per = [self._grouped(s, d, groups) for s in shifts]
         return tf.reshape(tf.stack(per, 1), [-1, *kernel_shape])
 
-    def _depthwise_per_unit(self, record, d, units):
+    def _depthwise_per_unit(self, record, d, layout):
         """Per-unit depthwise kernels by one backprop-filter op.
 
         A depthwise convolution treats channels independently, so folding the
@@ -231,10 +260,10 @@ class _ConvRule(_Rule):
             return tf.reshape(t, [1, t.shape[0], t.shape[1], -1])
 
         g = tf.nn.depthwise_conv2d_backprop_filter(
-            fold(a), [kh, kw, a.shape[0] * c, mult], fold(d),
+            fold(a), tf.stack([kh, kw, tf.shape(a)[0] * c, mult]), fold(d),
             strides=[1, sh, sw, 1], padding=layer.padding.upper(),
             dilations=[1, dh, dw, 1])
-        g = tf.transpose(tf.reshape(g, [kh, kw, units, -1, c, mult]),
+        g = tf.transpose(tf.reshape(g, [kh, kw, layout.units, -1, c, mult]),
                          [2, 3, 0, 1, 4, 5])
         return tf.reduce_sum(g, 1)
 
@@ -253,20 +282,20 @@ class _ConvRule(_Rule):
         k = 1
         for size in layer.kernel.shape[:-1]:
             k *= size
-        return positions * (k + d_out) < k * d_out
+        return _ghost_is_cheaper(positions, k, d_out)
 
-    def sq_norms(self, record, d, units):
+    def sq_norms(self, record, d, layout):
         layer = record.layer
         if self.depthwise:
-            per_unit = self._depthwise_per_unit(record, d, units)
+            per_unit = self._depthwise_per_unit(record, d, layout)
             cache = {"kernel": per_unit}
-            sq = tf.reduce_sum(tf.reshape(tf.square(per_unit), [units, -1]), 1)
+            sq = tf.reduce_sum(tf.reshape(tf.square(per_unit), [layout.units, -1]), 1)
             if layer.use_bias:
-                cache["bias"] = tf.reduce_sum(_group(d, units), 1)
+                cache["bias"] = tf.reduce_sum(_group(d, layout), 1)
                 sq += tf.reduce_sum(tf.square(cache["bias"]), 1)
             return sq, cache
-        shifts = self._shifts(record, units)
-        d = _group(d, units)
+        shifts = self._shifts(record, layout)
+        d = _group(d, layout)
         cache = {"shifts": shifts}
         if self._use_ghost(layer, d.shape[1], d.shape[2]):
             sq = tf.reduce_sum(tf.add_n([_gram(s) for s in shifts]) * _gram(d),
@@ -274,19 +303,19 @@ class _ConvRule(_Rule):
         else:
             per_unit = self._per_unit_kernel(shifts, d, layer)
             cache["kernel"] = per_unit
-            sq = tf.reduce_sum(tf.reshape(tf.square(per_unit), [units, -1]), 1)
+            sq = tf.reduce_sum(tf.reshape(tf.square(per_unit), [layout.units, -1]), 1)
         if layer.use_bias:
             bias = tf.reduce_sum(d, 1)
             cache["bias"] = bias
             sq += tf.reduce_sum(tf.square(bias), 1)
         return sq, cache
 
-    def sums(self, record, d, cache, factors, units):
+    def sums(self, record, d, cache, factors, layout):
         layer = record.layer
         if "kernel" in cache:
             kernel = tf.tensordot(factors, cache["kernel"], 1)
         else:
-            d = _group(d, units) * factors[:, None, None]
+            d = _group(d, layout) * factors[:, None, None]
             per = [tf.einsum("mpc,mpo->co", s, d) for s in cache["shifts"]]
             kernel = tf.reshape(tf.stack(per, 0), layer.kernel.shape)
         grads = [kernel]
@@ -307,17 +336,17 @@ class _EmbeddingRule(_Rule):
         watch(z)
         return z, z
 
-    def sq_norms(self, record, d, units):
-        ids = tf.reshape(record.saved["ids"], [units, -1])
-        d = _group(d, units)
+    def sq_norms(self, record, d, layout):
+        ids = tf.reshape(record.saved["ids"], [layout.units, -1])
+        d = _group(d, layout)
         if ids.shape[1] == 1:
             return tf.reduce_sum(d * d, [1, 2]), {}
         same = tf.cast(tf.equal(ids[:, :, None], ids[:, None, :]), d.dtype)
         return tf.reduce_sum(same * _gram(d), [1, 2]), {}
 
-    def sums(self, record, d, cache, factors, units):
-        ids = tf.reshape(record.saved["ids"], [units, -1])
-        d = _group(d, units) * factors[:, None, None]
+    def sums(self, record, d, cache, factors, layout):
+        ids = tf.reshape(record.saved["ids"], [layout.units, -1])
+        d = _group(d, layout) * factors[:, None, None]
         table = record.layer.embeddings
         return [tf.math.unsorted_segment_sum(
             tf.reshape(d, [-1, d.shape[-1]]), tf.reshape(ids, [-1]),
@@ -348,7 +377,7 @@ class _AffineNormRule(_Rule):
         watch(z)
         return z, tf.cast(z, layer.compute_dtype)
 
-    def _per_unit(self, record, d, units):
+    def _per_unit(self, record, d, layout):
         """Per-unit gamma and beta gradients, each [units, *param.shape]."""
         layer = record.layer
         shape = self._param_shape(layer, len(d.shape))
@@ -359,18 +388,18 @@ class _AffineNormRule(_Rule):
         for name, t in (("gamma", record.saved["xhat"] * d), ("beta", d)):
             if getattr(layer, name, None) is None:
                 continue
-            t = tf.reshape(tf.transpose(t, perm), [units, -1, *param])
+            t = tf.reshape(tf.transpose(t, perm), [layout.units, -1, *param])
             out.append(tf.reshape(tf.reduce_sum(t, 1),
-                                  [units, *getattr(layer, name).shape]))
+                                  [layout.units, *getattr(layer, name).shape]))
         return out
 
-    def sq_norms(self, record, d, units):
-        per_unit = self._per_unit(record, d, units)
-        sq = tf.add_n([tf.reduce_sum(tf.reshape(tf.square(g), [units, -1]), 1)
+    def sq_norms(self, record, d, layout):
+        per_unit = self._per_unit(record, d, layout)
+        sq = tf.add_n([tf.reduce_sum(tf.reshape(tf.square(g), [layout.units, -1]), 1)
                        for g in per_unit])
         return sq, {"per_unit": per_unit}
 
-    def sums(self, record, d, cache, factors, units):
+    def sums(self, record, d, cache, factors, layout):
         return [tf.tensordot(factors, g, 1) for g in cache["per_unit"]]
 
 
@@ -537,17 +566,17 @@ def forward(model, variables, x, tape: tf.GradientTape):
     return outputs, interpreter.records
 
 
-def per_unit_sq_norms(records, deltas, units):
+def per_unit_sq_norms(records, deltas, layout):
     """Squared per-unit gradient norms summed over layers, and rule caches."""
     total, caches = None, []
     for record, d in zip(records, deltas):
-        sq, cache = record.rule.sq_norms(record, tf.cast(d, tf.float32), units)
+        sq, cache = record.rule.sq_norms(record, tf.cast(d, tf.float32), layout)
         caches.append(cache)
         total = sq if total is None else total + sq
     return total, caches
 
 
-def clipped_sums(records, deltas, caches, factors, keep, variables, units):
+def clipped_sums(records, deltas, caches, factors, keep, variables, layout):
     """sum_u factor_u g_u for every variable, ordered like `variables`.
 
     Units with keep = False (padding, non-finite gradients) are removed with
@@ -556,23 +585,23 @@ def clipped_sums(records, deltas, caches, factors, keep, variables, units):
     by_id = {}
     for record, d, cache in zip(records, deltas, caches):
         d = tf.cast(d, tf.float32)
-        d = tf.where(_expand(keep, d, units), d, tf.zeros_like(d))
+        d = tf.where(_expand(keep, d, layout), d, tf.zeros_like(d))
         cache = {k: ([_mask_units(t, keep) for t in v] if isinstance(v, list)
                      else _mask_units(v, keep)) for k, v in cache.items()}
         if isinstance(record.rule, _DenseRule) and "kernel" not in cache:
             a = record.saved["a"]
             record = dataclasses.replace(record, saved={
-                **record.saved, "a": tf.where(_expand(keep, a, units), a,
+                **record.saved, "a": tf.where(_expand(keep, a, layout), a,
                                               tf.zeros_like(a))})
-        grads = record.rule.sums(record, d, cache, factors, units)
+        grads = record.rule.sums(record, d, cache, factors, layout)
         for v, g in zip(record.variables, grads):
             by_id[id(v)] = tf.cast(g, v.dtype)
     return [by_id[id(v)] for v in variables]
 
 
-def _expand(keep, t, units):
+def _expand(keep, t, layout):
     """Per-unit keep [units] broadcast to a per-example tensor [B, ...]."""
-    per_example = tf.repeat(keep, tf.shape(t)[0] // units)
+    per_example = tf.repeat(keep, tf.shape(t)[0] // layout.units)
     return tf.reshape(per_example, [-1] + [1] * (len(t.shape) - 1))
 
 

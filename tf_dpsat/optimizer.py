@@ -505,7 +505,8 @@ class DPSATKeras(keras.optimizers.Optimizer):
         path = None
         if self.clipping != "vectorized":
             try:
-                path = self._fast_path(model, variables, params, batch, units,
+                path = self._fast_path(model, variables, params, batch,
+                                       fast_clipping.Layout(units, size),
                                        seeds, seed_values)
             except fast_clipping.Unsupported as error:
                 self._fast_path_refused(model, error)
@@ -594,7 +595,7 @@ class DPSATKeras(keras.optimizers.Optimizer):
         return (norms, lambda f, keep: clipping.weighted_sum(grads, f, keep),
                 y_pred, extra)
 
-    def _fast_path(self, model, variables, params, batch, units, seeds,
+    def _fast_path(self, model, variables, params, batch, layout, seeds,
                    seed_values):
         """Per-unit norms from layer rules, one forward and one backward."""
         x, y, sample_weight = batch
@@ -609,19 +610,19 @@ class DPSATKeras(keras.optimizers.Optimizer):
             if scope.losses:
                 raise fast_clipping.Unsupported("data-dependent add_loss terms")
             total = tf.reduce_sum(
-                _unit_losses(model, y, y_pred, sample_weight, units))
+                _unit_losses(model, y, y_pred, sample_weight, layout.units))
         deltas = tape.gradient(
             total, [r.z for r in records],
             unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        sq, caches = fast_clipping.per_unit_sq_norms(records, deltas, units)
+        sq, caches = fast_clipping.per_unit_sq_norms(records, deltas, layout)
         # Rounding can make a ghost norm slightly negative; NaN stays NaN.
         norms = tf.sqrt(tf.where(sq < 0, tf.zeros_like(sq), sq))
 
         def sum_clipped(factors, keep):
             return fast_clipping.clipped_sums(records, deltas, caches, factors,
-                                              keep, variables, units)
+                                              keep, variables, layout)
 
-        return norms, sum_clipped, y_pred, tf.zeros([units])
+        return norms, sum_clipped, y_pred, tf.zeros([layout.units])
 
     def _ascent_direction(self, model, variables, params, x, y, sample_weight,
                           weights):
@@ -683,7 +684,11 @@ class DPSATKeras(keras.optimizers.Optimizer):
         count = stats["examples"]
         if self.expected_batch_size is None:
             count = _all_reduce_sum(count)
-        budget = tf.convert_to_tensor(self._step_budget.value)
+        # Nothing below may run before the batch exists: Keras starts the step
+        # function before it knows the data ran out, and a data-independent
+        # `iterations += 1` would then count a step that never happened.
+        with tf.control_dependencies([count]):
+            budget = tf.identity(self._step_budget.value)
         apply_now = (budget < 0) | (tf.cast(self._iterations, tf.int64) < budget)
         k = self._accumulation_steps
         if k > 1:
@@ -715,7 +720,8 @@ class DPSATKeras(keras.optimizers.Optimizer):
             return
         self._apply_mask = apply_now
         try:
-            super().apply(noisy_gradients(), variables)
+            with tf.control_dependencies([apply_now]):
+                super().apply(noisy_gradients(), variables)
         finally:
             self._apply_mask = None
         # Keras counts every call to apply; count logical steps only.

@@ -1,0 +1,543 @@
+"""Tests for tf_dpsat.training and examples/train_cifar.py.
+
+Flags and configuration, the run plan (sigma, padding, accumulation), the
+Poisson training pipeline at the library level, padded == unpadded steps,
+whole runs on tfds mock data and on scikit-learn's digits, resuming, the
+binary, and one end-to-end run on the real Fashion-MNIST.
+"""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import flags
+
+from tf_dpsat import accounting
+from tf_dpsat import data
+from tf_dpsat import training
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+BINARY = REPO / "examples" / "train_cifar.py"
+FMNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+def small_config(**overrides) -> training.TrainConfig:
+    """A run on digits with the MLP: a few seconds on CPU."""
+    base = dict(dataset="digits", model="mlp", epochs=1, batch_size=100,
+                eval_batch_size=300, keras_verbose=0, seed=1)
+    base.update(overrides)
+    return training.TrainConfig(**base)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def weights_of(model):
+    return [np.asarray(v) for v in model.weights]
+
+
+# ---------------------------------------------------------------------------
+# Flags and configuration.
+# ---------------------------------------------------------------------------
+
+
+def parse(argv):
+    flag_values = flags.FlagValues()
+    training.define_flags(flag_values)
+    flag_values(["train_cifar"] + list(argv))
+    return training.config_from_flags(flag_values)
+
+
+def test_flag_defaults_are_the_authors_cifar10_setup():
+    config = parse([])
+    expected = dict(dataset="cifar10", model="dpnas", method="dpsat", epsilon=3.0,
+                    delta=1e-5, epochs=30, batch_size=2000, learning_rate=2.0,
+                    momentum=0.9, l2_norm_clip=0.1, rho=0.03, sampling="poisson",
+                    noise_multiplier=None, physical_batch_size=None,
+                    jit_compile="auto", max_train_examples=None, model_dir=None)
+    for name, value in expected.items():
+        assert getattr(config, name) == value, name
+    assert config == training.TrainConfig()
+
+
+def test_flags_parse_every_field():
+    config = parse([
+        "--dataset=fashion_mnist", "--model=tb_cnn", "--method=dpsam",
+        "--epsilon=2", "--delta=1e-6", "--noise_multiplier=1.5", "--epochs=3",
+        "--batch_size=256", "--learning_rate=0.5", "--momentum=0", "--l2_norm_clip=1",
+        "--rho=0.05", "--sampling=shuffle", "--physical_batch_size=128",
+        "--jit_compile=false", "--seed=7", "--eval_every=2", "--eval_batch_size=50",
+        "--max_train_examples=1000", "--data_dir=/d", "--raw_data_dir=/r",
+        "--model_dir=/m", "--keras_verbose=2", "--direction=gradient"])
+    assert config == training.TrainConfig(
+        dataset="fashion_mnist", model="tb_cnn", method="dpsam", epsilon=2.0,
+        delta=1e-6, noise_multiplier=1.5, epochs=3, batch_size=256,
+        learning_rate=0.5, momentum=0.0, l2_norm_clip=1.0, rho=0.05,
+        sampling="shuffle", physical_batch_size=128, jit_compile="false", seed=7,
+        eval_every=2, eval_batch_size=50, max_train_examples=1000, data_dir="/d",
+        raw_data_dir="/r", model_dir="/m", keras_verbose=2)
+    assert config.queries_per_step == 2
+
+
+def test_flags_reject_unknown_choices():
+    with pytest.raises(flags.IllegalFlagValueError):
+        parse(["--method=dpsgdd"])
+    with pytest.raises(flags.IllegalFlagValueError):
+        parse(["--sampling=uniform"])
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(epsilon=0.0), "epsilon"),
+    (dict(delta=1.0), "delta"),
+    (dict(noise_multiplier=-1.0), "noise_multiplier"),
+    (dict(learning_rate=float("nan")), "learning_rate"),
+    (dict(momentum=1.5), "momentum"),
+    (dict(l2_norm_clip=0.0), "l2_norm_clip"),
+    (dict(rho=-0.1), "rho"),
+    (dict(epochs=0), "epochs"),
+    (dict(batch_size=2.5), "batch_size"),
+    (dict(physical_batch_size=0), "physical_batch_size"),
+    (dict(seed=-1), "seed"),
+    (dict(eval_every=0), "eval_every"),
+    (dict(max_train_examples=0), "max_train_examples"),
+    (dict(method="dpsam", rho=0.0), "dpsgd"),
+    (dict(dataset="imagenet"), "dataset"),
+    (dict(model="vgg"), "model"),
+    (dict(jit_compile="yes"), "jit_compile"),
+    (dict(keras_verbose=3), "keras_verbose"),
+])
+def test_config_rejects_bad_values_naming_them(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        training.TrainConfig(**overrides)
+
+
+def test_bad_flag_value_reaches_the_user_as_value_error():
+    with pytest.raises(ValueError, match="l2_norm_clip"):
+        parse(["--l2_norm_clip=-1"])
+
+
+# ---------------------------------------------------------------------------
+# Run plan: sigma, padding, accumulation.
+# ---------------------------------------------------------------------------
+
+
+def test_plan_for_the_authors_cifar10_setup():
+    plan = training.make_plan(training.TrainConfig(), 50000)
+    assert (plan.steps_per_epoch, plan.total_steps) == (25, 750)
+    assert plan.sampling_probability == 0.04
+    assert plan.logical_batch_size == data.padded_batch_size(2000, 50000, 750) == 2266
+    assert plan.accumulation_steps == 1 and plan.physical_batch_size == 2266
+    # The authors' Opacus calibration gave 1.8408203125 (tolerance 0.01 in
+    # epsilon); our RDP orders are finer, so sigma is slightly smaller.
+    assert plan.noise_multiplier == pytest.approx(1.8408, abs=0.01)
+    assert plan.noise_multiplier <= 1.8408203125
+    assert 2.99 <= plan.epsilon <= 3.0
+    assert plan.privacy_analysis == "poisson" and plan.queries_per_step == 1
+
+
+def test_plan_methods_and_overrides():
+    n = 60000
+    dpsat = training.make_plan(small_config(batch_size=256, epochs=2), n)
+    dpsgd = training.make_plan(small_config(batch_size=256, epochs=2, method="dpsgd"), n)
+    dpsam = training.make_plan(small_config(batch_size=256, epochs=2, method="dpsam"), n)
+    # round(60000 / 256) = 234 steps per epoch.
+    assert dpsat.total_steps == 468 and dpsat.steps_per_epoch == 234
+    expected = accounting.calibrate_noise_multiplier(
+        target_epsilon=3.0, sampling_probability=256 / n, steps=468, delta=1e-5)
+    assert dpsat.noise_multiplier == expected == dpsgd.noise_multiplier
+    # Two queries per step: sigma per query grows by about sqrt(2).
+    assert dpsam.queries_per_step == 2
+    assert dpsam.noise_multiplier == pytest.approx(math.sqrt(2) * expected, rel=0.01)
+    assert dpsam.epsilon <= 3.0
+    fixed = training.make_plan(small_config(batch_size=256, noise_multiplier=1.0), n)
+    assert fixed.noise_multiplier == 1.0
+    assert fixed.epsilon == pytest.approx(accounting.compute_epsilon(
+        noise_multiplier=1.0, sampling_probability=256 / n, steps=234, delta=1e-5))
+    nonprivate = training.make_plan(small_config(method="nonprivate"), n)
+    assert nonprivate.noise_multiplier is None and nonprivate.epsilon == math.inf
+    assert small_config(method="dpsgd", rho=0.5).effective_rho == 0.0
+
+
+def test_plan_shuffle_uses_the_once_per_epoch_analysis():
+    config = small_config(sampling="shuffle", batch_size=256, epochs=3)
+    plan = training.make_plan(config, 60000)
+    assert plan.steps_per_epoch == 234 and plan.logical_batch_size == 256
+    assert plan.privacy_analysis == "once_per_epoch"
+    assert plan.epsilon <= 3.0
+    assert plan.epsilon == pytest.approx(accounting.compute_epsilon_once_per_epoch(
+        noise_multiplier=plan.noise_multiplier, epochs=3, delta=1e-5))
+    report = training.privacy_report(config, plan)
+    assert "only the (**) value" in report
+    poisson = training.TrainConfig(batch_size=256, epochs=3, dataset="fashion_mnist")
+    assert "the (*) value applies" in training.privacy_report(
+        poisson, training.make_plan(poisson, 60000))
+
+
+def test_plan_physical_batches_map_to_accumulation():
+    config = small_config(batch_size=2000, epochs=30, physical_batch_size=500)
+    plan = training.make_plan(config, 50000)
+    # The padded size 2266 rounded up to a multiple of 500.
+    assert plan.logical_batch_size == 2500 and plan.physical_batch_size == 500
+    assert plan.accumulation_steps == 5
+    shuffle = training.make_plan(small_config(sampling="shuffle", batch_size=200,
+                                              physical_batch_size=50), 1000)
+    assert (shuffle.logical_batch_size, shuffle.accumulation_steps) == (200, 4)
+    with pytest.raises(ValueError, match="divide"):
+        training.make_plan(small_config(sampling="shuffle", batch_size=200,
+                                        physical_batch_size=64), 1000)
+    with pytest.raises(ValueError, match="dpsam"):
+        training.make_plan(small_config(method="dpsam", physical_batch_size=50), 1500)
+    with pytest.raises(ValueError, match="exceeds"):
+        training.make_plan(small_config(batch_size=2000), 1500)
+
+
+# ---------------------------------------------------------------------------
+# The Poisson training pipeline.
+# ---------------------------------------------------------------------------
+
+
+def id_dataset(n):
+    """Random 8x8 images whose label is the example's index."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(1, 256, size=(n, 8, 8, 1), dtype=np.uint8)
+    return images, np.arange(n, dtype=np.int64)
+
+
+def logical_steps(batches, plan):
+    """Per logical step: (labels of real rows, all weights, all x)."""
+    steps, current = [], []
+    for x, y, w in batches.as_numpy_iterator():
+        current.append((x, y, w))
+        if len(current) == plan.accumulation_steps:
+            x = np.concatenate([c[0] for c in current])
+            y = np.concatenate([c[1] for c in current])
+            w = np.concatenate([c[2] for c in current])
+            steps.append((y[w > 0], w, x, y))
+            current = []
+    assert not current
+    return steps
+
+
+def test_pipeline_static_shapes_inclusion_rate_and_inert_padding():
+    n, batch, epochs = 40, 8, 200  # q = 0.2, 5 steps per epoch, 1000 steps.
+    images, labels = id_dataset(n)
+    config = small_config(batch_size=batch, epochs=epochs, noise_multiplier=1.0,
+                          physical_batch_size=8)
+    plan = training.make_plan(config, n)
+    batches = training.train_batches(config, plan, images, labels)
+    for spec in batches.element_spec:
+        assert spec.shape[0] == 8 and spec.shape.is_fully_defined()
+    steps = logical_steps(batches, plan)
+    assert len(steps) == plan.total_steps == 1000
+    counts = np.zeros(n)
+    for real, w, x, y in steps:
+        # Sampled rows first, in index order, each at most once; then padding
+        # rows that are all zero with weight 0.
+        k = len(real)
+        assert np.all(w[:k] == 1) and np.all(w[k:] == 0)
+        assert np.all(np.diff(real) > 0)
+        assert np.all(x[k:] == 0) and np.all(y[k:] == 0)
+        counts[real] += 1
+    q = batch / n
+    # Each count is Binomial(1000, 0.2): sd 12.6; 5 sd for all 40 examples
+    # fails with probability ~2e-5.
+    sd = math.sqrt(plan.total_steps * q * (1 - q))
+    assert np.max(np.abs(counts - plan.total_steps * q)) < 5 * sd
+    # The mean batch size is the expected batch size (sd of the mean ~0.06).
+    assert abs(counts.sum() / plan.total_steps - batch) < 0.3
+
+
+def test_pipeline_split_keeps_order_and_resume_replays_the_same_batches():
+    n = 60
+    images, labels = id_dataset(n)
+    whole = small_config(batch_size=10, epochs=3, noise_multiplier=1.0)
+    split = small_config(batch_size=10, epochs=3, noise_multiplier=1.0,
+                         physical_batch_size=8)
+    plan_whole, plan_split = training.make_plan(whole, n), training.make_plan(split, n)
+    assert plan_split.accumulation_steps > 1
+    a = logical_steps(training.train_batches(whole, plan_whole, images, labels),
+                      plan_whole)
+    b = logical_steps(training.train_batches(split, plan_split, images, labels),
+                      plan_split)
+    # The physical batches of a step, concatenated, are its logical batch: the
+    # same sampled examples in the same order (only the padding length differs).
+    assert len(a) == len(b) == 18
+    for (ra, _, xa, _), (rb, _, xb, _) in zip(a, b):
+        np.testing.assert_array_equal(ra, rb)
+        np.testing.assert_array_equal(xa[:len(ra)], xb[:len(rb)])
+    # Starting at epoch 1 yields exactly the steps from 6 on.
+    resumed = logical_steps(training.train_batches(
+        split, plan_split, images, labels, start_epoch=1), plan_split)
+    assert len(resumed) == 12
+    for (r1, w1, x1, _), (r2, w2, x2, _) in zip(resumed, b[6:]):
+        np.testing.assert_array_equal(r1, r2)
+        np.testing.assert_array_equal(x1, x2)
+    # A different seed samples differently.
+    other = small_config(batch_size=10, epochs=3, noise_multiplier=1.0, seed=2)
+    c = logical_steps(training.train_batches(other, plan_whole, images, labels),
+                      plan_whole)
+    assert any(len(x[0]) != len(y[0]) or np.any(x[0] != y[0]) for x, y in zip(a, c))
+
+
+def test_shuffle_pipeline_covers_each_example_once_per_epoch():
+    n = 50
+    images, labels = id_dataset(n)
+    config = small_config(sampling="shuffle", batch_size=10, epochs=2,
+                          noise_multiplier=1.0, physical_batch_size=5)
+    plan = training.make_plan(config, n)
+    steps = logical_steps(training.train_batches(config, plan, images, labels), plan)
+    assert len(steps) == 10
+    for epoch in range(2):
+        seen = np.concatenate([s[0] for s in steps[5 * epoch:5 * epoch + 5]])
+        np.testing.assert_array_equal(np.sort(seen), np.arange(n))
+
+
+# ---------------------------------------------------------------------------
+# Padded steps are the unpadded steps.
+# ---------------------------------------------------------------------------
+
+
+def digits_rows(count):
+    dataset = data.load_dataset("digits")
+    x = data.normalize(dataset.train_images[:count], "digits")
+    return x, dataset.train_labels[:count]
+
+
+def padded(x, y, size):
+    pad = size - len(x)
+    return (np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)]),
+            np.concatenate([y, np.zeros(pad, y.dtype)]),
+            np.concatenate([np.ones(len(x), np.float32), np.zeros(pad, np.float32)]))
+
+
+def train_steps(config, batches_per_step):
+    """Builds the library's model and runs `fit` over the given batches."""
+    plan = training.make_plan(config, 1500)
+    model = training.build_model(config, plan, (8, 8, 1), 10)
+    flat = [b for step in batches_per_step for b in step]
+    # Known cardinality: Keras counts one extra optimizer iteration when it
+    # exhausts a dataset of unknown length.
+    ds = tf.data.Dataset.from_tensor_slices(tuple(np.stack(t) for t in zip(*flat)))
+    model.fit(ds, epochs=1, shuffle=False, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == len(batches_per_step)
+    return weights_of(model)
+
+
+@pytest.mark.parametrize("method", ["dpsat", "dpsam"])
+def test_padded_step_equals_unpadded_step(method):
+    # Two DP steps (the second one perturbed by the first's gradient), each on
+    # 70 real rows: once exactly, once padded to 128 with zero-weight rows.
+    config = small_config(method=method, noise_multiplier=0.8, batch_size=64,
+                          jit_compile="false")
+    x, y = digits_rows(140)
+    steps = [(x[:70], y[:70]), (x[70:], y[70:])]
+    unpadded = train_steps(config, [[(a, b, np.ones(len(a), np.float32))]
+                                    for a, b in steps])
+    padded_run = train_steps(config, [[padded(a, b, 128)] for a, b in steps])
+    for u, p in zip(unpadded, padded_run):
+        np.testing.assert_allclose(u, p, rtol=0, atol=2e-6)
+    # And the steps did something: the weights moved.
+    initial = weights_of(training.build_model(
+        config, training.make_plan(config, 1500), (8, 8, 1), 10))
+    assert max(np.max(np.abs(u - i)) for u, i in zip(unpadded, initial)) > 1e-3
+
+
+def test_padded_accumulated_step_equals_unpadded_step():
+    # A logical batch of 70 real rows padded to k * 32 rows and cut into k
+    # physical batches of 32 gives the same update as the 70 rows at once.
+    base = small_config(noise_multiplier=0.8, batch_size=64, jit_compile="false")
+    split = small_config(noise_multiplier=0.8, batch_size=64, jit_compile="false",
+                         physical_batch_size=32)
+    k = training.make_plan(split, 1500).accumulation_steps
+    assert k >= 3
+    x, y = digits_rows(140)
+    steps = [(x[:70], y[:70]), (x[70:], y[70:])]
+    unpadded = train_steps(base, [[(a, b, np.ones(len(a), np.float32))]
+                                  for a, b in steps])
+    physical = []
+    for a, b in steps:
+        px, py, pw = padded(a, b, 32 * k)
+        physical.append([(px[i:i + 32], py[i:i + 32], pw[i:i + 32])
+                         for i in range(0, 32 * k, 32)])
+    accumulated = train_steps(split, physical)
+    for u, p in zip(unpadded, accumulated):
+        np.testing.assert_allclose(u, p, rtol=0, atol=2e-6)
+
+
+# ---------------------------------------------------------------------------
+# Whole runs.
+# ---------------------------------------------------------------------------
+
+
+def test_train_on_tfds_mock_data(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    config = training.TrainConfig(
+        dataset="mnist", model="mlp", data_dir=str(tmp_path / "tfds"), epochs=2,
+        batch_size=16, eval_batch_size=64, model_dir=str(tmp_path / "run"),
+        keras_verbose=0, eval_every=2)
+    with tfds.testing.mock_data(num_examples=64):
+        results = training.train(config)
+    run = tmp_path / "run"
+    assert read_json(run / "results.json") == json.loads(json.dumps(results))
+    assert results["completed"] and results["epochs_completed"] == 2
+    assert results["num_train_examples"] == 64 and results["steps"] == 8
+    assert 0 < results["epsilon"] <= 3.0 and results["delta"] == 1e-5
+    assert results["noise_multiplier"] > 0
+    assert results["flags"]["dataset"] == "mnist"
+    # eval_every=2: only epoch 2 was evaluated.
+    tested = [h["epoch"] for h in results["history"] if "test_accuracy" in h]
+    assert tested == [2]
+    assert 0 <= results["final_test_accuracy"] <= 1
+    assert [h["epsilon"] for h in results["history"]][0] < results["epsilon"]
+    assert (run / "accuracy_epsilon.png").read_bytes()[:4] == b"\x89PNG"
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    assert [p.name for p in run.glob("checkpoint-*.keras")] == ["checkpoint-0002.keras"]
+
+
+def test_unprepared_tfds_dataset_fails_fast_naming_the_flags(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    start = time.monotonic()
+    with pytest.raises(data.DatasetNotAvailableError) as info:
+        training.train(training.TrainConfig(data_dir=str(tmp_path), keras_verbose=0))
+    assert time.monotonic() - start < 30
+    assert "--raw_data_dir" in str(info.value) and "--data_dir" in str(info.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(method="dpsgd"),
+    dict(method="dpsam"),
+    dict(method="nonprivate", learning_rate=0.05),
+    dict(sampling="shuffle"),
+    dict(direction="momentum", physical_batch_size=64),
+])
+def test_methods_and_samplings_run(tmp_path, overrides):
+    config = small_config(max_train_examples=400, batch_size=50,
+                          model_dir=str(tmp_path), **overrides)
+    results = training.train(config)
+    assert results["completed"] and results["num_train_examples"] == 400
+    assert results["steps"] == 8
+    # Chance is 0.1 (sd 0.02 on 297 test images); 8 noisy steps get 0.27-0.8.
+    assert results["final_test_accuracy"] > 0.2
+    saved = read_json(tmp_path / "results.json")
+    if config.method == "nonprivate":
+        assert results["epsilon"] == math.inf == saved["epsilon"]
+        assert results["noise_multiplier"] is None
+        assert results["privacy_analysis"] == "none"
+    else:
+        assert 0 < results["epsilon"] <= 3.0
+        assert results["privacy_analysis"] == (
+            "once_per_epoch" if config.sampling == "shuffle" else "poisson")
+        assert results["queries_per_step"] == (2 if config.method == "dpsam" else 1)
+    if config.physical_batch_size:
+        assert results["gradient_accumulation_steps"] > 1
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _CrashAfterFirstEpoch(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 0:
+            raise _Interrupt()
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path):
+    def config(name, **overrides):
+        return small_config(epochs=2, physical_batch_size=64,
+                            model_dir=str(tmp_path / name), **overrides)
+
+    straight = training.train(config("straight"))
+    with pytest.raises(_Interrupt):
+        training.train(config("resumed"), extra_callbacks=[_CrashAfterFirstEpoch()])
+    state = read_json(tmp_path / "resumed" / "state.json")
+    assert state["epochs_done"] == 1 and state["steps"] == 15
+    assert not read_json(tmp_path / "resumed" / "results.json")["completed"]
+    with pytest.raises(ValueError, match="learning_rate"):
+        training.train(config("resumed", learning_rate=1.0))
+    resumed = training.train(config("resumed", eval_every=2))
+    assert resumed["steps"] == straight["steps"] == 30
+    assert resumed["epsilon"] == straight["epsilon"]
+    assert resumed["final_test_accuracy"] == straight["final_test_accuracy"]
+    # The epoch-1 record written before the crash is kept.
+    assert resumed["history"][0]["epsilon"] == straight["history"][0]["epsilon"]
+    assert resumed["history"][0]["loss"] == straight["history"][0]["loss"]
+    a = keras.models.load_model(tmp_path / "straight" / "checkpoint-0002.keras")
+    b = keras.models.load_model(tmp_path / "resumed" / "checkpoint-0002.keras")
+    for x, y in zip(weights_of(a), weights_of(b)):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(a.optimizer.variables, b.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # A finished run is not trained again.
+    again = training.train(config("resumed"))
+    assert again["steps"] == 30 and again["completed"]
+
+
+# ---------------------------------------------------------------------------
+# The binary.
+# ---------------------------------------------------------------------------
+
+
+def run_binary(*args, timeout=300):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, str(BINARY), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_binary_smoke_run_on_digits(tmp_path):
+    result = run_binary("--dataset=digits", "--model=mlp", "--epochs=1",
+                        "--batch_size=100", f"--model_dir={tmp_path}",
+                        "--keras_verbose=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = read_json(tmp_path / "results.json")
+    assert results["completed"] and results["final_test_accuracy"] > 0.3
+    assert "Noise multiplier sigma" in result.stderr
+    assert "Epsilon with Poisson sampling" in result.stderr
+    assert "epsilon:" in result.stdout  # The Keras epoch line shows epsilon.
+
+
+def test_binary_fails_fast_without_data(tmp_path):
+    start = time.monotonic()
+    result = run_binary("--dataset=cifar10", f"--data_dir={tmp_path}")
+    assert time.monotonic() - start < 60
+    assert result.returncode != 0
+    assert "--raw_data_dir" in result.stderr and "--data_dir" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# End to end on the real Fashion-MNIST.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    not all(os.path.isfile(os.path.join(data.DEBIAN_FASHION_MNIST_DIR, f))
+            for f in FMNIST_FILES),
+    reason=f"Fashion-MNIST IDX files not in {data.DEBIAN_FASHION_MNIST_DIR} "
+           "(apt-get install dataset-fashion-mnist; .ci/run does)")
+def test_fashion_mnist_one_epoch_dpsat_reaches_75_percent(tmp_path):
+    # One epoch of DP-SAT at epsilon 3 on all 60,000 examples, expected batch
+    # 256: 234 noisy steps, sigma ~0.65. Measured 78.5-78.8% over three seeds
+    # (lr 4; 77-78% at the authors' lr 2), 23-47 s on 2 CPU cores.
+    config = training.TrainConfig(
+        dataset="fashion_mnist", raw_data_dir=data.DEBIAN_FASHION_MNIST_DIR,
+        model="tb_cnn", method="dpsat", epsilon=3.0, epochs=1, batch_size=256,
+        learning_rate=4.0, model_dir=str(tmp_path), keras_verbose=0)
+    results = training.train(config)
+    saved = read_json(tmp_path / "results.json")
+    assert saved["num_train_examples"] == 60000 and saved["num_test_examples"] == 10000
+    assert saved["steps"] == 234 and saved["completed"]
+    assert saved["epsilon"] <= 3.0 and saved["delta"] == 1e-5
+    assert saved["final_test_accuracy"] >= 0.75, saved["final_test_accuracy"]
+    assert saved["final_test_accuracy"] == results["final_test_accuracy"]

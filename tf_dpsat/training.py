@@ -1,0 +1,970 @@
+"""The training library behind `examples/train_cifar.py`: one call, one run.
+
+What: `train(TrainConfig(...))` loads a dataset, builds a model, calibrates the
+noise multiplier to a privacy budget, trains with DP-SAT (or DP-SGD, DP-SAM,
+or without privacy), evaluates, checkpoints every epoch and writes
+`results.json`, TensorBoard logs and a plot into `model_dir`. Rerunning with
+the same `model_dir` resumes where the last run stopped.
+
+Why a library: the command line binary is a thin absl main over
+`define_flags` / `config_from_flags` / `train`, so tests (and notebooks) run
+exactly the code the binary runs.
+
+Sampling and accounting
+-----------------------
+* `sampling="poisson"` (default): every logical step includes each of the N
+  training examples independently with probability q = batch_size / N, for
+  round(N / batch_size) steps per epoch. Batches are padded with zero-weight
+  rows to one static size (`tf_dpsat.data.padded_batch_size`, chosen so that
+  any overflow during the whole run has probability <= 1e-6; an overflow
+  raises, it never drops an example), and the optimizer divides by the
+  expected batch size. The Poisson-subsampled Gaussian analysis applies.
+* `sampling="shuffle"`: fixed-size batches from a shuffled pass per epoch
+  (floor(N / batch_size) steps, the remainder dropped). Only the "each example
+  once per epoch" analysis (no amplification by sampling) is proven for it,
+  so sigma is calibrated to that analysis, which needs far more noise.
+
+Epoch e always consumes logical steps [e * S, (e + 1) * S) of one seeded
+sample sequence, so a resumed run sees exactly the batches an uninterrupted
+run sees, and, with the optimizer state restored from the checkpoint, ends
+with bitwise the same weights and the same epsilon.
+
+`physical_batch_size` bounds memory: each (padded) logical batch is cut, in
+order, into k = padded / physical physical batches that the optimizer
+accumulates into one noisy step (`gradient_accumulation_steps=k`).
+
+Reference: Park, Kim, Choi, Lee. "Differentially Private Sharpness-Aware
+Training". ICML 2023. https://arxiv.org/abs/2306.05651
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import platform
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import flags
+from absl import logging
+
+from tf_dpsat import accounting
+from tf_dpsat import data
+from tf_dpsat import models
+from tf_dpsat.callbacks import PrivacyCallback
+from tf_dpsat.dp_model import make_private
+from tf_dpsat.optimizer import DPSAMKeras
+from tf_dpsat.optimizer import DPSATKeras
+from tf_dpsat.version import __version__
+
+__all__ = [
+    "JIT_CHOICES",
+    "METHODS",
+    "RunPlan",
+    "SAMPLINGS",
+    "TrainConfig",
+    "build_model",
+    "config_from_flags",
+    "define_flags",
+    "load_data",
+    "make_plan",
+    "split_logical_batches",
+    "test_batches",
+    "train",
+    "train_batches",
+]
+
+METHODS: Tuple[str, ...] = ("dpsat", "dpsgd", "dpsam", "nonprivate")
+SAMPLINGS: Tuple[str, ...] = ("poisson", "shuffle")
+JIT_CHOICES: Tuple[str, ...] = ("auto", "true", "false")
+DIRECTIONS: Tuple[str, ...] = ("gradient", "momentum")
+
+# Allowed probability that some Poisson batch of the run exceeds the padded
+# size (the run would then stop with an error; see tf_dpsat.data).
+OVERFLOW_PROBABILITY = 1e-6
+
+RESULTS_FILE = "results.json"
+STATE_FILE = "state.json"
+PLOT_FILE = "accuracy_epsilon.png"
+TENSORBOARD_DIR = "tensorboard"
+_CHECKPOINT_PATTERN = "checkpoint-{:04d}.keras"
+
+# Fields that may change between a run and its resumption: they do not change
+# what is trained (only where data is read from, how often it is evaluated,
+# the compiler, and the console output).
+_RESUMABLE_CHANGES = frozenset({
+    "data_dir", "raw_data_dir", "model_dir", "eval_every", "eval_batch_size",
+    "jit_compile", "keras_verbose",
+})
+
+# Purposes of the seeds derived from TrainConfig.seed.
+_SEED_MODEL, _SEED_SAMPLING, _SEED_NOISE = 0, 1, 2
+
+
+# --------------------------------------------------------------------------
+# Configuration.
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on; mirrors the binary's flags.
+
+    The defaults are the DP-SAT authors' CIFAR-10 setup (DPNASNet, epsilon 3,
+    30 epochs, expected batch 2000, SGD lr 2 momentum 0.9, C 0.1, rho 0.03).
+
+    Attributes:
+      dataset: One of `tf_dpsat.data.DATASETS`.
+      model: One of `tf_dpsat.models.MODEL_NAMES`.
+      method: "dpsat", "dpsgd" (DP-SAT with rho = 0), "dpsam" (two noisy
+        queries per step) or "nonprivate" (plain SGD, no noise, no clipping).
+      epsilon: Target epsilon; sigma is calibrated to reach it after `epochs`
+        epochs. Ignored when `noise_multiplier` is given.
+      delta: Target delta.
+      noise_multiplier: Fixed sigma; None calibrates it from `epsilon`.
+      epochs: Number of epochs.
+      batch_size: Expected (Poisson) or fixed (shuffle) logical batch size.
+      learning_rate: SGD learning rate.
+      momentum: SGD momentum.
+      l2_norm_clip: Per-example clip norm C.
+      rho: DP-SAT / DP-SAM radius (forced to 0 for "dpsgd").
+      direction: DP-SAT direction, "gradient" or "momentum" (the authors'
+        DPSATMomentum variant).
+      sampling: "poisson" or "shuffle" (see the module docstring).
+      physical_batch_size: Examples per forward/backward pass; None processes
+        a whole (padded) logical batch at once.
+      jit_compile: "auto", "true" or "false" (XLA compilation).
+      seed: Seed of the weights, the batch sampling and the noise.
+      eval_every: Evaluate on the test set every this many epochs (and
+        always after the last one).
+      eval_batch_size: Batch size of evaluation.
+      max_train_examples: Use only the first this many training examples
+        (smoke runs); accounting uses the truncated size.
+      data_dir: tensorflow-datasets directory with a prepared dataset.
+      raw_data_dir: Directory with the dataset's original files.
+      model_dir: Output directory (checkpoints, TensorBoard, results); None
+        writes nothing and cannot resume.
+      keras_verbose: Keras fit verbosity: 0 silent, 1 progress bar, 2 one
+        line per epoch.
+    """
+
+    dataset: str = "cifar10"
+    model: str = "dpnas"
+    method: str = "dpsat"
+    epsilon: float = 3.0
+    delta: float = 1e-5
+    noise_multiplier: Optional[float] = None
+    epochs: int = 30
+    batch_size: int = 2000
+    learning_rate: float = 2.0
+    momentum: float = 0.9
+    l2_norm_clip: float = 0.1
+    rho: float = 0.03
+    direction: str = "gradient"
+    sampling: str = "poisson"
+    physical_batch_size: Optional[int] = None
+    jit_compile: str = "auto"
+    seed: int = 0
+    eval_every: int = 1
+    eval_batch_size: int = 1000
+    max_train_examples: Optional[int] = None
+    data_dir: Optional[str] = None
+    raw_data_dir: Optional[str] = None
+    model_dir: Optional[str] = None
+    keras_verbose: int = 1
+
+    def __post_init__(self):
+        _check_choice("dataset", self.dataset, data.DATASETS)
+        _check_choice("model", self.model, models.MODEL_NAMES)
+        _check_choice("method", self.method, METHODS)
+        _check_choice("sampling", self.sampling, SAMPLINGS)
+        _check_choice("direction", self.direction, DIRECTIONS)
+        _check_choice("jit_compile", self.jit_compile, JIT_CHOICES)
+        _check_number("epsilon", self.epsilon, low=0.0)
+        _check_number("delta", self.delta, low=0.0, high=1.0)
+        if self.noise_multiplier is not None:
+            _check_number("noise_multiplier", self.noise_multiplier, low=0.0,
+                          low_inclusive=True)
+        _check_number("learning_rate", self.learning_rate, low=0.0)
+        _check_number("momentum", self.momentum, low=0.0, high=1.0,
+                      low_inclusive=True, high_inclusive=True)
+        _check_number("l2_norm_clip", self.l2_norm_clip, low=0.0)
+        _check_number("rho", self.rho, low=0.0, low_inclusive=True)
+        for name in ("epochs", "batch_size", "eval_every", "eval_batch_size"):
+            _check_integer(name, getattr(self, name), 1)
+        for name in ("physical_batch_size", "max_train_examples"):
+            if getattr(self, name) is not None:
+                _check_integer(name, getattr(self, name), 1)
+        _check_integer("seed", self.seed, 0)
+        if self.seed >= 2**63:
+            raise ValueError(f"seed must be < 2**63, got {self.seed}.")
+        _check_integer("keras_verbose", self.keras_verbose, 0)
+        if self.keras_verbose > 2:
+            raise ValueError(f"keras_verbose must be 0, 1 or 2, got {self.keras_verbose}.")
+        if self.method == "dpsam" and self.rho == 0:
+            raise ValueError("method='dpsam' needs rho > 0; rho=0 is DP-SGD "
+                             "(method='dpsgd'), which spends one query per step.")
+        if self.method == "dpsam" and self.direction != "gradient":
+            raise ValueError("method='dpsam' takes direction='gradient' only: its "
+                             "ascent direction is a fresh private gradient.")
+
+    @property
+    def private(self) -> bool:
+        """Whether the run is differentially private."""
+        return self.method != "nonprivate"
+
+    @property
+    def effective_rho(self) -> float:
+        """The radius actually used: 0 for DP-SGD and non-private SGD."""
+        return 0.0 if self.method in ("dpsgd", "nonprivate") else float(self.rho)
+
+    @property
+    def queries_per_step(self) -> int:
+        """Noisy gradient queries per step: 2 for DP-SAM, else 1."""
+        return DPSAMKeras.queries_per_step if self.method == "dpsam" else 1
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
+
+
+def _check_number(name: str, value: Any, *, low: float, high: float = math.inf,
+                  low_inclusive: bool = False, high_inclusive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}.")
+    above = value >= low if low_inclusive else value > low
+    below = value <= high if high_inclusive else value < high
+    if not (math.isfinite(value) and above and below):
+        interval = (("[" if low_inclusive else "(") + f"{low:g}, {high:g}"
+                    + ("]" if high_inclusive else ")"))
+        raise ValueError(f"{name} must be finite and in {interval}, got {value!r}.")
+
+
+def _check_integer(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+
+
+# --------------------------------------------------------------------------
+# Flags.
+# --------------------------------------------------------------------------
+
+_FLAG_HELP = {
+    "dataset": "Dataset (tensorflow-datasets name; digits = scikit-learn's 8x8 "
+               "digits, offline).",
+    "model": "Network from tf_dpsat.models (dpnas picks the CIFAR or FMNIST "
+             "variant by input channels).",
+    "method": "dpsat; dpsgd (rho = 0); dpsam (two noisy queries per step); "
+              "nonprivate (SGD without clipping or noise).",
+    "epsilon": "Target epsilon: calibrates the noise multiplier for the whole "
+               "run. Ignored if --noise_multiplier is set.",
+    "delta": "Target delta.",
+    "noise_multiplier": "Fixed noise multiplier; overrides --epsilon.",
+    "epochs": "Epochs.",
+    "batch_size": "Expected (Poisson) or fixed (shuffle) logical batch size.",
+    "learning_rate": "SGD learning rate.",
+    "momentum": "SGD momentum.",
+    "l2_norm_clip": "Per-example gradient clip norm C.",
+    "rho": "DP-SAT / DP-SAM perturbation radius (ignored by dpsgd).",
+    "direction": "DP-SAT ascent direction: gradient (DP-SAT) or momentum "
+                 "(the authors' DPSATMomentum variant).",
+    "sampling": "poisson: each example joins each step with probability "
+                "batch_size/N (padded static batches); shuffle: fixed-size "
+                "shuffled batches (once-per-epoch accounting).",
+    "physical_batch_size": "Examples per forward/backward pass (memory); a "
+                           "logical batch becomes several accumulated passes.",
+    "jit_compile": "XLA compilation: auto, true or false.",
+    "seed": "Seed of weights, batch sampling and noise.",
+    "eval_every": "Evaluate on the test set every N epochs (and after the last).",
+    "eval_batch_size": "Evaluation batch size.",
+    "max_train_examples": "Use only the first N training examples (smoke runs).",
+    "data_dir": "tensorflow-datasets data directory (a prepared dataset; "
+                "nothing is downloaded).",
+    "raw_data_dir": "Directory with the original files: MNIST/Fashion-MNIST "
+                    "*-ubyte.gz, CIFAR-10 python batches, SVHN *_32x32.mat.",
+    "model_dir": "Output directory: checkpoints, TensorBoard logs, "
+                 "results.json, plot. Rerunning with it resumes.",
+    "keras_verbose": "Keras fit verbosity: 0 silent, 1 progress bar, 2 one line "
+                     "per epoch.",
+}
+
+_ENUM_FLAGS = {
+    "dataset": data.DATASETS,
+    "model": models.MODEL_NAMES,
+    "method": METHODS,
+    "sampling": SAMPLINGS,
+    "direction": DIRECTIONS,
+    "jit_compile": JIT_CHOICES,
+}
+_FLOAT_FLAGS = ("epsilon", "delta", "noise_multiplier", "learning_rate", "momentum",
+                "l2_norm_clip", "rho")
+_INT_FLAGS = ("epochs", "batch_size", "physical_batch_size", "seed", "eval_every",
+              "eval_batch_size", "max_train_examples", "keras_verbose")
+_STRING_FLAGS = ("data_dir", "raw_data_dir", "model_dir")
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines one absl flag per `TrainConfig` field, with its default.
+
+    Args:
+      flag_values: Where to define them (a fresh `flags.FlagValues()` in tests).
+    """
+    defaults = TrainConfig()
+    for field in dataclasses.fields(TrainConfig):
+        name = field.name
+        default, help_text = getattr(defaults, name), _FLAG_HELP[name]
+        if name in _ENUM_FLAGS:
+            flags.DEFINE_enum(name, default, _ENUM_FLAGS[name], help_text,
+                              flag_values=flag_values)
+        elif name in _FLOAT_FLAGS:
+            flags.DEFINE_float(name, default, help_text, flag_values=flag_values)
+        elif name in _INT_FLAGS:
+            flags.DEFINE_integer(name, default, help_text, flag_values=flag_values)
+        elif name in _STRING_FLAGS:
+            flags.DEFINE_string(name, default, help_text, flag_values=flag_values)
+        else:  # Guard against a new field without a flag type.
+            raise TypeError(f"No flag type for TrainConfig.{name}.")
+
+
+def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> TrainConfig:
+    """Builds a validated `TrainConfig` from parsed flags.
+
+    Raises:
+      ValueError: A flag value is out of range (the message names it).
+    """
+    return TrainConfig(**{f.name: flag_values[f.name].value
+                          for f in dataclasses.fields(TrainConfig)})
+
+
+# --------------------------------------------------------------------------
+# The run plan: sampling, accumulation and privacy parameters.
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """What a config means for a training set of a given size.
+
+    Attributes:
+      num_examples: Training examples N (after `max_train_examples`).
+      steps_per_epoch: Logical (noisy) steps per epoch.
+      total_steps: Logical steps of the whole run.
+      sampling_probability: q = batch_size / N (Poisson); 1 per epoch (shuffle).
+      logical_batch_size: Rows per logical step: the padded size (Poisson) or
+        the batch size (shuffle).
+      physical_batch_size: Rows per forward/backward pass.
+      accumulation_steps: Physical batches per logical step.
+      noise_multiplier: sigma per query (None when non-private).
+      queries_per_step: Noisy queries per step.
+      epsilon: Epsilon after the whole run (inf when non-private).
+      privacy_analysis: "poisson", "once_per_epoch" or "none".
+    """
+
+    num_examples: int
+    steps_per_epoch: int
+    total_steps: int
+    sampling_probability: float
+    logical_batch_size: int
+    physical_batch_size: int
+    accumulation_steps: int
+    noise_multiplier: Optional[float]
+    queries_per_step: int
+    epsilon: float
+    privacy_analysis: str
+
+
+def _steps_per_epoch(config: TrainConfig, num_examples: int) -> int:
+    if config.sampling == "poisson":
+        # round(N / B), half up, at least one step.
+        return max(1, int(math.floor(num_examples / config.batch_size + 0.5)))
+    return num_examples // config.batch_size
+
+
+def _calibrated_sigma(config: TrainConfig, q: float, total_steps: int) -> float:
+    if config.sampling == "poisson":
+        return accounting.calibrate_noise_multiplier(
+            target_epsilon=config.epsilon, sampling_probability=q, steps=total_steps,
+            delta=config.delta, queries_per_step=config.queries_per_step)
+    # Once per epoch: each epoch is one unsubsampled Gaussian mechanism.
+    return accounting.calibrate_noise_multiplier(
+        target_epsilon=config.epsilon, sampling_probability=1.0, steps=config.epochs,
+        delta=config.delta, queries_per_step=config.queries_per_step)
+
+
+def _planned_epsilon(config: TrainConfig, sigma: float, q: float, total_steps: int) -> float:
+    if config.sampling == "poisson":
+        return accounting.compute_epsilon(
+            noise_multiplier=sigma, sampling_probability=q, steps=total_steps,
+            delta=config.delta, queries_per_step=config.queries_per_step)
+    return accounting.compute_epsilon_once_per_epoch(
+        noise_multiplier=sigma, epochs=config.epochs, delta=config.delta,
+        queries_per_step=config.queries_per_step)
+
+
+def _batch_layout(config: TrainConfig, num_examples: int, total_steps: int) -> Tuple[int, int]:
+    """(logical rows per step, physical rows per pass)."""
+    physical = config.physical_batch_size
+    if config.sampling == "poisson":
+        logical = data.padded_batch_size(
+            config.batch_size, num_examples, total_steps,
+            failure_probability=OVERFLOW_PROBABILITY, multiple_of=physical or 1)
+        return logical, physical or logical
+    if physical is not None and config.batch_size % physical:
+        raise ValueError(
+            f"With sampling='shuffle', physical_batch_size={physical} must divide "
+            f"batch_size={config.batch_size}.")
+    return config.batch_size, physical or config.batch_size
+
+
+def make_plan(config: TrainConfig, num_examples: int) -> RunPlan:
+    """Derives steps, padding, accumulation and sigma for a training set.
+
+    Args:
+      config: The run's configuration.
+      num_examples: Training-set size N (after `max_train_examples`).
+
+    Returns:
+      The `RunPlan`.
+
+    Raises:
+      ValueError: batch_size > N, a shuffle epoch with no full batch, a
+        physical batch that does not divide the shuffle batch, or DP-SAM with
+        gradient accumulation.
+    """
+    _check_integer("num_examples", num_examples, 1)
+    if config.batch_size > num_examples:
+        raise ValueError(f"batch_size={config.batch_size} exceeds the {num_examples} "
+                         "training examples.")
+    steps_per_epoch = _steps_per_epoch(config, num_examples)
+    total_steps = steps_per_epoch * config.epochs
+    q = config.batch_size / num_examples
+    logical, physical = _batch_layout(config, num_examples, total_steps)
+    accumulation = logical // physical
+    if config.method == "dpsam" and accumulation > 1:
+        raise ValueError(
+            f"method='dpsam' cannot accumulate gradients (its ascent query needs the "
+            f"whole logical batch), but physical_batch_size={physical} splits the "
+            f"{logical}-row logical batch into {accumulation}. Use a larger "
+            "--physical_batch_size or leave it unset.")
+    if not config.private:
+        return RunPlan(num_examples, steps_per_epoch, total_steps, q, logical,
+                       physical, accumulation, None, 1, math.inf, "none")
+    sigma = config.noise_multiplier
+    if sigma is None:
+        sigma = _calibrated_sigma(config, q, total_steps)
+    epsilon = _planned_epsilon(config, sigma, q, total_steps)
+    analysis = "poisson" if config.sampling == "poisson" else "once_per_epoch"
+    return RunPlan(num_examples, steps_per_epoch, total_steps, q, logical, physical,
+                   accumulation, float(sigma), config.queries_per_step, epsilon,
+                   analysis)
+
+
+def privacy_report(config: TrainConfig, plan: RunPlan) -> str:
+    """The privacy statement of a run, saying which analysis applies.
+
+    Args:
+      config: The run's configuration.
+      plan: Its plan.
+
+    Returns:
+      Plain text (empty statement for non-private runs).
+    """
+    if not config.private:
+        return ("Non-private training (method='nonprivate'): no clipping, no noise, "
+                "no privacy guarantee (epsilon = inf).\n")
+    # Epochs as "passes of q*N examples": ceil(epochs * N / B) is then exactly
+    # the Poisson step count of this run.
+    epochs = (plan.total_steps * config.batch_size / plan.num_examples
+              if config.sampling == "poisson" else float(config.epochs))
+    statement = accounting.privacy_statement(
+        num_examples=plan.num_examples, batch_size=config.batch_size,
+        noise_multiplier=plan.noise_multiplier, epochs=epochs, delta=config.delta,
+        queries_per_step=plan.queries_per_step)
+    if config.sampling == "poisson":
+        which = (f"This run samples batches by Poisson sampling: the (*) value "
+                 f"applies; epsilon = {plan.epsilon:.4f} after all {plan.total_steps} "
+                 "steps.")
+    else:
+        which = (f"This run uses fixed-size shuffled batches: only the (**) value is "
+                 f"a proven guarantee; epsilon = {plan.epsilon:.4f} after "
+                 f"{config.epochs} epochs.")
+    return statement + "\n" + which + "\n"
+
+
+# --------------------------------------------------------------------------
+# Data.
+# --------------------------------------------------------------------------
+
+
+def load_data(config: TrainConfig) -> data.Dataset:
+    """Loads the configured dataset, truncated to `max_train_examples`.
+
+    Raises:
+      tf_dpsat.data.DatasetNotAvailableError: Neither `raw_data_dir` nor a
+        prepared tfds dataset; raised within seconds, never downloads.
+      ValueError: `max_train_examples` exceeds the training set.
+    """
+    dataset = data.load_dataset(config.dataset, data_dir=config.data_dir,
+                                raw_data_dir=config.raw_data_dir)
+    limit = config.max_train_examples
+    if limit is None:
+        return dataset
+    if limit > len(dataset.train_images):
+        raise ValueError(f"max_train_examples={limit} exceeds the "
+                         f"{len(dataset.train_images)} training examples.")
+    logging.info("Using the first %d of %d training examples.", limit,
+                 len(dataset.train_images))
+    return dataclasses.replace(dataset, train_images=dataset.train_images[:limit],
+                               train_labels=dataset.train_labels[:limit])
+
+
+def _derived_seed(seed: int, purpose: int) -> int:
+    """A seed in [0, 2**63) for one purpose, independent across purposes."""
+    state = np.random.SeedSequence(seed, spawn_key=(purpose,)).generate_state(
+        1, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+def split_logical_batches(dataset: tf.data.Dataset, parts: int) -> tf.data.Dataset:
+    """Cuts every batch of `(x, y, w)` into `parts` consecutive equal batches.
+
+    Args:
+      dataset: Batches with a static leading size divisible by `parts`.
+      parts: Physical batches per logical batch (1 returns `dataset`).
+
+    Returns:
+      The physical batches, in order, with a static leading size.
+    """
+    if parts == 1:
+        return dataset
+
+    def reshape(*tensors):
+        return tuple(tf.reshape(t, tf.concat([[parts, -1], tf.shape(t)[1:]], 0))
+                     for t in tensors)
+
+    size = dataset.element_spec[0].shape[0] // parts
+    ds = dataset.map(reshape).unbatch()
+    return ds.map(lambda *t: tuple(tf.ensure_shape(x, [size] + x.shape[1:].as_list())
+                                   for x in t))
+
+
+def train_batches(config: TrainConfig, plan: RunPlan, images: Any, labels: Any, *,
+                  start_epoch: int = 0) -> tf.data.Dataset:
+    """The physical training batches from `start_epoch` to the end of the run.
+
+    Args:
+      config: The run's configuration (dataset name, sampling, seed).
+      plan: Its plan.
+      images: uint8 training images.
+      labels: Training labels.
+      start_epoch: First epoch to produce (resuming).
+
+    Returns:
+      `(x, y, sample_weight)` batches of static size `plan.physical_batch_size`,
+      `plan.accumulation_steps` per logical step, `plan.steps_per_epoch`
+      logical steps per epoch. Padding rows have weight 0.
+    """
+    preprocess = functools.partial(data.normalize, name=config.dataset)
+    seed = _derived_seed(config.seed, _SEED_SAMPLING)
+    if config.sampling == "poisson":
+        logical = data.poisson_dataset(
+            images, labels, expected_batch_size=config.batch_size,
+            steps=plan.total_steps, padded_size=plan.logical_batch_size, seed=seed,
+            start_step=start_epoch * plan.steps_per_epoch, preprocess=preprocess)
+    else:
+        epochs = [data.shuffle_dataset(images, labels, batch_size=config.batch_size,
+                                       seed=seed, epoch=e, preprocess=preprocess)
+                  for e in range(start_epoch, config.epochs)]
+        logical = functools.reduce(lambda a, b: a.concatenate(b), epochs)
+    return split_logical_batches(logical, plan.accumulation_steps)
+
+
+def test_batches(config: TrainConfig, images: Any, labels: Any) -> tf.data.Dataset:
+    """Sequential, normalised `(x, y)` batches of the test set."""
+    preprocess = functools.partial(data.normalize, name=config.dataset)
+    return data.test_dataset(images, labels, batch_size=config.eval_batch_size,
+                             preprocess=preprocess)
+
+
+# The name starts with "test_"; stop pytest collecting it if imported.
+test_batches.__test__ = False
+
+
+# --------------------------------------------------------------------------
+# Model and optimizer.
+# --------------------------------------------------------------------------
+
+
+def _make_optimizer(config: TrainConfig, plan: RunPlan) -> keras.optimizers.Optimizer:
+    if not config.private:
+        accumulation = plan.accumulation_steps if plan.accumulation_steps > 1 else None
+        return keras.optimizers.SGD(config.learning_rate, momentum=config.momentum,
+                                    gradient_accumulation_steps=accumulation)
+    cls = DPSAMKeras if config.method == "dpsam" else DPSATKeras
+    kwargs = dict(l2_norm_clip=config.l2_norm_clip,
+                  noise_multiplier=plan.noise_multiplier, rho=config.effective_rho,
+                  expected_batch_size=config.batch_size,
+                  gradient_accumulation_steps=plan.accumulation_steps,
+                  seed=_derived_seed(config.seed, _SEED_NOISE))
+    if config.method != "dpsam":
+        kwargs["direction"] = config.direction
+    return cls(config.learning_rate, config.momentum, **kwargs)
+
+
+def _jit(config: TrainConfig):
+    return {"auto": "auto", "true": True, "false": False}[config.jit_compile]
+
+
+def _compile(model: keras.Model, optimizer: keras.optimizers.Optimizer,
+             config: TrainConfig) -> None:
+    # mean_with_sample_weight: the reported loss is the mean over the real
+    # (weight-1) rows of a padded batch. For one example, as the DP step
+    # computes it, it equals the plain loss, so the gradients are unchanged.
+    loss = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction="mean_with_sample_weight")
+    model.compile(optimizer=optimizer, loss=loss,
+                  weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(
+                      name="accuracy")],
+                  jit_compile=_jit(config))
+
+
+def build_model(config: TrainConfig, plan: RunPlan, image_shape: Tuple[int, ...],
+                num_classes: int) -> keras.Model:
+    """Builds and compiles the configured network and optimizer.
+
+    Args:
+      config: The run's configuration.
+      plan: Its plan (sigma, accumulation).
+      image_shape: `(H, W, C)`.
+      num_classes: Number of classes.
+
+    Returns:
+      A compiled model: a DP model with `DPSATKeras`/`DPSAMKeras`, or a plain
+      model with `keras.optimizers.SGD` for `method="nonprivate"`.
+
+    Raises:
+      ValueError: The network does not accept `image_shape`.
+    """
+    network = models.build_model(config.model, image_shape, num_classes,
+                                 seed=_derived_seed(config.seed, _SEED_MODEL))
+    model = make_private(network) if config.private else network
+    _compile(model, _make_optimizer(config, plan), config)
+    return model
+
+
+# --------------------------------------------------------------------------
+# Run state: checkpoints, state.json, results.json, plot.
+# --------------------------------------------------------------------------
+
+
+def _write_json(path: str, value: Any) -> None:
+    """Writes JSON atomically (a reader never sees a half-written file)."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(temporary, path)
+
+
+def _read_state(model_dir: Optional[str]) -> Optional[Dict[str, Any]]:
+    if model_dir is None:
+        return None
+    path = os.path.join(model_dir, STATE_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _check_resumable(config: TrainConfig, state: Dict[str, Any]) -> None:
+    saved = state["config"]
+    current = dataclasses.asdict(config)
+    changed = sorted(k for k in set(saved) | set(current)
+                     if k not in _RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"
+                            for k in changed)
+        raise ValueError(
+            f"model_dir {config.model_dir!r} holds a run with a different "
+            f"configuration ({details}); resuming would mix two runs and break the "
+            "privacy ledger. Use a new --model_dir, or the original flags.")
+
+
+def _restore(config: TrainConfig, state: Dict[str, Any]) -> keras.Model:
+    path = os.path.join(config.model_dir, state["checkpoint"])
+    restored = keras.models.load_model(path)
+    # Recompile (same loss, metrics and jit setting as a fresh run) around the
+    # restored optimizer, whose variables hold the step count, momentum, the
+    # DP-SAT direction and the noise seed.
+    _compile(restored, restored.optimizer, config)
+    return restored
+
+
+def _plot(path: str, history: List[Dict[str, Any]]) -> None:
+    import matplotlib  # Lazy: only needed with a model_dir.
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    evaluated = [h for h in history if h.get("test_accuracy") is not None]
+    fig, left = plt.subplots(figsize=(6, 4))
+    left.plot([h["epoch"] for h in evaluated],
+              [100 * h["test_accuracy"] for h in evaluated], "o-", color="tab:blue")
+    left.set_xlabel("epoch")
+    left.set_ylabel("test accuracy (%)", color="tab:blue")
+    right = left.twinx()
+    epsilons = [h.get("epsilon") for h in history]
+    if any(e is not None and math.isfinite(e) for e in epsilons):
+        right.plot([h["epoch"] for h in history], epsilons, "s--", color="tab:red")
+    right.set_ylabel("epsilon", color="tab:red")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class _Evaluate(keras.callbacks.Callback):
+    """Adds test_loss / test_accuracy to the epoch logs every `every` epochs."""
+
+    def __init__(self, batches: tf.data.Dataset, every: int, last_epoch: int):
+        super().__init__()
+        self._batches, self._every, self._last = batches, every, last_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self._every and epoch + 1 != self._last:
+            return
+        result = self.model.evaluate(self._batches, verbose=0, return_dict=True)
+        if logs is not None:
+            logs["test_loss"] = float(result["loss"])
+            logs["test_accuracy"] = float(result["accuracy"])
+
+
+class _Recorder(keras.callbacks.Callback):
+    """Per epoch: history, checkpoint, state.json, results.json and the plot."""
+
+    def __init__(self, run: "_Run"):
+        super().__init__()
+        self._run = run
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._run.record_epoch(self.model, epoch, dict(logs or {}))
+
+
+class _Run:
+    """The mutable state of one `train` call."""
+
+    def __init__(self, config: TrainConfig, plan: RunPlan, statement: str,
+                 dataset: data.Dataset, state: Optional[Dict[str, Any]]):
+        self.config, self.plan, self.statement = config, plan, statement
+        self.num_test = len(dataset.test_images)
+        self.history: List[Dict[str, Any]] = list(state["history"]) if state else []
+        self.epochs_done = int(state["epochs_done"]) if state else 0
+        self.prior_wall_time = float(state["wall_time_s"]) if state else 0.0
+        self.started = time.monotonic()
+        self.last_epsilon = self.history[-1]["epsilon"] if self.history else (
+            0.0 if config.private else math.inf)
+        self.steps = int(state["steps"]) if state else 0
+
+    def wall_time(self) -> float:
+        return self.prior_wall_time + time.monotonic() - self.started
+
+    def record_epoch(self, model: keras.Model, epoch: int, logs: Dict[str, Any]) -> None:
+        self.steps = int(model.optimizer.iterations.numpy())
+        if not self.config.private:
+            self.steps = (epoch + 1) * self.plan.steps_per_epoch
+        epsilon = float(logs.get("epsilon", math.inf)) if self.config.private else math.inf
+        self.last_epsilon = epsilon
+        entry = {"epoch": epoch + 1, "steps": self.steps, "epsilon": epsilon,
+                 "wall_time_s": round(self.wall_time(), 3)}
+        for key in ("loss", "accuracy", "test_loss", "test_accuracy",
+                    "grad_norm_clipped_fraction", "nonfinite_gradients"):
+            if key in logs:
+                entry[key] = float(logs[key])
+        self.history.append(entry)
+        self.epochs_done = epoch + 1
+        if self.config.model_dir is not None:
+            self._save(model)
+
+    def _save(self, model: keras.Model) -> None:
+        model_dir = self.config.model_dir
+        name = _CHECKPOINT_PATTERN.format(self.epochs_done)
+        model.save(os.path.join(model_dir, name))
+        # state.json names the checkpoint: it is replaced only after the new
+        # checkpoint is complete, so a crash at any point leaves a consistent pair.
+        _write_json(os.path.join(model_dir, STATE_FILE), {
+            "config": dataclasses.asdict(self.config),
+            "epochs_done": self.epochs_done,
+            "steps": self.steps,
+            "checkpoint": name,
+            "history": self.history,
+            "wall_time_s": self.wall_time(),
+        })
+        for old in os.listdir(model_dir):
+            if old.startswith("checkpoint-") and old.endswith(".keras") and old != name:
+                os.remove(os.path.join(model_dir, old))
+        self.write_outputs(completed=False)
+
+    def results(self, completed: bool) -> Dict[str, Any]:
+        evaluated = [h for h in self.history if h.get("test_accuracy") is not None]
+        best = max(evaluated, key=lambda h: h["test_accuracy"], default=None)
+        final = evaluated[-1] if evaluated else None
+        config, plan = self.config, self.plan
+        return {
+            "completed": completed,
+            "final_test_accuracy": final["test_accuracy"] if final else None,
+            "final_test_loss": final["test_loss"] if final else None,
+            "final_evaluated_epoch": final["epoch"] if final else None,
+            "best_test_accuracy": best["test_accuracy"] if best else None,
+            "best_epoch": best["epoch"] if best else None,
+            "epsilon": self.last_epsilon,
+            "target_epsilon": (config.epsilon if config.private and
+                               config.noise_multiplier is None else None),
+            "delta": config.delta if config.private else None,
+            "noise_multiplier": plan.noise_multiplier,
+            "privacy_analysis": plan.privacy_analysis,
+            "queries_per_step": plan.queries_per_step,
+            "steps": self.steps,
+            "planned_steps": plan.total_steps,
+            "steps_per_epoch": plan.steps_per_epoch,
+            "epochs_completed": self.epochs_done,
+            "sampling_probability": plan.sampling_probability,
+            "num_train_examples": plan.num_examples,
+            "num_test_examples": self.num_test,
+            "logical_batch_rows": plan.logical_batch_size,
+            "physical_batch_size": plan.physical_batch_size,
+            "gradient_accumulation_steps": plan.accumulation_steps,
+            "wall_time_s": round(self.wall_time(), 3),
+            "privacy_statement": self.statement,
+            "flags": dataclasses.asdict(config),
+            "history": self.history,
+            "versions": {"tf_dpsat": __version__, "tensorflow": tf.__version__,
+                         "keras": keras.__version__,
+                         "python": platform.python_version()},
+        }
+
+    def write_outputs(self, completed: bool) -> Dict[str, Any]:
+        results = self.results(completed)
+        if self.config.model_dir is not None:
+            # Python's json writes epsilon = inf (non-private) as Infinity.
+            _write_json(os.path.join(self.config.model_dir, RESULTS_FILE), results)
+            _plot(os.path.join(self.config.model_dir, PLOT_FILE), self.history)
+        return results
+
+
+# --------------------------------------------------------------------------
+# Training.
+# --------------------------------------------------------------------------
+
+
+def _callbacks(config: TrainConfig, plan: RunPlan, run: _Run,
+               test_data: tf.data.Dataset,
+               extra: Sequence[keras.callbacks.Callback]) -> list:
+    callbacks = []
+    if config.private:
+        # First, so later callbacks (and the progress bar) see "epsilon".
+        callbacks.append(PrivacyCallback(
+            plan.num_examples, delta=config.delta, sampling=config.sampling,
+            batch_size=config.batch_size))
+    callbacks.append(_Evaluate(test_data, config.eval_every, config.epochs))
+    callbacks.append(_Recorder(run))
+    if config.model_dir is not None and _tensorboard_installed():
+        callbacks.append(keras.callbacks.TensorBoard(
+            os.path.join(config.model_dir, TENSORBOARD_DIR), write_graph=False,
+            update_freq="epoch", profile_batch=0))
+    return callbacks + list(extra)
+
+
+def _tensorboard_installed() -> bool:
+    try:
+        import tensorboard  # noqa: F401  (tf.summary needs it at run time)
+    except ImportError:
+        logging.warning("The tensorboard package is not installed: no TensorBoard "
+                        "logs (pip install tensorboard).")
+        return False
+    return True
+
+
+def _log_plan(config: TrainConfig, plan: RunPlan, statement: str) -> None:
+    if config.private:
+        source = ("--noise_multiplier" if config.noise_multiplier is not None else
+                  f"calibrated for epsilon={config.epsilon:g}")
+        logging.info("Noise multiplier sigma = %.6g (%s), %s, delta=%g.",
+                     plan.noise_multiplier, source, config.method, config.delta)
+    logging.info(
+        "%d logical steps (%d per epoch); %d rows per logical step (%s, expected "
+        "batch %d) in %d physical batch(es) of %d.", plan.total_steps,
+        plan.steps_per_epoch, plan.logical_batch_size, config.sampling,
+        config.batch_size, plan.accumulation_steps, plan.physical_batch_size)
+    logging.info("Privacy statement:\n%s", statement)
+
+
+def train(config: TrainConfig,
+          extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> Dict[str, Any]:
+    """Trains, evaluates and records one run; resumes from `config.model_dir`.
+
+    Args:
+      config: The run's configuration.
+      extra_callbacks: Keras callbacks run after the library's own (which
+        checkpoint at each epoch end before these see it).
+
+    Returns:
+      The results dict also written to `model_dir/results.json`: final and
+      best test accuracy, epsilon spent (inf without privacy), delta, sigma,
+      steps, wall time, the flags and the per-epoch history.
+
+    Raises:
+      tf_dpsat.data.DatasetNotAvailableError: The data is not available
+        offline (the message names --raw_data_dir and --data_dir).
+      ValueError: An inconsistent configuration, or a `model_dir` holding a
+        run with different settings.
+    """
+    keras.utils.set_random_seed(config.seed)
+    state = _read_state(config.model_dir)
+    if state is not None:
+        _check_resumable(config, state)
+    dataset = load_data(config)
+    plan = make_plan(config, len(dataset.train_images))
+    statement = privacy_report(config, plan)
+    _log_plan(config, plan, statement)
+    if config.model_dir is not None:
+        os.makedirs(config.model_dir, exist_ok=True)
+    run = _Run(config, plan, statement, dataset, state)
+    if run.epochs_done < config.epochs:
+        if state is not None:
+            logging.info("Resuming from %s after epoch %d (%d steps).",
+                         state["checkpoint"], run.epochs_done, run.steps)
+            model = _restore(config, state)
+        else:
+            model = build_model(config, plan, dataset.image_shape, dataset.num_classes)
+        _fit(model, config, plan, dataset, run, extra_callbacks)
+    else:
+        logging.info("%s already holds all %d epochs; nothing to train.",
+                     config.model_dir, config.epochs)
+    results = run.write_outputs(completed=run.epochs_done >= config.epochs)
+    logging.info("Final test accuracy %s, epsilon %.4f after %d steps (%.1f s).",
+                 results["final_test_accuracy"], results["epsilon"], results["steps"],
+                 results["wall_time_s"])
+    return results
+
+
+def _fit(model: keras.Model, config: TrainConfig, plan: RunPlan, dataset: data.Dataset,
+         run: _Run, extra_callbacks: Sequence[keras.callbacks.Callback]) -> None:
+    if config.private:
+        # The optimizer refuses any noisy step beyond the plan, whose epsilon
+        # is the calibrated one (<= --epsilon): the ledger cannot overrun.
+        model.optimizer.set_step_budget(plan.total_steps)
+    batches = train_batches(config, plan, dataset.train_images, dataset.train_labels,
+                            start_epoch=run.epochs_done)
+    test_data = test_batches(config, dataset.test_images, dataset.test_labels)
+    model.fit(batches, epochs=config.epochs, initial_epoch=run.epochs_done,
+              steps_per_epoch=plan.steps_per_epoch * plan.accumulation_steps,
+              callbacks=_callbacks(config, plan, run, test_data, extra_callbacks),
+              shuffle=False, verbose=config.keras_verbose)
