@@ -308,32 +308,46 @@ def test_clipped_fraction_metric():
 
 # ------------------------------------------------------------------- noise
 
-def test_noise_statistics():
-    # One step, no momentum, lr 1: the update difference between sigma > 0
-    # and sigma = 0 is exactly the noise / B, i.i.d. N(0, (sigma C / B)^2)
-    # over 100,100 coordinates. The sample std's relative standard error is
-    # 1/sqrt(2N) ~ 0.22%, so 3% is > 10 standard errors; the mean's standard
-    # error is std / sqrt(N) ~ 0.3% of std, so |mean| < 5 / sqrt(N) * std.
-    def build():
-        keras.utils.set_random_seed(0)
-        return keras.Sequential([keras.Input((100,)), keras.layers.Dense(1000),
-                                 keras.layers.Dense(1)])
+# The noise tests: one step, lr 1, no momentum, rho 0, on a 100,100-weight
+# model, so the update difference between sigma > 0 and sigma = 0 is exactly
+# the noise / B, i.i.d. N(0, (sigma C / B)^2) over >= 1e5 coordinates. The
+# sample std's relative standard error is 1/sqrt(2N) ~ 0.22%, so 3% is > 10
+# standard errors; the mean's standard error is std / sqrt(N), so
+# |mean| < 5 std / sqrt(N) fails with probability < 1e-6.
+NOISE_SIGMA, NOISE_CLIP, NOISE_BATCH = 2.0, 0.3, 16
 
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(16, 100)).astype("float32")
-    y = rng.normal(size=(16, 1)).astype("float32")
-    sigma, clip, batch = 2.0, 0.3, 16
-    kwargs = dict(learning_rate=1.0, momentum=0.0, l2_norm_clip=clip,
-                  batch_size=batch, loss="mse", rho=0.0)
-    noisy, _, _ = fit_private(build, x, y, noise_multiplier=sigma, seed=7,
-                              **kwargs)
-    clean, _, _ = fit_private(build, x, y, noise_multiplier=0.0, **kwargs)
+
+def wide_model():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((100,)), keras.layers.Dense(1000)])
+
+
+def noise_data(seed):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(NOISE_BATCH, 100)).astype("float32"),
+            rng.normal(size=(NOISE_BATCH, 1000)).astype("float32"))
+
+
+def assert_update_noise(noisy, clean):
     diff = np.concatenate([(a - b).ravel() for a, b in
                            zip(weights(noisy), weights(clean))])
     assert diff.size >= 100_000
-    expected = sigma * clip / batch
+    expected = NOISE_SIGMA * NOISE_CLIP / NOISE_BATCH
     assert abs(diff.std() / expected - 1) < 0.03
     assert abs(diff.mean()) < 5 * expected / math.sqrt(diff.size)
+
+
+NOISE_STEP = dict(learning_rate=1.0, momentum=0.0, l2_norm_clip=NOISE_CLIP,
+                  rho=0.0, loss="mse")
+
+
+def test_noise_statistics():
+    x, y = noise_data(0)
+    kwargs = dict(batch_size=NOISE_BATCH, **NOISE_STEP)
+    noisy, _, _ = fit_private(wide_model, x, y, noise_multiplier=NOISE_SIGMA,
+                              seed=7, **kwargs)
+    clean, _, _ = fit_private(wide_model, x, y, noise_multiplier=0.0, **kwargs)
+    assert_update_noise(noisy, clean)
 
 
 def test_same_seed_is_bitwise_reproducible_and_none_is_fresh():
@@ -395,23 +409,15 @@ def test_accumulation_equals_large_batch(cls_kwargs):
 
 
 def test_accumulation_adds_noise_once_per_logical_step():
-    # With sigma > 0, k = 2 physical batches of 8 must carry the same noise
-    # std as one batch of 16 (std sigma C / B on the update), not sqrt(2)x.
-    def build():
-        keras.utils.set_random_seed(0)
-        return keras.Sequential([keras.Input((100,)), keras.layers.Dense(1000)])
-
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(16, 100)).astype("float32")
-    y = rng.normal(size=(16, 1000)).astype("float32")
-    kwargs = dict(learning_rate=1.0, momentum=0.0, l2_norm_clip=0.3, rho=0.0,
-                  batch_size=8, gradient_accumulation_steps=2, loss="mse",
-                  expected_batch_size=16)
-    noisy, _, _ = fit_private(build, x, y, noise_multiplier=2.0, **kwargs)
-    clean, _, _ = fit_private(build, x, y, noise_multiplier=0.0, **kwargs)
-    diff = np.concatenate([(a - b).ravel() for a, b in
-                           zip(weights(noisy), weights(clean))])
-    assert abs(diff.std() / (2.0 * 0.3 / 16) - 1) < 0.03
+    # k = 2 physical batches of 8 must carry the noise of one step of 16
+    # (std sigma C / B on the update), not sqrt(2) times more.
+    x, y = noise_data(1)
+    kwargs = dict(batch_size=NOISE_BATCH // 2, gradient_accumulation_steps=2,
+                  expected_batch_size=NOISE_BATCH, **NOISE_STEP)
+    noisy, _, _ = fit_private(wide_model, x, y, noise_multiplier=NOISE_SIGMA,
+                              **kwargs)
+    clean, _, _ = fit_private(wide_model, x, y, noise_multiplier=0.0, **kwargs)
+    assert_update_noise(noisy, clean)
 
 
 # ----------------------------------------------------------- tf.distribute
@@ -431,26 +437,18 @@ def test_mirrored_strategy_matches_one_device(mirrored_strategy, clipping):
 
 
 def test_mirrored_strategy_noise_scale(mirrored_strategy):
-    # Total noise std on the aggregated update must be sigma C / B.
-    def build():
-        keras.utils.set_random_seed(0)
-        return keras.Sequential([keras.Input((100,)), keras.layers.Dense(1000)])
-
-    rng = np.random.default_rng(2)
-    x = rng.normal(size=(16, 100)).astype("float32")
-    y = rng.normal(size=(16, 1000)).astype("float32")
+    # Each replica adds its share; the aggregated noise std is sigma C / B.
+    x, y = noise_data(2)
     results = []
-    strategy = mirrored_strategy
-    for sigma in (2.0, 0.0):
-        with strategy.scope():
-            model = tf_dpsat.make_private(build())
+    for sigma in (NOISE_SIGMA, 0.0):
+        with mirrored_strategy.scope():
+            model = tf_dpsat.make_private(wide_model())
+            opt_kwargs = {k: v for k, v in NOISE_STEP.items() if k != "loss"}
             model.compile(optimizer=tf_dpsat.DPSATKeras(
-                learning_rate=1.0, momentum=0.0, l2_norm_clip=0.3, rho=0.0,
-                noise_multiplier=sigma, seed=3), loss="mse")
-        model.fit(x, y, batch_size=16, verbose=0)
-        results.append(weights(model))
-    diff = np.concatenate([(a - b).ravel() for a, b in zip(*results)])
-    assert abs(diff.std() / (2.0 * 0.3 / 16) - 1) < 0.03
+                noise_multiplier=sigma, seed=3, **opt_kwargs), loss="mse")
+        model.fit(x, y, batch_size=NOISE_BATCH, verbose=0)
+        results.append(model)
+    assert_update_noise(*results)
 
 
 # -------------------------------------------------------------- save/load
