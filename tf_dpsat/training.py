@@ -57,6 +57,7 @@ from absl import logging
 from tf_dpsat import accounting
 from tf_dpsat import data
 from tf_dpsat import models
+from tf_dpsat import validation
 from tf_dpsat.callbacks import PrivacyCallback
 from tf_dpsat.dp_model import make_private
 from tf_dpsat.optimizer import DPSAMKeras
@@ -180,33 +181,37 @@ class TrainConfig:
     keras_verbose: int = 1
 
     def __post_init__(self):
-        _check_choice("dataset", self.dataset, data.DATASETS)
-        _check_choice("model", self.model, models.MODEL_NAMES)
-        _check_choice("method", self.method, METHODS)
-        _check_choice("sampling", self.sampling, SAMPLINGS)
-        _check_choice("direction", self.direction, DIRECTIONS)
-        _check_choice("jit_compile", self.jit_compile, JIT_CHOICES)
-        _check_number("epsilon", self.epsilon, low=0.0)
-        _check_number("delta", self.delta, low=0.0, high=1.0)
+        try:
+            self._validate()
+        except TypeError as error:  # A config error either way, for the CLI.
+            raise ValueError(str(error)) from error
+
+    def _validate(self):
+        check = validation
+        check.check_one_of("dataset", self.dataset, data.DATASETS)
+        check.check_one_of("model", self.model, models.MODEL_NAMES)
+        check.check_one_of("method", self.method, METHODS)
+        check.check_one_of("sampling", self.sampling, SAMPLINGS)
+        check.check_one_of("direction", self.direction, DIRECTIONS)
+        check.check_one_of("jit_compile", self.jit_compile, JIT_CHOICES)
+        check.check_positive("epsilon", self.epsilon)
+        check.check_delta(self.delta)
         if self.noise_multiplier is not None:
-            _check_number("noise_multiplier", self.noise_multiplier, low=0.0,
-                          low_inclusive=True)
-        _check_number("learning_rate", self.learning_rate, low=0.0)
-        _check_number("momentum", self.momentum, low=0.0, high=1.0,
-                      low_inclusive=True, high_inclusive=True)
-        _check_number("l2_norm_clip", self.l2_norm_clip, low=0.0)
-        _check_number("rho", self.rho, low=0.0, low_inclusive=True)
+            check.check_non_negative("noise_multiplier", self.noise_multiplier)
+        check.check_positive("learning_rate", self.learning_rate)
+        if check.check_non_negative("momentum", self.momentum) > 1:
+            raise ValueError(f"Expected momentum={self.momentum} <= 1.")
+        check.check_positive("l2_norm_clip", self.l2_norm_clip)
+        check.check_non_negative("rho", self.rho)
         for name in ("epochs", "batch_size", "eval_every", "eval_batch_size"):
-            _check_integer(name, getattr(self, name), 1)
+            check.check_int(name, getattr(self, name))
         for name in ("physical_batch_size", "max_train_examples"):
-            if getattr(self, name) is not None:
-                _check_integer(name, getattr(self, name), 1)
-        _check_integer("seed", self.seed, 0)
-        if self.seed >= 2**63:
-            raise ValueError(f"seed must be < 2**63, got {self.seed}.")
-        _check_integer("keras_verbose", self.keras_verbose, 0)
-        if self.keras_verbose > 2:
-            raise ValueError(f"keras_verbose must be 0, 1 or 2, got {self.keras_verbose}.")
+            check.check_int(name, getattr(self, name), allow_none=True)
+        if check.check_int("seed", self.seed, minimum=0) >= 2**63:
+            raise ValueError(f"Expected seed={self.seed} < 2**63.")
+        if check.check_int("keras_verbose", self.keras_verbose, minimum=0) > 2:
+            raise ValueError(f"Expected keras_verbose={self.keras_verbose} "
+                             "to be 0, 1 or 2.")
         if self.method == "dpsam" and self.rho == 0:
             raise ValueError("method='dpsam' needs rho > 0; rho=0 is DP-SGD "
                              "(method='dpsgd'), which spends one query per step.")
@@ -228,30 +233,6 @@ class TrainConfig:
     def queries_per_step(self) -> int:
         """Noisy gradient queries per step: 2 for DP-SAM, else 1."""
         return DPSAMKeras.queries_per_step if self.method == "dpsam" else 1
-
-
-def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
-
-
-def _check_number(name: str, value: Any, *, low: float, high: float = math.inf,
-                  low_inclusive: bool = False, high_inclusive: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}.")
-    above = value >= low if low_inclusive else value > low
-    below = value <= high if high_inclusive else value < high
-    if not (math.isfinite(value) and above and below):
-        interval = (("[" if low_inclusive else "(") + f"{low:g}, {high:g}"
-                    + ("]" if high_inclusive else ")"))
-        raise ValueError(f"{name} must be finite and in {interval}, got {value!r}.")
-
-
-def _check_integer(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r}.")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
 
 
 # --------------------------------------------------------------------------
@@ -440,7 +421,7 @@ def make_plan(config: TrainConfig, num_examples: int) -> RunPlan:
         physical batch that does not divide the shuffle batch, or DP-SAM with
         gradient accumulation.
     """
-    _check_integer("num_examples", num_examples, 1)
+    validation.check_int("num_examples", num_examples)
     if config.batch_size > num_examples:
         raise ValueError(f"batch_size={config.batch_size} exceeds the {num_examples} "
                          "training examples.")
