@@ -1,0 +1,1 @@
+"""Benchmarks of tf_dpsat; see benchmarks/README.md."""
