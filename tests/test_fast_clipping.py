@@ -1,5 +1,9 @@
 """The fast clipping path against the exact vectorized path, layer by layer."""
 
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -278,3 +282,34 @@ def test_nested_functional_model():
 
     x, y = _images(10, (6,))
     _compare(build, x, y, clip=_median_clip(build, x, y))
+
+
+_XLA_STEPS_SCRIPT = """
+import numpy as np, keras, tf_dpsat
+keras.utils.set_random_seed(0)
+model = tf_dpsat.make_private(keras.Sequential([
+    keras.Input((6, 6, 2)), keras.layers.Conv2D(3, 3), keras.layers.Flatten(),
+    keras.layers.Dense(3)]))
+model.compile(optimizer=tf_dpsat.DPSATKeras(noise_multiplier=1.0,
+                                            clipping="fast", seed=0),
+              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+              jit_compile=True)
+rng = np.random.default_rng(0)
+for _ in range(4):
+    model.train_on_batch(rng.normal(size=(8, 6, 6, 2)).astype("float32"),
+                         rng.integers(0, 3, 8))
+"""
+
+
+def test_xla_compiles_the_fast_step_once(tmp_path):
+    # XLA writes one file per compilation into its persistent cache. Four
+    # steps on new data must compile once: an op that needs a compile-time
+    # constant derived from the batch would recompile on every step.
+    cache = tmp_path / "xla"
+    cache.mkdir()
+    env = dict(os.environ,
+               TF_XLA_FLAGS=f"--tf_xla_persistent_cache_directory={cache}",
+               PYTHONPATH=os.pathsep.join(sys.path))
+    subprocess.run([sys.executable, "-c", _XLA_STEPS_SCRIPT], env=env,
+                   check=True, capture_output=True, timeout=300)
+    assert len(list(cache.iterdir())) == 1

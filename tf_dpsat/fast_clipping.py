@@ -112,8 +112,13 @@ class _Rule:
         """Per-unit squared gradient norms [units] and a cache for `sums`."""
         raise NotImplementedError
 
-    def sums(self, record, d, cache, factors, layout):
-        """sum_u factor_u dL_u/dV for each of the record's variables."""
+    def sums(self, record, d, cache, factors, layout, keep):
+        """sum_u factor_u dL_u/dV for each of the record's variables.
+
+        `d` and the per-unit tensors of `cache` arrive with dropped units
+        zeroed; a rule that reads saved inputs masks them with
+        `_mask_examples`, so a NaN cannot leak into the sum.
+        """
         raise NotImplementedError
 
 
@@ -150,11 +155,11 @@ class _DenseRule(_Rule):
             sq += tf.reduce_sum(tf.square(bias), 1)
         return sq, cache
 
-    def sums(self, record, d, cache, factors, layout):
+    def sums(self, record, d, cache, factors, layout, keep):
         if "kernel" in cache:
             kernel = tf.einsum("m,mio->io", factors, cache["kernel"])
         else:
-            a = _group(record.saved["a"], layout)
+            a = _group(_mask_examples(record.saved["a"], keep, layout), layout)
             kernel = tf.einsum("mpi,mpo->io", a, _group(d, layout)
                                * factors[:, None, None])
         grads = [kernel]
@@ -196,14 +201,27 @@ def _shifted_inputs(a, kernel_size, strides, dilation, padding):
     return shifts
 
 
+def _fold(t: tf.Tensor) -> tf.Tensor:
+    """[B, H, W, C] -> [1, H, W, B*C]: the batch folded into the channels."""
+    t = tf.transpose(t, [1, 2, 0, 3])
+    return tf.reshape(t, [1, t.shape[0], t.shape[1], -1])
+
+
 class _ConvRule(_Rule):
     """keras.layers.Conv1D / Conv2D (channels_last, any stride, padding
-    "same"/"valid", dilation, groups) and DepthwiseConv2D."""
+    "same"/"valid", dilation, groups) and DepthwiseConv2D.
+
+    Direct per-example kernel gradients come from one filter-gradient op with
+    the batch folded into the channels: example b's channels form groups of
+    their own, so a grouped (or depthwise) filter gradient of the folded
+    tensors is the stack of the B per-example filter gradients.
+    """
 
     def __init__(self, depthwise: bool = False):
         self.depthwise = depthwise
 
     def _geometry(self, layer):
+        """(kernel size, strides, dilation) as 2-D tuples."""
         if layer.rank == 1:
             return ((1,) + tuple(layer.kernel_size), (1,) + tuple(layer.strides),
                     (1,) + tuple(layer.dilation_rate))
@@ -226,55 +244,35 @@ class _ConvRule(_Rule):
         watch(z)
         return z, (layer.activation(z) if layer.activation else z)
 
-    def _shifts(self, record, layout):
-        layer = record.layer
-        shifts = _shifted_inputs(record.saved["a"], *self._geometry(layer),
-                                 layer.padding)
-        return [_group(s, layout) for s in shifts]
+    def _filter_gradient(self, layer, a, d, filter_shape):
+        """The summed filter gradient of a convolution of `a` giving `d`."""
+        (_, _), (sh, sw), (dh, dw) = self._geometry(layer)
+        op = (tf.raw_ops.DepthwiseConv2dNativeBackpropFilter if self.depthwise
+              else tf.raw_ops.Conv2DBackpropFilter)
+        return op(input=a, filter_sizes=filter_shape, out_backprop=d,
+                  strides=[1, sh, sw, 1], padding=layer.padding.upper(),
+                  dilations=[1, dh, dw, 1])
 
-    def _per_unit_kernel(self, shifts, d, layer):
-        """[units, *kernel.shape] per-unit kernel gradients."""
-        kernel_shape = tuple(layer.kernel.shape)
-        groups = getattr(layer, "groups", 1)
-        if groups == 1:
-            per = [tf.einsum("mpc,mpo->mco", s, d) for s in shifts]
-        else:
-            per = [self._grouped(s, d, groups) for s in shifts]
-        return tf.reshape(tf.stack(per, 1), [-1, *kernel_shape])
-
-    def _depthwise_per_unit(self, record, d, layout):
-        """Per-unit depthwise kernels by one backprop-filter op.
-
-        A depthwise convolution treats channels independently, so folding the
-        batch into the channels ([B, H, W, C] -> [1, H, W, B*C]) turns the B
-        per-example filter gradients into one ordinary depthwise filter
-        gradient of shape [kh, kw, B*C, mult].
-        """
+    def _per_unit_kernel(self, record, d, layout):
+        """[units, *kernel.shape] per-unit kernel gradients (direct)."""
         layer = record.layer
         a = record.saved["a"]
-        kh, kw, c, mult = layer.kernel.shape
-        (sh, sw), (dh, dw) = layer.strides, layer.dilation_rate
-
-        def fold(t):
-            t = tf.transpose(t, [1, 2, 0, 3])
-            return tf.reshape(t, [1, t.shape[0], t.shape[1], -1])
-
-        g = tf.nn.depthwise_conv2d_backprop_filter(
-            fold(a), tf.stack([kh, kw, tf.shape(a)[0] * c, mult]), fold(d),
-            strides=[1, sh, sw, 1], padding=layer.padding.upper(),
-            dilations=[1, dh, dw, 1])
-        g = tf.transpose(tf.reshape(g, [kh, kw, layout.units, -1, c, mult]),
-                         [2, 3, 0, 1, 4, 5])
-        return tf.reduce_sum(g, 1)
-
-    @staticmethod
-    def _grouped(s, d, groups):
-        m, p, c = s.shape
-        o = d.shape[-1]
-        s = tf.reshape(s, [m, p, groups, c // groups])
-        d = tf.reshape(d, [m, p, groups, o // groups])
-        g = tf.einsum("mpgc,mpgo->mcgo", s, d)
-        return tf.reshape(g, [m, c // groups, o])
+        d = d[:, None] if layer.rank == 1 else d
+        (kh, kw), _, _ = self._geometry(layer)
+        c_in, c_out = layer.kernel.shape[-2], layer.kernel.shape[-1]
+        batch = tf.shape(a)[0]
+        if self.depthwise:  # [kh, kw, C, mult] -> [kh, kw, B*C, mult]
+            shape = tf.stack([kh, kw, batch * c_in, c_out])
+        else:               # [kh, kw, C/g, O] -> [kh, kw, C/g, B*O]
+            shape = tf.stack([kh, kw, c_in, batch * c_out])
+        g = self._filter_gradient(layer, _fold(a), _fold(d), shape)
+        if self.depthwise:
+            g = tf.reshape(g, [kh, kw, layout.units, -1, c_in, c_out])
+            g = tf.transpose(g, [2, 3, 0, 1, 4, 5])
+        else:
+            g = tf.reshape(g, [kh, kw, c_in, layout.units, -1, c_out])
+            g = tf.transpose(g, [3, 4, 0, 1, 2, 5])
+        return tf.reshape(tf.reduce_sum(g, 1), [-1, *layer.kernel.shape])
 
     def _use_ghost(self, layer, positions, d_out):
         if self.depthwise or getattr(layer, "groups", 1) != 1:
@@ -286,38 +284,37 @@ class _ConvRule(_Rule):
 
     def sq_norms(self, record, d, layout):
         layer = record.layer
-        if self.depthwise:
-            per_unit = self._depthwise_per_unit(record, d, layout)
-            cache = {"kernel": per_unit}
-            sq = tf.reduce_sum(tf.reshape(tf.square(per_unit), [layout.units, -1]), 1)
-            if layer.use_bias:
-                cache["bias"] = tf.reduce_sum(_group(d, layout), 1)
-                sq += tf.reduce_sum(tf.square(cache["bias"]), 1)
-            return sq, cache
-        shifts = self._shifts(record, layout)
-        d = _group(d, layout)
-        cache = {"shifts": shifts}
-        if self._use_ghost(layer, d.shape[1], d.shape[2]):
-            sq = tf.reduce_sum(tf.add_n([_gram(s) for s in shifts]) * _gram(d),
-                               [1, 2])
+        grouped_d = _group(d, layout)
+        cache = {}
+        if self._use_ghost(layer, grouped_d.shape[1], grouped_d.shape[2]):
+            shifts = _shifted_inputs(record.saved["a"], *self._geometry(layer),
+                                     layer.padding)
+            gram = tf.add_n([_gram(_group(s, layout)) for s in shifts])
+            sq = tf.reduce_sum(gram * _gram(grouped_d), [1, 2])
         else:
-            per_unit = self._per_unit_kernel(shifts, d, layer)
+            per_unit = self._per_unit_kernel(record, d, layout)
             cache["kernel"] = per_unit
-            sq = tf.reduce_sum(tf.reshape(tf.square(per_unit), [layout.units, -1]), 1)
+            sq = tf.reduce_sum(tf.reshape(tf.square(per_unit),
+                                          [layout.units, -1]), 1)
         if layer.use_bias:
-            bias = tf.reduce_sum(d, 1)
+            bias = tf.reduce_sum(grouped_d, 1)
             cache["bias"] = bias
             sq += tf.reduce_sum(tf.square(bias), 1)
         return sq, cache
 
-    def sums(self, record, d, cache, factors, layout):
+    def sums(self, record, d, cache, factors, layout, keep):
         layer = record.layer
         if "kernel" in cache:
             kernel = tf.tensordot(factors, cache["kernel"], 1)
-        else:
-            d = _group(d, layout) * factors[:, None, None]
-            per = [tf.einsum("mpc,mpo->co", s, d) for s in cache["shifts"]]
-            kernel = tf.reshape(tf.stack(per, 0), layer.kernel.shape)
+        else:  # ghost norms: one ordinary filter gradient of the scaled d
+            a = _mask_examples(record.saved["a"], keep, layout)
+            d = d * tf.reshape(_per_example(factors, d, layout),
+                               [-1] + [1] * (len(d.shape) - 1))
+            d = d[:, None] if layer.rank == 1 else d
+            (kh, kw), _, _ = self._geometry(layer)
+            kernel = tf.reshape(self._filter_gradient(
+                layer, a, d, [kh, kw, *layer.kernel.shape[-2:]]),
+                layer.kernel.shape)
         grads = [kernel]
         if layer.use_bias:
             grads.append(tf.tensordot(factors, cache["bias"], 1))
@@ -344,7 +341,7 @@ class _EmbeddingRule(_Rule):
         same = tf.cast(tf.equal(ids[:, :, None], ids[:, None, :]), d.dtype)
         return tf.reduce_sum(same * _gram(d), [1, 2]), {}
 
-    def sums(self, record, d, cache, factors, layout):
+    def sums(self, record, d, cache, factors, layout, keep):
         ids = tf.reshape(record.saved["ids"], [layout.units, -1])
         d = _group(d, layout) * factors[:, None, None]
         table = record.layer.embeddings
@@ -399,7 +396,7 @@ class _AffineNormRule(_Rule):
                        for g in per_unit])
         return sq, {"per_unit": per_unit}
 
-    def sums(self, record, d, cache, factors, layout):
+    def sums(self, record, d, cache, factors, layout, keep):
         return [tf.tensordot(factors, g, 1) for g in cache["per_unit"]]
 
 
@@ -584,25 +581,25 @@ def clipped_sums(records, deltas, caches, factors, keep, variables, layout):
     """
     by_id = {}
     for record, d, cache in zip(records, deltas, caches):
-        d = tf.cast(d, tf.float32)
-        d = tf.where(_expand(keep, d, layout), d, tf.zeros_like(d))
+        d = _mask_examples(tf.cast(d, tf.float32), keep, layout)
         cache = {k: ([_mask_units(t, keep) for t in v] if isinstance(v, list)
                      else _mask_units(v, keep)) for k, v in cache.items()}
-        if isinstance(record.rule, _DenseRule) and "kernel" not in cache:
-            a = record.saved["a"]
-            record = dataclasses.replace(record, saved={
-                **record.saved, "a": tf.where(_expand(keep, a, layout), a,
-                                              tf.zeros_like(a))})
-        grads = record.rule.sums(record, d, cache, factors, layout)
+        grads = record.rule.sums(record, d, cache, factors, layout, keep)
         for v, g in zip(record.variables, grads):
             by_id[id(v)] = tf.cast(g, v.dtype)
     return [by_id[id(v)] for v in variables]
 
 
-def _expand(keep, t, layout):
-    """Per-unit keep [units] broadcast to a per-example tensor [B, ...]."""
-    per_example = tf.repeat(keep, tf.shape(t)[0] // layout.units)
-    return tf.reshape(per_example, [-1] + [1] * (len(t.shape) - 1))
+def _per_example(values, t, layout):
+    """Per-unit values [units] repeated for each example of t [B, ...]."""
+    return tf.repeat(values, tf.shape(t)[0] // layout.units)
+
+
+def _mask_examples(t, keep, layout):
+    """Zeroes the examples of t [B, ...] whose unit is not kept."""
+    mask = tf.reshape(_per_example(keep, t, layout),
+                      [-1] + [1] * (len(t.shape) - 1))
+    return tf.where(mask, t, tf.zeros_like(t))
 
 
 def _mask_units(t, keep):

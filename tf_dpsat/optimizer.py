@@ -93,18 +93,31 @@ def _assign_per_replica(variables, values):
         update, _strategy(), [v.value for v in variables], values)
 
 
-def _unit_losses(model, y, y_pred, sample_weight, units):
-    """The compiled loss of each unit (example or microbatch), shape [units]."""
+def _unit_loss_gradients(model, y, y_pred, sample_weight, units):
+    """d(loss of its unit)/d(prediction) for every prediction, like y_pred.
+
+    Each unit's (example's or microbatch's) compiled loss is differentiated
+    with respect to its own predictions inside `tf.vectorized_map`. Taking
+    the gradient inside the map, rather than of the mapped losses, keeps XLA
+    from compiling the batch in as a constant (and recompiling every step).
+    """
+    n = _batch_size(y_pred)
 
     def group(t):
         return tf.reshape(t, tf.concat([[units, -1], tf.shape(t)[1:]], 0))
 
-    def unit_loss(args):
+    def unit_gradient(args):
         y_u, p_u, w_u = args
-        return _compiled_loss_value(model, y_u, p_u, w_u)
+        with tf.GradientTape() as tape:
+            tape.watch(p_u)
+            loss = _compiled_loss_value(model, y_u, p_u, w_u)
+        return tape.gradient(loss, p_u)
 
-    return tf.vectorized_map(
-        unit_loss, tf.nest.map_structure(group, (y, y_pred, sample_weight)))
+    grads = tf.vectorized_map(unit_gradient, tf.nest.map_structure(
+        group, (y, tf.nest.map_structure(tf.stop_gradient, y_pred),
+                sample_weight)))
+    return tf.nest.map_structure(
+        lambda g: tf.reshape(g, tf.concat([[n], tf.shape(g)[2:]], 0)), grads)
 
 
 def _find_batch_normalization(model) -> Optional[str]:
@@ -607,12 +620,13 @@ class DPSATKeras(keras.optimizers.Optimizer):
                                 collect_losses=True) as scope:
                 y_pred, records = fast_clipping.forward(model, variables, x,
                                                          tape)
-            if scope.losses:
-                raise fast_clipping.Unsupported("data-dependent add_loss terms")
-            total = tf.reduce_sum(
-                _unit_losses(model, y, y_pred, sample_weight, layout.units))
+        if scope.losses:
+            raise fast_clipping.Unsupported("data-dependent add_loss terms")
+        loss_grads = _unit_loss_gradients(model, y, y_pred, sample_weight,
+                                          layout.units)
         deltas = tape.gradient(
-            total, [r.z for r in records],
+            tf.nest.flatten(y_pred), [r.z for r in records],
+            output_gradients=tf.nest.flatten(loss_grads),
             unconnected_gradients=tf.UnconnectedGradients.ZERO)
         sq, caches = fast_clipping.per_unit_sq_norms(records, deltas, layout)
         # Rounding can make a ghost norm slightly negative; NaN stays NaN.
