@@ -17,10 +17,10 @@ XENT = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 pytestmark = pytest.mark.filterwarnings("ignore:.*NOT differentially private")
 
 
-def _compiled(model, clipping, **kwargs):
+def _compiled(model, clipping, jit=False, **kwargs):
     model = tf_dpsat.make_private(model)
     opt = tf_dpsat.DPSATKeras(noise_multiplier=0.0, clipping=clipping, **kwargs)
-    model.compile(optimizer=opt, loss=XENT)
+    model.compile(optimizer=opt, loss=XENT, jit_compile=jit)
     return model, opt
 
 
@@ -48,7 +48,7 @@ def _compare(build, x, y, *, weights=None, clip=None, jit=False,
         weights = np.ones(len(y), np.float32)
     results = {}
     for path in ("fast", "vectorized"):
-        model, opt = _compiled(build(), path, l2_norm_clip=clip or 1.0,
+        model, opt = _compiled(build(), path, jit, l2_norm_clip=clip or 1.0,
                                num_microbatches=num_microbatches)
         results[path] = _clipped(model, opt, x, y, weights, jit=jit)
     (fast, fstats, fpred), (vec, vstats, vpred) = (results["fast"],
@@ -152,12 +152,18 @@ LAYER_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(LAYER_CASES))
-def test_layer_matches_vectorized(case):
+# Convolutions take another route under XLA (see fast_clipping._ConvRule).
+LAYER_RUNS = sorted([(case, False) for case in LAYER_CASES] +
+                    [(case, True) for case in LAYER_CASES
+                     if case.startswith(("conv", "depthwise"))])
+
+
+@pytest.mark.parametrize("case, jit", LAYER_RUNS)
+def test_layer_matches_vectorized(case, jit):
     build, shape = LAYER_CASES[case]
     x, y = _images(12, shape)
     clip = _median_clip(build, x, y)
-    stats = _compare(build, x, y, clip=clip)
+    stats = _compare(build, x, y, clip=clip, jit=jit)
     assert 0 < float(stats["clipped"]) < 12  # both branches of the clip
 
 

@@ -70,9 +70,12 @@ class Layout:
     Attributes:
       units: number of units; a Python int or, for a dynamic batch, a tensor.
       size: examples per unit; a Python int or a tensor.
+      xla: whether the step is compiled by XLA, whose CPU backend runs the
+        grouped convolutions of the batch-folding trick very slowly.
     """
     units: Any
     size: Any
+    xla: bool = False
 
 
 def _group(t: tf.Tensor, layout: Layout) -> tf.Tensor:
@@ -255,6 +258,8 @@ class _ConvRule(_Rule):
 
     def _per_unit_kernel(self, record, d, layout):
         """[units, *kernel.shape] per-unit kernel gradients (direct)."""
+        if layout.xla:
+            return self._per_unit_kernel_by_shifts(record, d, layout)
         layer = record.layer
         a = record.saved["a"]
         d = d[:, None] if layer.rank == 1 else d
@@ -273,6 +278,26 @@ class _ConvRule(_Rule):
             g = tf.reshape(g, [kh, kw, c_in, layout.units, -1, c_out])
             g = tf.transpose(g, [3, 4, 0, 1, 2, 5])
         return tf.reshape(tf.reduce_sum(g, 1), [-1, *layer.kernel.shape])
+
+    def _per_unit_kernel_by_shifts(self, record, d, layout):
+        """The same, as one batched matmul per kernel offset (for XLA)."""
+        layer = record.layer
+        shifts = [_group(s, layout) for s in _shifted_inputs(
+            record.saved["a"], *self._geometry(layer), layer.padding)]
+        d = _group(d, layout)
+        c_in, c_out = layer.kernel.shape[-2], layer.kernel.shape[-1]
+        groups = getattr(layer, "groups", 1)
+        per = []
+        for s in shifts:
+            if self.depthwise:  # [m, p, C] x [m, p, C, mult] -> [m, C, mult]
+                per.append(tf.einsum("mpc,mpcj->mcj", s, tf.reshape(
+                    d, [layout.units, -1, c_in, c_out])))
+            else:               # per group: [m, p, C/g] x [m, p, O/g]
+                s = tf.reshape(s, [layout.units, -1, groups, c_in])
+                o = tf.reshape(d, [layout.units, -1, groups, c_out // groups])
+                g = tf.einsum("mpgc,mpgo->mcgo", s, o)
+                per.append(tf.reshape(g, [layout.units, c_in, c_out]))
+        return tf.reshape(tf.stack(per, 1), [-1, *layer.kernel.shape])
 
     def _use_ghost(self, layer, positions, d_out):
         if self.depthwise or getattr(layer, "groups", 1) != 1:

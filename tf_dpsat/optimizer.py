@@ -25,6 +25,12 @@ The weights are never modified to w_t + eps_t: the perturbed forward pass runs
 under a `keras.StatelessScope` that maps each variable to its perturbed value,
 so evaluation, checkpoints and an exception mid-step always see w_t.
 
+Per-example norms come from one of two paths, which give the same result:
+`tf_dpsat.fast_clipping` (per-layer rules: ghost norms or direct per-example
+gradients, then the clipped sum by book-keeping; one forward and one backward
+pass) for networks of Dense, Conv, Embedding and normalization layers, and
+`tf.vectorized_map` over per-example backward passes for anything else.
+
 References:
   Park, Kim, Choi, Lee. "Differentially Private Sharpness-Aware Training".
   ICML 2023. https://arxiv.org/abs/2306.05651
@@ -519,7 +525,9 @@ class DPSATKeras(keras.optimizers.Optimizer):
         if self.clipping != "vectorized":
             try:
                 path = self._fast_path(model, variables, params, batch,
-                                       fast_clipping.Layout(units, size),
+                                       fast_clipping.Layout(
+                                           units, size,
+                                           xla=bool(model.jit_compile)),
                                        seeds, seed_values)
             except fast_clipping.Unsupported as error:
                 self._fast_path_refused(model, error)
@@ -656,28 +664,42 @@ class DPSATKeras(keras.optimizers.Optimizer):
         # The optimizer sums gradients over replicas; count this term once.
         return [g / _num_replicas() for g in grads]
 
-    def _noisy_mean(self, summed, count, unit_size, query: int):
-        """(summed + N(0, sigma^2 C^2)) / B for this replica's share.
+    def _noise(self, variables, query: int):
+        """This replica's share of N(0, sigma^2 C^2 I), one tensor per variable.
 
-        Each replica adds noise of variance sigma^2 C^2 / R with its own seed,
-        so the sum over replicas carries exactly sigma^2 C^2 (not R times it).
+        Each replica draws variance sigma^2 C^2 / R with its own seed, so the
+        sum over replicas carries exactly sigma^2 C^2 (not R times it). The
+        draw depends only on the seed and the step, not on the data.
+
+        Args:
+          variables: the trainable variables (for shapes and dtypes).
+          query: index of the noisy query within the step (seeds the noise).
+
+        Returns:
+          A list of tensors, or None when sigma = 0.
+        """
+        if self.noise_multiplier == 0:
+            return None
+        stddev = (self.noise_multiplier * self.l2_norm_clip /
+                  math.sqrt(_num_replicas()))
+        seed = tf.stack([tf.convert_to_tensor(self._noise_seed.value),
+                         tf.cast(self._iterations, tf.int64)])
+        for data in (query, _replica_id()):
+            seed = tf.random.experimental.stateless_fold_in(
+                seed, data, alg=clipping.RNG_ALGORITHM)
+        return clipping.gaussian_noise(variables, stddev, seed)
+
+    def _noisy_mean(self, summed, noise, count, unit_size):
+        """(summed + noise) / B.
 
         Args:
           summed: this replica's clipped sums, one tensor per variable.
+          noise: from `_noise`, or None.
           count: units (examples or microbatches) with non-zero weight in the
             logical step, summed over replicas.
           unit_size: examples per unit (1 without microbatches).
-          query: index of the noisy query within the step (seeds the noise).
         """
-        replicas = _num_replicas()
-        if self.noise_multiplier > 0:
-            stddev = (self.noise_multiplier * self.l2_norm_clip /
-                      math.sqrt(replicas))
-            seed = tf.stack([tf.convert_to_tensor(self._noise_seed.value),
-                             tf.cast(self._iterations, tf.int64)])
-            seed = tf.random.experimental.stateless_fold_in(seed, query)
-            seed = tf.random.experimental.stateless_fold_in(seed, _replica_id())
-            noise = clipping.gaussian_noise(summed, stddev, seed)
+        if noise is not None:
             summed = [s + z for s, z in zip(summed, noise)]
         if self.expected_batch_size is not None:
             divisor = self.expected_batch_size / tf.cast(unit_size, tf.float32)
@@ -719,7 +741,8 @@ class DPSATKeras(keras.optimizers.Optimizer):
             apply_now &= is_last
 
         def noisy_gradients():
-            grads = self._noisy_mean(summed, count, stats["unit_size"], query=0)
+            grads = self._noisy_mean(summed, self._noise(variables, query=0),
+                                     count, stats["unit_size"])
             if regularization is not None:
                 grads = [g + r for g, r in zip(grads, regularization)]
             return grads
@@ -804,5 +827,6 @@ class DPSAMKeras(DPSATKeras):
         count = stats["examples"]
         if self.expected_batch_size is None:
             count = _all_reduce_sum(count)
-        grads = self._noisy_mean(summed, count, stats["unit_size"], query=1)
+        grads = self._noisy_mean(summed, self._noise(variables, query=1), count,
+                                 stats["unit_size"])
         return _all_reduce_sum(grads)
