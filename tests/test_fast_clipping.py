@@ -204,6 +204,7 @@ def test_xla_fast_path_matches_vectorized():
 @pytest.mark.parametrize("name, shape", [("tb_cnn", (32, 32, 3)),
                                          ("dpnas_cifar", (32, 32, 3)),
                                          ("dpnas_fmnist", (28, 28, 1)),
+                                         ("resnet10_gn", (28, 28, 1)),
                                          ("mlp", (8, 8, 1))])
 def test_paper_models_match_vectorized(name, shape):
     def build():

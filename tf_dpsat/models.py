@@ -588,7 +588,9 @@ _BUILDERS: dict[str, Callable[..., keras.Model]] = {
     "resnet10_gn": resnet10_gn,
     "mlp": mlp,
 }
-assert tuple(_BUILDERS) == MODEL_NAMES
+if tuple(_BUILDERS) != MODEL_NAMES:  # keep the public list in sync
+    raise ImportError(f"models.MODEL_NAMES {MODEL_NAMES} does not match the "
+                      f"builders {tuple(_BUILDERS)}.")
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int = 10,
