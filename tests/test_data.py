@@ -429,8 +429,10 @@ def test_tfds_route_with_mock_data(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["cifar10", "fashion_mnist"])
-def test_tfds_unprepared_fails_fast(tmp_path, name):
+def test_tfds_unprepared_fails_fast(tmp_path, name, monkeypatch):
     pytest.importorskip("tensorflow_datasets")
+    # No network (as on our machines); also keeps a networked CI from downloading.
+    monkeypatch.setattr(data, "_reachable", lambda host, port: False)
     start = time.monotonic()
     with pytest.raises(data.DatasetNotAvailableError) as info:
         data.load_dataset(name, data_dir=str(tmp_path))
@@ -438,10 +440,51 @@ def test_tfds_unprepared_fails_fast(tmp_path, name):
     assert time.monotonic() - start < 30
     message = str(info.value)
     assert "--raw_data_dir" in message and "--data_dir" in message
+    assert "cannot be reached" in message
     if name == "fashion_mnist":
         assert "dataset-fashion-mnist" in message
     # Nothing was fetched into data_dir.
     assert not (tmp_path / "downloads").exists() and not list(tmp_path.rglob("*.tfrecord*"))
+
+
+def test_tfds_unprepared_with_download_off_names_the_flags(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    with pytest.raises(data.DatasetNotAvailableError,
+                       match="downloading is off.*--raw_data_dir"):
+        data.load_dataset("mnist", data_dir=str(tmp_path), download=False)
+
+
+def test_tfds_downloads_when_the_host_answers(tmp_path, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    calls = []
+
+    def fake_download_and_prepare(builder, *args, **kwargs):
+        calls.append((builder.name, builder.data_dir))
+        raise RuntimeError("download stubbed")
+
+    monkeypatch.setattr(data, "_reachable", lambda host, port: True)
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
+                        fake_download_and_prepare)
+    with pytest.raises(RuntimeError, match="download stubbed"):
+        data.load_dataset("mnist", data_dir=str(tmp_path))
+    assert len(calls) == 1 and calls[0][0] == "mnist"
+    assert calls[0][1].startswith(str(tmp_path))
+
+
+def test_reachable_on_real_local_sockets():
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        assert data._reachable("127.0.0.1", server.getsockname()[1], timeout=2)
+    # The same port once closed: connection refused.
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    assert not data._reachable("127.0.0.1", port, timeout=2)
+    assert not data._reachable("no-such-host.invalid", 80, timeout=2)
 
 
 def test_unknown_dataset():

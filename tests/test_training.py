@@ -65,7 +65,8 @@ def test_flag_defaults_are_the_authors_cifar10_setup():
                     delta=1e-5, epochs=30, batch_size=2000, learning_rate=2.0,
                     momentum=0.9, l2_norm_clip=0.1, rho=0.03, sampling="poisson",
                     noise_multiplier=None, physical_batch_size=None,
-                    jit_compile="auto", max_train_examples=None, model_dir=None)
+                    jit_compile="auto", max_train_examples=None, model_dir=None,
+                    download=True)
     for name, value in expected.items():
         assert getattr(config, name) == value, name
     assert config == training.TrainConfig()
@@ -79,14 +80,15 @@ def test_flags_parse_every_field():
         "--rho=0.05", "--sampling=shuffle", "--physical_batch_size=128",
         "--jit_compile=false", "--seed=7", "--eval_every=2", "--eval_batch_size=50",
         "--max_train_examples=1000", "--data_dir=/d", "--raw_data_dir=/r",
-        "--model_dir=/m", "--keras_verbose=2", "--direction=gradient"])
+        "--model_dir=/m", "--keras_verbose=2", "--direction=gradient",
+        "--nodownload"])
     assert config == training.TrainConfig(
         dataset="fashion_mnist", model="tb_cnn", method="dpsam", epsilon=2.0,
         delta=1e-6, noise_multiplier=1.5, epochs=3, batch_size=256,
         learning_rate=0.5, momentum=0.0, l2_norm_clip=1.0, rho=0.05,
         sampling="shuffle", physical_batch_size=128, jit_compile="false", seed=7,
         eval_every=2, eval_batch_size=50, max_train_examples=1000, data_dir="/d",
-        raw_data_dir="/r", model_dir="/m", keras_verbose=2)
+        raw_data_dir="/r", model_dir="/m", keras_verbose=2, download=False)
     assert config.queries_per_step == 2
 
 
@@ -105,6 +107,7 @@ def test_flags_reject_unknown_choices():
     (dict(momentum=1.5), "momentum"),
     (dict(l2_norm_clip=0.0), "l2_norm_clip"),
     (dict(rho=-0.1), "rho"),
+    (dict(download="yes"), "download"),
     (dict(epochs=0), "epochs"),
     (dict(batch_size=2.5), "batch_size"),
     (dict(physical_batch_size=0), "physical_batch_size"),
@@ -405,8 +408,9 @@ def test_train_on_tfds_mock_data(tmp_path):
     assert [p.name for p in run.glob("checkpoint-*.keras")] == ["checkpoint-0002.keras"]
 
 
-def test_unprepared_tfds_dataset_fails_fast_naming_the_flags(tmp_path):
+def test_unprepared_tfds_dataset_fails_fast_naming_the_flags(tmp_path, monkeypatch):
     pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setattr(data, "_reachable", lambda host, port: False)  # offline
     start = time.monotonic()
     with pytest.raises(data.DatasetNotAvailableError) as info:
         training.train(training.TrainConfig(data_dir=str(tmp_path), keras_verbose=0))
@@ -509,7 +513,8 @@ def test_binary_smoke_run_on_digits(tmp_path):
 
 def test_binary_fails_fast_without_data(tmp_path):
     start = time.monotonic()
-    result = run_binary("--dataset=cifar10", f"--data_dir={tmp_path}")
+    # --nodownload: a CI machine with a network must not fetch CIFAR-10 here.
+    result = run_binary("--dataset=cifar10", f"--data_dir={tmp_path}", "--nodownload")
     assert time.monotonic() - start < 60
     assert result.returncode != 0
     assert "--raw_data_dir" in result.stderr and "--data_dir" in result.stderr

@@ -10,9 +10,11 @@ dataset of the DP-SAT paper fits). Three routes, tried in this order:
   extracted CIFAR-10 python pickles, SVHN ``*_32x32.mat`` files). Debian's
   ``dataset-fashion-mnist`` package installs Fashion-MNIST under
   ``/usr/share/datasets/fashion-mnist``.
-* tensorflow-datasets with ``data_dir``: read an already *prepared* dataset.
-  Nothing is ever downloaded; an unprepared dataset fails within a fraction
-  of a second with :class:`DatasetNotAvailableError`.
+* tensorflow-datasets with ``data_dir``: read a prepared dataset, or prepare
+  it first (``download=True``, the default) when the dataset's download host
+  answers within seconds. Without a network (or with ``download=False``) an
+  unprepared dataset fails within seconds with
+  :class:`DatasetNotAvailableError`, instead of tfds' minutes of retries.
 
 Sampling scheme
 ---------------
@@ -58,6 +60,8 @@ import gzip
 import math
 import os
 import pickle
+import socket
+import threading
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import numpy as np
@@ -142,7 +146,8 @@ class Dataset:
 
 
 def load_dataset(name: str, *, data_dir: Optional[str] = None,
-                 raw_data_dir: Optional[str] = None) -> Dataset:
+                 raw_data_dir: Optional[str] = None,
+                 download: bool = True) -> Dataset:
     """Loads a dataset into memory as uint8 images and int64 labels.
 
     Args:
@@ -153,14 +158,17 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None,
         ``*-ubyte.gz`` IDX files, the extracted CIFAR-10 pickles (directly or
         in ``cifar-10-batches-py/``), or SVHN's ``train_32x32.mat`` and
         ``test_32x32.mat``. Takes precedence over ``data_dir``.
+      download: Let tensorflow-datasets download and prepare a dataset that
+        is not prepared in ``data_dir``, provided its download host answers
+        within seconds.
 
     Returns:
       A :class:`Dataset`.
 
     Raises:
       ValueError: Unknown name, or files whose contents are malformed.
-      DatasetNotAvailableError: The files are missing or the tfds dataset is
-        not prepared. Never triggers a download.
+      DatasetNotAvailableError: The files are missing, or the tfds dataset
+        is not prepared and cannot be downloaded (within seconds).
     """
     if name not in DATASETS:
         raise ValueError(f"Unknown dataset {name!r}; expected one of {DATASETS}.")
@@ -169,7 +177,7 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None,
     elif raw_data_dir is not None:
         dataset = _load_raw(name, raw_data_dir)
     else:
-        dataset = _load_tfds(name, data_dir)
+        dataset = _load_tfds(name, data_dir, download)
     _validate_dataset(dataset)
     logging.info("Loaded %s: train %s, test %s.", name,
                  dataset.train_images.shape, dataset.test_images.shape)
@@ -227,7 +235,7 @@ def _load_raw(name: str, raw_data_dir: str) -> Dataset:
 def _hint(name: str) -> str:
     hint = (f" Pass --raw_data_dir pointing at the original files of {name!r}, or "
             f"--data_dir pointing at a tensorflow-datasets directory where {name!r} "
-            "is already prepared (this library never downloads).")
+            "is already prepared.")
     if name == "fashion_mnist":
         hint += (" For Fashion-MNIST on Debian/Ubuntu: `apt-get install "
                  f"dataset-fashion-mnist`, then --raw_data_dir {DEBIAN_FASHION_MNIST_DIR}.")
@@ -384,21 +392,61 @@ def _load_svhn_mat(raw_data_dir: str) -> Dataset:
     return _make_dataset("svhn_cropped", splits[0], splits[1])
 
 
-def _load_tfds(name: str, data_dir: Optional[str]) -> Dataset:
+# Where tensorflow-datasets downloads each dataset from (its builders' URLs).
+_DOWNLOAD_HOSTS = {
+    "cifar10": ("www.cs.toronto.edu", 443),
+    "mnist": ("storage.googleapis.com", 443),
+    "fashion_mnist": ("fashion-mnist.s3-website.eu-central-1.amazonaws.com", 80),
+    "svhn_cropped": ("ufldl.stanford.edu", 80),
+}
+_REACHABLE_TIMEOUT_S = 5.0
+
+
+def _reachable(host: str, port: int, timeout: float = _REACHABLE_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to host:port opens within about `timeout` s.
+
+    Runs in a daemon thread so that a hanging DNS lookup (which has no
+    timeout of its own) cannot hold the caller longer.
+    """
+    result = []
+
+    def connect():
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(2 * timeout)
+    return bool(result and result[0])
+
+
+def _load_tfds(name: str, data_dir: Optional[str], download: bool) -> Dataset:
     # Imported lazily: tensorflow-datasets is slow to import and optional for
     # the raw-file routes.
     import tensorflow_datasets as tfds
 
-    # try_gcs=False and as_dataset (never download_and_prepare): no network.
     builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
+    where = f"tensorflow-datasets --data_dir {data_dir or '(tfds default)'!r}"
     try:
         splits = [_tfds_split_to_numpy(tfds, builder, s) for s in ("train", "test")]
     except AssertionError as e:
         # tfds signals "not prepared in data_dir" with an AssertionError.
-        raise DatasetNotAvailableError(
-            f"{name} is not prepared in tensorflow-datasets --data_dir "
-            f"{data_dir or '(tfds default)'!r}.{_hint(name)}"
-        ) from e
+        if not download:
+            raise DatasetNotAvailableError(
+                f"{name} is not prepared in {where} and downloading is off."
+                f"{_hint(name)}") from e
+        host, port = _DOWNLOAD_HOSTS[name]
+        # tfds would retry an unreachable host for minutes; fail in seconds.
+        if not _reachable(host, port):
+            raise DatasetNotAvailableError(
+                f"{name} is not prepared in {where}, and its download host "
+                f"{host}:{port} cannot be reached.{_hint(name)}") from e
+        logging.info("Downloading and preparing %s into %s.", name, where)
+        builder.download_and_prepare()
+        splits = [_tfds_split_to_numpy(tfds, builder, s) for s in ("train", "test")]
     return _make_dataset(name, splits[0], splits[1])
 
 

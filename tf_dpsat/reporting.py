@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Sequence
 
 # Flags that do not change what is trained: they may differ between repeats.
 _NON_TRAINING_FLAGS = frozenset({
-    "seed", "model_dir", "data_dir", "raw_data_dir", "eval_batch_size",
+    "seed", "model_dir", "data_dir", "raw_data_dir", "download", "eval_batch_size",
     "keras_verbose", "jit_compile"})
 # Flags that name the method being compared; they label groups.
 _METHOD_FLAGS = ("method", "rho", "direction")

@@ -100,8 +100,8 @@ _CHECKPOINT_PATTERN = "checkpoint-{:04d}.keras"
 # what is trained (only where data is read from, how often it is evaluated,
 # the compiler, and the console output).
 _RESUMABLE_CHANGES = frozenset({
-    "data_dir", "raw_data_dir", "model_dir", "eval_every", "eval_batch_size",
-    "jit_compile", "keras_verbose",
+    "data_dir", "raw_data_dir", "download", "model_dir", "eval_every",
+    "eval_batch_size", "jit_compile", "keras_verbose",
 })
 
 # Purposes of the seeds derived from TrainConfig.seed.
@@ -149,6 +149,8 @@ class TrainConfig:
         (smoke runs); accounting uses the truncated size.
       data_dir: tensorflow-datasets directory with a prepared dataset.
       raw_data_dir: Directory with the dataset's original files.
+      download: Let tensorflow-datasets download a dataset that is not
+        prepared in `data_dir` (only if its host answers within seconds).
       model_dir: Output directory (checkpoints, TensorBoard, results); None
         writes nothing and cannot resume.
       keras_verbose: Keras fit verbosity: 0 silent, 1 progress bar, 2 one
@@ -177,6 +179,7 @@ class TrainConfig:
     max_train_examples: Optional[int] = None
     data_dir: Optional[str] = None
     raw_data_dir: Optional[str] = None
+    download: bool = True
     model_dir: Optional[str] = None
     keras_verbose: int = 1
 
@@ -209,6 +212,8 @@ class TrainConfig:
             check.check_int(name, getattr(self, name), allow_none=True)
         if check.check_int("seed", self.seed, minimum=0) >= 2**63:
             raise ValueError(f"Expected seed={self.seed} < 2**63.")
+        if not isinstance(self.download, bool):
+            raise ValueError(f"Expected download={self.download!r} to be a bool.")
         if check.check_int("keras_verbose", self.keras_verbose, minimum=0) > 2:
             raise ValueError(f"Expected keras_verbose={self.keras_verbose} "
                              "to be 0, 1 or 2.")
@@ -268,10 +273,11 @@ _FLAG_HELP = {
     "eval_every": "Evaluate on the test set every N epochs (and after the last).",
     "eval_batch_size": "Evaluation batch size.",
     "max_train_examples": "Use only the first N training examples (smoke runs).",
-    "data_dir": "tensorflow-datasets data directory (a prepared dataset; "
-                "nothing is downloaded).",
+    "data_dir": "tensorflow-datasets data directory.",
     "raw_data_dir": "Directory with the original files: MNIST/Fashion-MNIST "
                     "*-ubyte.gz, CIFAR-10 python batches, SVHN *_32x32.mat.",
+    "download": "Download and prepare a tensorflow-datasets dataset missing "
+                "from --data_dir (fails within seconds without a network).",
     "model_dir": "Output directory: checkpoints, TensorBoard logs, "
                  "results.json, plot. Rerunning with it resumes.",
     "keras_verbose": "Keras fit verbosity: 0 silent, 1 progress bar, 2 one line "
@@ -291,6 +297,7 @@ _FLOAT_FLAGS = ("epsilon", "delta", "noise_multiplier", "learning_rate", "moment
 _INT_FLAGS = ("epochs", "batch_size", "physical_batch_size", "seed", "eval_every",
               "eval_batch_size", "max_train_examples", "keras_verbose")
 _STRING_FLAGS = ("data_dir", "raw_data_dir", "model_dir")
+_BOOL_FLAGS = ("download",)
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -312,6 +319,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
             flags.DEFINE_integer(name, default, help_text, flag_values=flag_values)
         elif name in _STRING_FLAGS:
             flags.DEFINE_string(name, default, help_text, flag_values=flag_values)
+        elif name in _BOOL_FLAGS:
+            flags.DEFINE_bool(name, default, help_text, flag_values=flag_values)
         else:  # Guard against a new field without a flag type.
             raise TypeError(f"No flag type for TrainConfig.{name}.")
 
@@ -491,11 +500,13 @@ def load_data(config: TrainConfig) -> data.Dataset:
 
     Raises:
       tf_dpsat.data.DatasetNotAvailableError: Neither `raw_data_dir` nor a
-        prepared tfds dataset; raised within seconds, never downloads.
+        prepared tfds dataset, and no download (or its host is unreachable);
+        raised within seconds.
       ValueError: `max_train_examples` exceeds the training set.
     """
     dataset = data.load_dataset(config.dataset, data_dir=config.data_dir,
-                                raw_data_dir=config.raw_data_dir)
+                                raw_data_dir=config.raw_data_dir,
+                                download=config.download)
     limit = config.max_train_examples
     if limit is None:
         return dataset
