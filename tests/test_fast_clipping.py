@@ -189,6 +189,27 @@ def test_padding_and_nonfinite_examples_are_dropped():
     assert float(stats["nonfinite"]) == 1
 
 
+@pytest.mark.parametrize("case", ["dense_sequence_ghost", "dense_sequence_direct",
+                                  "conv2d_same_strided",
+                                  "conv2d_ghost", "group_norm_affine"])
+@pytest.mark.parametrize("nan_example", [False, True])
+def test_padding_dropped_with_and_without_nonfinite_examples(case, nan_example):
+    # Padded rows (weight 0) full of finite garbage, with and without a
+    # non-finite example, on each kind of rule: the sums, counts and
+    # predictions equal the vectorized path's.
+    build, shape = LAYER_CASES[case]
+    x, y = _images(12, shape)
+    x[5] = 1e3        # a padded example with (finite) garbage: weight 0
+    x[9] = -7.0
+    if nan_example:
+        x[2] = np.inf
+    weights = np.ones(12, np.float32)
+    weights[[5, 9]] = 0.0
+    stats = _compare(build, x, y, weights=weights, clip=0.5)
+    assert float(stats["examples"]) == 10
+    assert float(stats["nonfinite"]) == float(nan_example)
+
+
 def test_microbatches_match_vectorized():
     build, shape = LAYER_CASES["conv2d_same_strided"]
     x, y = _images(12, shape)
