@@ -15,10 +15,11 @@ import os
 import statistics
 from typing import Any, Dict, List, Sequence
 
-# Flags that do not change what is trained: they may differ between repeats.
-_NON_TRAINING_FLAGS = frozenset({
-    "seed", "model_dir", "data_dir", "raw_data_dir", "download", "eval_batch_size",
-    "keras_verbose", "jit_compile"})
+from tf_dpsat import training
+
+# Flags that do not change what is trained (those a resumed run may change,
+# and the seed): they may differ between repeats.
+_NON_TRAINING_FLAGS = training.RESUMABLE_FIELDS | {"seed"}
 # Flags that name the method being compared; they label groups.
 _METHOD_FLAGS = ("method", "rho", "direction")
 # Flags without effect on non-private training.

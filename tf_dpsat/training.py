@@ -99,7 +99,7 @@ _CHECKPOINT_PATTERN = "checkpoint-{:04d}.keras"
 # Fields that may change between a run and its resumption: they do not change
 # what is trained (only where data is read from, how often it is evaluated,
 # the compiler, and the console output).
-_RESUMABLE_CHANGES = frozenset({
+RESUMABLE_FIELDS = frozenset({
     "data_dir", "raw_data_dir", "download", "model_dir", "eval_every",
     "eval_batch_size", "jit_compile", "keras_verbose",
 })
@@ -681,7 +681,7 @@ def _check_resumable(config: TrainConfig, state: Dict[str, Any]) -> None:
     saved = state["config"]
     current = dataclasses.asdict(config)
     changed = sorted(k for k in set(saved) | set(current)
-                     if k not in _RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+                     if k not in RESUMABLE_FIELDS and saved.get(k) != current.get(k))
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"
                             for k in changed)
