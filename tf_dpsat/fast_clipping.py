@@ -603,6 +603,10 @@ def clipped_sums(records, deltas, caches, factors, keep, variables, layout):
 
     Units with keep = False (padding, non-finite gradients) are removed with
     `tf.where` on the per-layer tensors, so a NaN cannot leak into the sum.
+    `keep=None` skips that masking: pass it only when every unit's norm is
+    finite. A unit's norm is a sum of products over all of the unit's values
+    that enter its sums, so a finite norm means finite values, and a zero
+    factor then removes the unit exactly.
     """
     by_id = {}
     for record, d, cache in zip(records, deltas, caches):
@@ -622,11 +626,15 @@ def _per_example(values, t, layout):
 
 def _mask_examples(t, keep, layout):
     """Zeroes the examples of t [B, ...] whose unit is not kept."""
+    if keep is None:
+        return t
     mask = tf.reshape(_per_example(keep, t, layout),
                       [-1] + [1] * (len(t.shape) - 1))
     return tf.where(mask, t, tf.zeros_like(t))
 
 
 def _mask_units(t, keep):
+    if keep is None:
+        return t
     mask = tf.reshape(keep, [-1] + [1] * (len(t.shape) - 1))
     return tf.where(mask, t, tf.zeros_like(t))

@@ -314,6 +314,7 @@ class DPSATKeras(keras.optimizers.Optimizer):
             raise ValueError("use_ema with gradient_accumulation_steps > 1 is "
                              "not supported.")
         self._apply_mask = None
+        self._xla = False
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little") >> 1
         with keras.name_scope(self.name, caller=self):
@@ -441,6 +442,7 @@ class DPSATKeras(keras.optimizers.Optimizer):
           "extra_loss" (the sum of data-dependent `add_loss` terms).
         """
         self._check_model(model)
+        self._xla = bool(model.jit_compile)  # picks the noise sampler
         variables = list(model.trainable_variables)
         if not self.built:
             with keras.name_scope(self.name, caller=self):
@@ -640,9 +642,16 @@ class DPSATKeras(keras.optimizers.Optimizer):
         # Rounding can make a ghost norm slightly negative; NaN stays NaN.
         norms = tf.sqrt(tf.where(sq < 0, tf.zeros_like(sq), sq))
 
-        def sum_clipped(factors, keep):
+        def sums(factors, keep):
             return fast_clipping.clipped_sums(records, deltas, caches, factors,
                                               keep, variables, layout)
+
+        def sum_clipped(factors, keep):
+            # Masking every layer's tensors costs about as much as the sums'
+            # own scaling; it only matters when some unit is non-finite.
+            return tf.cond(tf.reduce_all(tf.math.is_finite(norms)),
+                           lambda: sums(factors, None),
+                           lambda: sums(factors, keep))
 
         return norms, sum_clipped, y_pred, tf.zeros([layout.units])
 
@@ -687,7 +696,7 @@ class DPSATKeras(keras.optimizers.Optimizer):
         for data in (query, _replica_id()):
             seed = tf.random.experimental.stateless_fold_in(
                 seed, data, alg=clipping.RNG_ALGORITHM)
-        return clipping.gaussian_noise(variables, stddev, seed)
+        return clipping.gaussian_noise(variables, stddev, seed, xla=self._xla)
 
     def _noisy_mean(self, summed, noise, count, unit_size):
         """(summed + noise) / B.
