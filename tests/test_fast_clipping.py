@@ -192,22 +192,26 @@ def test_padding_and_nonfinite_examples_are_dropped():
 @pytest.mark.parametrize("case", ["dense_sequence_ghost", "dense_sequence_direct",
                                   "conv2d_same_strided",
                                   "conv2d_ghost", "group_norm_affine"])
-@pytest.mark.parametrize("nan_example", [False, True])
-def test_padding_dropped_with_and_without_nonfinite_examples(case, nan_example):
-    # Padded rows (weight 0) full of finite garbage, with and without a
-    # non-finite example, on each kind of rule: the sums, counts and
+@pytest.mark.parametrize("nonfinite", [None, "active", "padded"])
+def test_padding_dropped_with_and_without_nonfinite_examples(case, nonfinite):
+    # Padded rows (weight 0) full of finite garbage, with no non-finite
+    # example (no masking runs: zero factors remove the padding), with an Inf
+    # in an example, or a NaN in a padded one (both masked: a NaN times a
+    # zero factor is still NaN). On each kind of rule the sums, counts and
     # predictions equal the vectorized path's.
     build, shape = LAYER_CASES[case]
     x, y = _images(12, shape)
     x[5] = 1e3        # a padded example with (finite) garbage: weight 0
     x[9] = -7.0
-    if nan_example:
+    if nonfinite == "active":
         x[2] = np.inf
+    elif nonfinite == "padded":
+        x[9, 0] = np.nan
     weights = np.ones(12, np.float32)
     weights[[5, 9]] = 0.0
     stats = _compare(build, x, y, weights=weights, clip=0.5)
     assert float(stats["examples"]) == 10
-    assert float(stats["nonfinite"]) == float(nan_example)
+    assert float(stats["nonfinite"]) == float(nonfinite == "active")
 
 
 def test_microbatches_match_vectorized():

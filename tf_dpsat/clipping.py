@@ -8,8 +8,9 @@ step's already-private gradient. The functions here implement those pieces on
 lists of tensors (one per trainable variable); `optimizer.py` composes them.
 
 A leading axis of size `n` on a gradient tensor indexes examples (or
-microbatches). Norms are computed as sqrt(sum(square)) rather than with
-`tf.linalg.global_norm`, which `tf.vectorized_map` cannot vectorize.
+microbatches). Norms are computed per tensor and combined as
+sqrt(sum(squares)) rather than with `tf.linalg.global_norm`, which
+`tf.vectorized_map` cannot vectorize.
 
 References:
   Abadi et al., "Deep Learning with Differential Privacy", CCS 2016.
@@ -22,6 +23,11 @@ from typing import Sequence
 
 import tensorflow as tf
 
+try:  # Private; read only by compiled_by_xla, which copes with its absence.
+    from tensorflow.python.ops import control_flow_util as _control_flow_util
+except ImportError:
+    _control_flow_util = None
+
 # Added to per-example norms before dividing, as in the authors' code (Opacus):
 # it keeps the clipped norm strictly below C and the factor finite at norm 0.
 CLIP_EPSILON = 1e-6
@@ -30,6 +36,41 @@ PERTURBATION_EPSILON = 1e-16
 # Philox, named explicitly: the default "auto_select" picks ThreeFry under
 # XLA on CPU, which measured ~30x slower here.
 RNG_ALGORITHM = "philox"
+
+
+def compiled_by_xla() -> bool:
+    """Whether the ops being built now will be compiled by XLA.
+
+    True inside `tf.function(jit_compile=True)` (Keras' `jit_compile=True`),
+    where a few kernels differ (see `sum_of_squares`, `gaussian_noise`).
+    Reads TensorFlow's XLA control-flow context, a private API; should that
+    fail, it answers True, whose kernels are correct everywhere.
+    """
+    try:
+        return bool(_control_flow_util.GraphOrParentsInXlaContext(
+            tf.compat.v1.get_default_graph()))
+    except Exception:  # pylint: disable=broad-except
+        return True
+
+
+def sum_of_squares(t: tf.Tensor, axis=None) -> tf.Tensor:
+    """sum(t^2) over `axis` (all axes when None), in float32.
+
+    Outside XLA it is TensorFlow's one-pass EuclideanNorm kernel, squared,
+    which measured 2.3x faster on CPU than a square followed by a sum. XLA
+    has no EuclideanNorm kernel but fuses the square into the sum anyway.
+
+    Args:
+      t: a tensor.
+      axis: the axes to reduce.
+
+    Returns:
+      A float32 tensor.
+    """
+    t = tf.cast(t, tf.float32)
+    if compiled_by_xla():
+        return tf.reduce_sum(tf.square(t), axis)
+    return tf.square(tf.math.reduce_euclidean_norm(t, axis))
 
 
 def global_norm(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
@@ -41,8 +82,7 @@ def global_norm(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
     Returns:
       A float32 scalar.
     """
-    squares = [tf.reduce_sum(tf.square(tf.cast(t, tf.float32))) for t in tensors]
-    return tf.sqrt(tf.add_n(squares))
+    return tf.sqrt(tf.add_n([sum_of_squares(t) for t in tensors]))
 
 
 def per_example_norms(grads: Sequence[tf.Tensor]) -> tf.Tensor:
@@ -55,12 +95,9 @@ def per_example_norms(grads: Sequence[tf.Tensor]) -> tf.Tensor:
       A float32 tensor of shape [n]: entry i is the norm of example i's
       gradient over all variables.
     """
-    squares = [
-        tf.reduce_sum(tf.reshape(tf.square(tf.cast(g, tf.float32)),
-                                 [tf.shape(g)[0], -1]), axis=1)
-        for g in grads
-    ]
-    return tf.sqrt(tf.add_n(squares))
+    return tf.sqrt(tf.add_n([
+        sum_of_squares(tf.reshape(g, [tf.shape(g)[0], -1]), 1)
+        for g in grads]))
 
 
 def clip_factors(norms: tf.Tensor, l2_norm_clip: float,
@@ -135,7 +172,7 @@ def normal_samples(size: int, stddev: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
 
 
 def gaussian_noise(like: Sequence[tf.Tensor], stddev: tf.Tensor,
-                   seed: tf.Tensor, xla: bool = False) -> list:
+                   seed: tf.Tensor) -> list:
     """Independent N(0, stddev^2) noise shaped like each tensor of `like`.
 
     Without XLA, one Box-Muller draw (`normal_samples`) covers all tensors
@@ -151,13 +188,12 @@ def gaussian_noise(like: Sequence[tf.Tensor], stddev: tf.Tensor,
       stddev: scalar standard deviation.
       seed: int64 [2] stateless seed; the noise is a pure function of it
         (reproducible, and restored with the optimizer's state).
-      xla: whether the step is compiled by XLA.
 
     Returns:
       A list of noise tensors.
     """
     stddev = tf.cast(stddev, tf.float32)
-    if xla:
+    if compiled_by_xla():
         return [tf.cast(tf.random.stateless_normal(
             t.shape, tf.random.experimental.stateless_fold_in(
                 seed, j, alg=RNG_ALGORITHM), alg=RNG_ALGORITHM) * stddev,

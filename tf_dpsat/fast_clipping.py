@@ -48,6 +48,8 @@ import tensorflow as tf
 from keras import ops
 from keras.src.models import functional as keras_functional
 
+from tf_dpsat import clipping
+
 
 class Unsupported(Exception):
     """The model has a part no fast rule covers; use the vectorized path."""
@@ -145,22 +147,30 @@ class _DenseRule(_Rule):
         positions, d_in, d_out = a.shape[1], a.shape[2], d.shape[2]
         cache = {}
         if positions == 1:
-            sq = tf.reduce_sum(a * a, [1, 2]) * tf.reduce_sum(d * d, [1, 2])
-        elif _ghost_is_cheaper(positions, d_in, d_out):
+            d_sq = clipping.sum_of_squares(d, [1, 2])
+            sq = clipping.sum_of_squares(a, [1, 2]) * d_sq
+            if record.layer.bias is not None:  # the bias gradient is d itself
+                cache["bias"] = d[:, 0]
+                sq += d_sq
+            return sq, cache
+        if _ghost_is_cheaper(positions, d_in, d_out):
             sq = tf.reduce_sum(_gram(a) * _gram(d), [1, 2])
         else:
             per_unit = tf.einsum("mpi,mpo->mio", a, d)
             cache["kernel"] = per_unit
-            sq = tf.reduce_sum(tf.square(per_unit), [1, 2])
+            sq = clipping.sum_of_squares(per_unit, [1, 2])
         if record.layer.bias is not None:
             bias = tf.reduce_sum(d, 1)
             cache["bias"] = bias
-            sq += tf.reduce_sum(tf.square(bias), 1)
+            sq += clipping.sum_of_squares(bias, 1)
         return sq, cache
 
     def sums(self, record, d, cache, factors, layout, keep):
         if "kernel" in cache:
             kernel = tf.einsum("m,mio->io", factors, cache["kernel"])
+        elif layout.size == 1 and len(d.shape) == 2:  # one row per unit
+            a = _mask_examples(record.saved["a"], keep, layout)
+            kernel = tf.matmul(a, d * factors[:, None], transpose_a=True)
         else:
             a = _group(_mask_examples(record.saved["a"], keep, layout), layout)
             kernel = tf.einsum("mpi,mpo->io", a, _group(d, layout)
@@ -319,12 +329,12 @@ class _ConvRule(_Rule):
         else:
             per_unit = self._per_unit_kernel(record, d, layout)
             cache["kernel"] = per_unit
-            sq = tf.reduce_sum(tf.reshape(tf.square(per_unit),
-                                          [layout.units, -1]), 1)
+            sq = clipping.sum_of_squares(
+                tf.reshape(per_unit, [layout.units, -1]), 1)
         if layer.use_bias:
             bias = tf.reduce_sum(grouped_d, 1)
             cache["bias"] = bias
-            sq += tf.reduce_sum(tf.square(bias), 1)
+            sq += clipping.sum_of_squares(bias, 1)
         return sq, cache
 
     def sums(self, record, d, cache, factors, layout, keep):
@@ -362,7 +372,7 @@ class _EmbeddingRule(_Rule):
         ids = tf.reshape(record.saved["ids"], [layout.units, -1])
         d = _group(d, layout)
         if ids.shape[1] == 1:
-            return tf.reduce_sum(d * d, [1, 2]), {}
+            return clipping.sum_of_squares(d, [1, 2]), {}
         same = tf.cast(tf.equal(ids[:, :, None], ids[:, None, :]), d.dtype)
         return tf.reduce_sum(same * _gram(d), [1, 2]), {}
 
@@ -417,8 +427,8 @@ class _AffineNormRule(_Rule):
 
     def sq_norms(self, record, d, layout):
         per_unit = self._per_unit(record, d, layout)
-        sq = tf.add_n([tf.reduce_sum(tf.reshape(tf.square(g), [layout.units, -1]), 1)
-                       for g in per_unit])
+        sq = tf.add_n([clipping.sum_of_squares(
+            tf.reshape(g, [layout.units, -1]), 1) for g in per_unit])
         return sq, {"per_unit": per_unit}
 
     def sums(self, record, d, cache, factors, layout, keep):

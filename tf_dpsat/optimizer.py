@@ -314,7 +314,6 @@ class DPSATKeras(keras.optimizers.Optimizer):
             raise ValueError("use_ema with gradient_accumulation_steps > 1 is "
                              "not supported.")
         self._apply_mask = None
-        self._xla = False
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little") >> 1
         with keras.name_scope(self.name, caller=self):
@@ -442,7 +441,6 @@ class DPSATKeras(keras.optimizers.Optimizer):
           "extra_loss" (the sum of data-dependent `add_loss` terms).
         """
         self._check_model(model)
-        self._xla = bool(model.jit_compile)  # picks the noise sampler
         variables = list(model.trainable_variables)
         if not self.built:
             with keras.name_scope(self.name, caller=self):
@@ -455,8 +453,8 @@ class DPSATKeras(keras.optimizers.Optimizer):
         if self.rho > 0:
             direction = self._ascent_direction(model, variables, params, x, y,
                                                sample_weight, weights)
-            eval_params = [p + e for p, e in
-                           zip(params, clipping.perturbation(direction, self.rho))]
+            step = clipping.perturbation(direction, self.rho)
+            eval_params = [p + e for p, e in zip(params, step)]
         summed, stats, y_pred = self._clipped_sum(
             model, variables, eval_params, x, y, sample_weight, weights)
         regularization = self._regularization_gradients(model, variables)
@@ -696,7 +694,7 @@ class DPSATKeras(keras.optimizers.Optimizer):
         for data in (query, _replica_id()):
             seed = tf.random.experimental.stateless_fold_in(
                 seed, data, alg=clipping.RNG_ALGORITHM)
-        return clipping.gaussian_noise(variables, stddev, seed, xla=self._xla)
+        return clipping.gaussian_noise(variables, stddev, seed)
 
     def _noisy_mean(self, summed, noise, count, unit_size):
         """(summed + noise) / B.
