@@ -527,7 +527,7 @@ class DPSATKeras(keras.optimizers.Optimizer):
                 path = self._fast_path(model, variables, params, batch,
                                        fast_clipping.Layout(
                                            units, size,
-                                           xla=bool(model.jit_compile)),
+                                           xla=clipping.compiled_by_xla()),
                                        seeds, seed_values)
             except fast_clipping.Unsupported as error:
                 self._fast_path_refused(model, error)
@@ -649,7 +649,7 @@ class DPSATKeras(keras.optimizers.Optimizer):
             # own scaling in graph mode; it only matters when some unit is
             # non-finite. XLA fuses the masks into their consumers, and its
             # CPU backend runs convolutions inside a conditional ~20x slower.
-            if clipping.compiled_by_xla():
+            if layout.xla:
                 return sums(factors, keep)
             return tf.cond(tf.reduce_all(tf.math.is_finite(norms)),
                            lambda: sums(factors, None),
