@@ -1,7 +1,9 @@
-"""The Gaussian noise sampler that carries the DP guarantee.
+"""The Gaussian noise samplers that carry the DP guarantee.
 
-`clipping.normal_samples` is our own Box-Muller transform of Philox uniforms,
-so its distribution is tested here rather than trusted. Every bound is a
+`clipping.normal_samples` (TensorFlow ops) and the fused kernel of
+`tf_dpsat.native` are our own Box-Muller transforms of Philox uniforms, so
+their distributions are tested here rather than trusted; every check runs
+for both. Every bound is a
 number of standard errors of the statistic at the sample size used, chosen
 so that a correct sampler fails with probability < 1e-6 per check (5
 standard errors for normal-approximation statistics); the seeds are fixed,
@@ -18,16 +20,44 @@ from scipy import special, stats
 from tf_dpsat import clipping
 
 N = 2**21  # samples per distribution check
+CHUNK = 1024  # values per chunk of the native kernel
 
 
-def draw(size, stddev=1.0, seed=(3, 4)):
-    return clipping.normal_samples(
-        size, tf.constant(stddev), tf.constant(seed, tf.int64)).numpy()
+class Sampler:
+    """One way of drawing N(0, stddev^2) samples, and where its pairs are."""
+
+    def __init__(self, name, kernel=None):
+        self.name, self.kernel = name, kernel
+        # Uniform bits behind u1: |z| <= sqrt(2 ln 2^bits).
+        self.bits = 23 if kernel is None else 24
+
+    def draw(self, size, stddev=1.0, seed=(3, 4)):
+        seed = tf.constant(seed, tf.int64)
+        if self.kernel is None:
+            return clipping.normal_samples(size, tf.constant(stddev),
+                                           seed).numpy()
+        return self.kernel.dpsat_noisy_mean([tf.zeros([size])], seed, stddev,
+                                            1.0)[0].numpy()
+
+    def pairs(self, z):
+        """(r cos theta, r sin theta) of each (u1, u2), as two arrays."""
+        if self.kernel is None:
+            half = z.size // 2
+            return z[:half], z[half:2 * half]
+        chunks = z[:z.size // CHUNK * CHUNK].reshape(-1, 2, CHUNK // 2)
+        return chunks[:, 0].ravel(), chunks[:, 1].ravel()
+
+
+@pytest.fixture(scope="module", params=["ops", "native"])
+def sampler(request):
+    if request.param == "ops":
+        return Sampler("ops")
+    return Sampler("native", request.getfixturevalue("native_kernel"))
 
 
 @pytest.fixture(scope="module")
-def z():
-    return draw(N).astype(np.float64)
+def z(sampler):
+    return sampler.draw(N).astype(np.float64)
 
 
 def test_moments(z):
@@ -56,19 +86,21 @@ def test_tail_frequencies(z, t):
     assert abs(count - z.size * p) < 5 * math.sqrt(z.size * p * (1 - p)) + 1
 
 
-def test_bounded_like_tensorflows_sampler(z):
-    # 23-bit uniforms: u1 >= 2^-23, so |z| <= sqrt(2 ln 2^23) = 5.6462;
-    # tf.random.stateless_normal (u1 >= 1e-7) is bounded by 5.6777.
-    assert np.max(np.abs(z)) <= math.sqrt(2 * 23 * math.log(2)) * (1 + 1e-6)
+def test_bounded_like_tensorflows_sampler(sampler, z):
+    # b-bit uniforms: u1 >= 2^-b, so |z| <= sqrt(2 ln 2^b): 5.6462 for the
+    # ops' 23 bits, 5.7683 for the kernel's 24; tf.random.stateless_normal
+    # (u1 >= 1e-7) is bounded by 5.6777.
+    bound = math.sqrt(2 * sampler.bits * math.log(2))
+    assert np.max(np.abs(z)) <= bound * (1 + 1e-6)
 
 
-def test_pairs_and_neighbours_are_uncorrelated(z):
-    # Sample i and i + n/2 come from one (u1, u2) pair (cos and sin); they
-    # and their squares must be uncorrelated, as must neighbours. Each
-    # correlation has standard error ~ 1/sqrt(m) for m pairs.
-    half = z.size // 2
-    pairs = [(z[:half], z[half:]), (z[:half] ** 2, z[half:] ** 2),
-             (z[:-1], z[1:]), (z[:half - 1], z[half + 1:])]
+def test_pairs_and_neighbours_are_uncorrelated(sampler, z):
+    # The two samples of one (u1, u2) pair (cos and sin) and their squares
+    # must be uncorrelated, as must neighbours. Each correlation has
+    # standard error ~ 1/sqrt(m) for m pairs.
+    cos, sin = sampler.pairs(z)
+    pairs = [(cos, sin), (cos ** 2, sin ** 2),
+             (z[:-1], z[1:]), (cos[:-1], sin[1:])]
     for a, b in pairs:
         r = np.corrcoef(a, b)[0, 1]
         assert abs(r) < 5 / math.sqrt(a.size)
@@ -82,19 +114,20 @@ def test_matches_tensorflows_sampler_in_distribution(z):
     assert d < 2.2 * math.sqrt(2 / N)
 
 
-def test_stddev_scales_and_seed_determines_the_draw():
-    a = draw(1001, stddev=0.25, seed=(1, 2))
-    b = draw(1001, stddev=1.0, seed=(1, 2))
-    c = draw(1001, stddev=1.0, seed=(1, 3))
+def test_stddev_scales_and_seed_determines_the_draw(sampler):
+    a = sampler.draw(1001, stddev=0.25, seed=(1, 2))
+    b = sampler.draw(1001, stddev=1.0, seed=(1, 2))
+    c = sampler.draw(1001, stddev=1.0, seed=(1, 3))
+    d = sampler.draw(1001, stddev=1.0, seed=(2, 2))
     assert a.shape == (1001,) and a.dtype == np.float32
     np.testing.assert_allclose(a, 0.25 * b, rtol=1e-6)
-    np.testing.assert_array_equal(b, draw(1001, seed=(1, 2)))
-    assert not np.any(b == c)
+    np.testing.assert_array_equal(b, sampler.draw(1001, seed=(1, 2)))
+    assert not np.any(b == c) and not np.any(b == d)
 
 
 @pytest.mark.parametrize("size", [1, 2, 3])
-def test_tiny_sizes(size):
-    assert draw(size).shape == (size,)
+def test_tiny_sizes(sampler, size):
+    assert sampler.draw(size).shape == (size,)
 
 
 @pytest.mark.parametrize("xla", [False, True])

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 import dp_reference
 import tf_dpsat
+from tf_dpsat import native
 
 XENT = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 pytestmark = pytest.mark.filterwarnings("ignore:.*NOT differentially private")
@@ -341,13 +342,19 @@ NOISE_STEP = dict(learning_rate=1.0, momentum=0.0, l2_norm_clip=NOISE_CLIP,
                   rho=0.0, loss="mse")
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
-def test_noise_statistics(jit_compile):
+@pytest.mark.parametrize("jit_compile,kernel", [(False, False), (False, True),
+                                                (True, False)])
+def test_noise_statistics(jit_compile, kernel, request):
     x, y = noise_data(0)
     kwargs = dict(batch_size=NOISE_BATCH, **NOISE_STEP)
-    # Graph mode and XLA draw with different samplers (clipping.gaussian_noise).
-    noisy, _, _ = fit_private(wide_model, x, y, noise_multiplier=NOISE_SIGMA,
-                              seed=7, jit_compile=jit_compile, **kwargs)
+    # Graph mode, graph mode with the native kernel and XLA draw with
+    # different samplers (clipping.noisy_mean).
+    if kernel:
+        request.getfixturevalue("native_kernel")
+    with native.enabled(kernel):
+        noisy, _, _ = fit_private(wide_model, x, y,
+                                  noise_multiplier=NOISE_SIGMA, seed=7,
+                                  jit_compile=jit_compile, **kwargs)
     clean, _, _ = fit_private(wide_model, x, y, noise_multiplier=0.0, **kwargs)
     assert_update_noise(noisy, clean)
 

@@ -23,6 +23,8 @@ from typing import Sequence
 
 import tensorflow as tf
 
+from tf_dpsat import native
+
 try:  # Private; read only by compiled_by_xla, which copes with its absence.
     from tensorflow.python.ops import control_flow_util as _control_flow_util
 except ImportError:
@@ -202,6 +204,32 @@ def gaussian_noise(like: Sequence[tf.Tensor], stddev: tf.Tensor,
     flat = tf.split(normal_samples(sum(sizes), stddev, seed), sizes)
     return [tf.cast(tf.reshape(z, t.shape), t.dtype)
             for z, t in zip(flat, like)]
+
+
+def noisy_mean(sums: Sequence[tf.Tensor], stddev, seed: tf.Tensor,
+               divisor) -> list:
+    """(sums[i] + N(0, stddev^2 I)) / divisor: the released DP gradient.
+
+    Outside XLA the fused CPU kernel of `tf_dpsat.native` does it in one
+    pass when it is built; otherwise (and under XLA) the noise comes from
+    `gaussian_noise` and is added and divided by TensorFlow ops. All three
+    draw Philox-based Box-Muller normals from the seed; their streams differ.
+
+    Args:
+      sums: clipped sums, one tensor per variable (static shapes).
+      stddev: scalar standard deviation of the noise (sigma * C).
+      seed: int64 [2] stateless seed; the noise is a pure function of it.
+      divisor: scalar, the (expected) batch size in units.
+
+    Returns:
+      One tensor per variable.
+    """
+    if not compiled_by_xla():
+        fused = native.noisy_mean(sums, stddev, seed, divisor)
+        if fused is not None:
+            return list(fused)
+    noise = gaussian_noise(sums, stddev, seed)
+    return [(s + z) / tf.cast(divisor, s.dtype) for s, z in zip(sums, noise)]
 
 
 def perturbation(direction: Sequence[tf.Tensor], rho: float) -> list:

@@ -23,6 +23,28 @@ from keras.src.trainers.data_adapters import data_adapter_utils
 _DP_METRIC_NAMES = ("grad_norm_clipped_fraction", "nonfinite_gradients")
 
 
+class _DPStats(keras.metrics.Metric):
+    """Both DP metrics in one variable: [clipped, examples, non-finite].
+
+    One metric, not a Mean and a Sum: `train_on_batch` resets every metric
+    variable eagerly on each call, which cost 0.1 ms per step for the two.
+    """
+
+    def __init__(self, name="dp_stats", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.totals = self.add_variable(shape=(3,), initializer="zeros",
+                                        name="totals")
+
+    def update_state(self, clipped, examples, nonfinite):
+        self.totals.assign_add(tf.cast(tf.stack([clipped, examples, nonfinite]),
+                                       self.totals.dtype))
+
+    def result(self):
+        totals = tf.convert_to_tensor(self.totals)
+        return {_DP_METRIC_NAMES[0]: tf.math.divide_no_nan(totals[0], totals[1]),
+                _DP_METRIC_NAMES[1]: totals[2]}
+
+
 class _PrivateTrainStep:
     """Mixin: the DP train step shared by DPModel and DPSequential."""
 
@@ -30,9 +52,7 @@ class _PrivateTrainStep:
         super().__init__(*args, **kwargs)
         # Created before the model is built (Keras locks a built layer's
         # state) and outside the traced train step.
-        self._dp_clipped_fraction = keras.metrics.Mean(
-            name="grad_norm_clipped_fraction")
-        self._dp_nonfinite = keras.metrics.Sum(name="nonfinite_gradients")
+        self._dp_stats = _DPStats()
 
     def train_step(self, data):
         optimizer = self.optimizer
@@ -49,10 +69,8 @@ class _PrivateTrainStep:
             self._symbolic_build(data_batch=data)
         y_pred, stats = optimizer.private_train_step(self, x, y, sample_weight)
         self._track_loss(x, y, y_pred, sample_weight, stats)
-        examples = stats["examples"]
-        self._dp_clipped_fraction.update_state(
-            stats["clipped"] / tf.maximum(examples, 1.0), sample_weight=examples)
-        self._dp_nonfinite.update_state(stats["nonfinite"])
+        self._dp_stats.update_state(stats["clipped"], stats["examples"],
+                                    stats["nonfinite"])
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def _track_loss(self, x, y, y_pred, sample_weight, stats):

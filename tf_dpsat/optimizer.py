@@ -675,48 +675,42 @@ class DPSATKeras(keras.optimizers.Optimizer):
         # The optimizer sums gradients over replicas; count this term once.
         return [g / _num_replicas() for g in grads]
 
-    def _noise(self, variables, query: int):
-        """This replica's share of N(0, sigma^2 C^2 I), one tensor per variable.
+    def _query_seed(self, query: int) -> tf.Tensor:
+        """The int64 [2] seed of this step's noise for one query, replica.
 
-        Each replica draws variance sigma^2 C^2 / R with its own seed, so the
-        sum over replicas carries exactly sigma^2 C^2 (not R times it). The
-        draw depends only on the seed and the step, not on the data.
-
-        Args:
-          variables: the trainable variables (for shapes and dtypes).
-          query: index of the noisy query within the step (seeds the noise).
-
-        Returns:
-          A list of tensors, or None when sigma = 0.
+        It depends only on the optimizer's seed, the step, the query's index
+        within the step and the replica, never on the data.
         """
-        if self.noise_multiplier == 0:
-            return None
-        stddev = (self.noise_multiplier * self.l2_norm_clip /
-                  math.sqrt(_num_replicas()))
         seed = tf.stack([tf.convert_to_tensor(self._noise_seed.value),
                          tf.cast(self._iterations, tf.int64)])
         for data in (query, _replica_id()):
             seed = tf.random.experimental.stateless_fold_in(
                 seed, data, alg=clipping.RNG_ALGORITHM)
-        return clipping.gaussian_noise(variables, stddev, seed)
+        return seed
 
-    def _noisy_mean(self, summed, noise, count, unit_size):
-        """(summed + noise) / B.
+    def _noisy_mean(self, summed, query: int, count, unit_size):
+        """(summed + this replica's share of N(0, sigma^2 C^2 I)) / B.
+
+        Each replica draws variance sigma^2 C^2 / R with its own seed, so the
+        sum over replicas carries exactly sigma^2 C^2 (not R times it).
 
         Args:
           summed: this replica's clipped sums, one tensor per variable.
-          noise: from `_noise`, or None.
+          query: index of the noisy query within the step (seeds the noise).
           count: units (examples or microbatches) with non-zero weight in the
             logical step, summed over replicas.
           unit_size: examples per unit (1 without microbatches).
         """
-        if noise is not None:
-            summed = [s + z for s, z in zip(summed, noise)]
         if self.expected_batch_size is not None:
             divisor = self.expected_batch_size / tf.cast(unit_size, tf.float32)
         else:
             divisor = tf.maximum(count, 1.0)
-        return [s / tf.cast(divisor, s.dtype) for s in summed]
+        if self.noise_multiplier == 0:
+            return [s / tf.cast(divisor, s.dtype) for s in summed]
+        stddev = (self.noise_multiplier * self.l2_norm_clip /
+                  math.sqrt(_num_replicas()))
+        return clipping.noisy_mean(summed, stddev, self._query_seed(query),
+                                   divisor)
 
     def _release(self, variables, summed, stats, regularization):
         """Noise, divide and apply the update once per logical step.
@@ -752,8 +746,7 @@ class DPSATKeras(keras.optimizers.Optimizer):
             apply_now &= is_last
 
         def noisy_gradients():
-            grads = self._noisy_mean(summed, self._noise(variables, query=0),
-                                     count, stats["unit_size"])
+            grads = self._noisy_mean(summed, 0, count, stats["unit_size"])
             if regularization is not None:
                 grads = [g + r for g, r in zip(grads, regularization)]
             return grads
@@ -838,6 +831,5 @@ class DPSAMKeras(DPSATKeras):
         count = stats["examples"]
         if self.expected_batch_size is None:
             count = _all_reduce_sum(count)
-        grads = self._noisy_mean(summed, self._noise(variables, query=1), count,
-                                 stats["unit_size"])
+        grads = self._noisy_mean(summed, 1, count, stats["unit_size"])
         return _all_reduce_sum(grads)

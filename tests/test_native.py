@@ -1,0 +1,146 @@
+"""The fused CPU noise kernel (tf_dpsat/native): generator, transform, use.
+
+Its Philox words are compared bit for bit with TensorFlow's Philox, its
+normals with an independent NumPy implementation of the documented layout
+(tests/dp_reference.py), and its distribution by the checks of
+tests/test_noise.py, which run for every sampler.
+"""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import dp_reference
+import tf_dpsat
+from tf_dpsat import clipping, native
+
+
+def tf_philox(key, counter_hi, first, blocks):
+    """TensorFlow's own Philox4x32-10 words for key, counter (first, hi)."""
+    as_u64 = lambda *v: tf.bitcast(tf.constant(v, tf.int64), tf.uint64)
+    return tf.raw_ops.StatelessRandomUniformFullIntV2(
+        shape=[4 * blocks], key=as_u64(key), counter=as_u64(first, counter_hi),
+        alg=1, dtype=tf.uint32).numpy()
+
+
+@pytest.mark.parametrize("key,counter_hi,first,blocks", [
+    (0, 0, 0, 1),
+    (-1234567890123, 987654321987, 5, 600),
+    # The low counter word wraps: the carry must reach the second word.
+    (7, -1, 2**32 - 100, 300),
+    (2**62 + 3, 11, 2**40, 257),
+])
+def test_philox_words_are_tensorflows(native_kernel, key, counter_hi, first,
+                                      blocks):
+    words = native_kernel.dpsat_philox_words(
+        np.int64(key), np.int64(counter_hi), np.int64(first), blocks=blocks)
+    np.testing.assert_array_equal(words.numpy(),
+                                  tf_philox(key, counter_hi, first, blocks))
+
+
+def test_philox_known_answer(native_kernel):
+    # Random123's published known-answer vector for Philox4x32-10 with a
+    # zero counter and key.
+    words = native_kernel.dpsat_philox_words(np.int64(0), np.int64(0),
+                                             np.int64(0), blocks=1).numpy()
+    assert [f"{w:08x}" for w in words] == ["6627e8d5", "e169c58d",
+                                           "bc57ac4c", "9b00dbd8"]
+    counters = np.zeros([1, 4], np.uint32)
+    np.testing.assert_array_equal(
+        dp_reference.philox4x32_10(counters, (0, 0))[0], words)
+
+
+SHAPES = [(3, 5), (1024,), (2049,), (1,), (300, 7)]
+
+
+@pytest.mark.parametrize("seed", [(3, 4), (-5, 2**40 + 1)])
+def test_noisy_mean_matches_the_numpy_reference(native_kernel, seed):
+    rng = np.random.default_rng(0)
+    sums = [rng.normal(size=s).astype(np.float32) for s in SHAPES]
+    stddev, divisor = 0.7, 3.0
+    got = native_kernel.dpsat_noisy_mean(
+        [tf.constant(s) for s in sums], tf.constant(seed, tf.int64),
+        stddev, divisor)
+    want = dp_reference.native_noise([s.size for s in sums], seed)
+    for g, s, z in zip(got, sums, want):
+        assert g.shape == s.shape and g.dtype == tf.float32
+        # float32 log/cos/sin against float64: |z| <= 5.8, ~1e-6 relative.
+        np.testing.assert_allclose(g.numpy().ravel(),
+                                   (s.ravel() + stddev * z) / divisor,
+                                   rtol=0, atol=1e-5)
+
+
+def test_zero_stddev_is_the_exact_mean(native_kernel):
+    sums = [tf.constant(np.arange(10, dtype=np.float32)), tf.ones([3, 3])]
+    got = native_kernel.dpsat_noisy_mean(sums, tf.constant([1, 2], tf.int64),
+                                         0.0, 4.0)
+    for g, s in zip(got, sums):
+        np.testing.assert_array_equal(g.numpy(), s.numpy() / 4.0)
+
+
+def test_empty_tensor_and_bad_seed(native_kernel):
+    got = native_kernel.dpsat_noisy_mean(
+        [tf.zeros([0]), tf.zeros([4])], tf.constant([1, 2], tf.int64), 1.0, 1.0)
+    assert got[0].shape == (0,) and got[1].shape == (4,)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="seed of 2"):
+        native_kernel.dpsat_noisy_mean([tf.zeros([4])],
+                                       tf.constant([1, 2, 3], tf.int64),
+                                       1.0, 1.0)
+
+
+def test_clipping_noisy_mean_chooses_the_kernel(native_kernel):
+    sums = [tf.zeros([5, 4]), tf.zeros([4])]
+    seed = tf.constant([8, 9], tf.int64)
+    want = dp_reference.native_noise([20, 4], (8, 9))
+    got = clipping.noisy_mean(sums, 2.0, seed, 2.0)
+    np.testing.assert_allclose(got[0].numpy().ravel(), want[0], atol=1e-5)
+    with native.enabled(False):
+        stock = clipping.noisy_mean(sums, 2.0, seed, 2.0)
+    expected = clipping.gaussian_noise(sums, 2.0, seed)
+    for s, z in zip(stock, expected):
+        np.testing.assert_array_equal(s.numpy(), z.numpy() / 2.0)
+    # Under XLA the kernel (CPU, no XLA lowering) is never used.
+    xla = tf.function(lambda: clipping.noisy_mean(sums, 2.0, seed, 2.0),
+                      jit_compile=True)()
+    assert not np.allclose(xla[0].numpy().ravel(), want[0], atol=1e-3)
+    assert abs(float(tf.math.reduce_std(xla[0])) - 1.0) < 0.5
+
+
+def test_not_float32_falls_back(native_kernel):
+    assert native.noisy_mean([tf.zeros([4], tf.float16)], 1.0,
+                             tf.constant([1, 2], tf.int64), 1.0) is None
+
+
+def _train_graph_ops(model, x, y):
+    model.train_on_batch(x, y)  # builds the optimizer
+    graph = tf.function(model.train_step).get_concrete_function((x, y)).graph
+    ops = {op.type for op in graph.get_operations()}
+    for f in graph._functions.values():  # branches of tf.cond
+        ops |= {op.type for op in f.graph.get_operations()}
+    return ops
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_optimizer_step_uses_the_kernel_when_built(native_kernel, use_kernel):
+    x = tf.constant(np.random.default_rng(0).normal(size=(8, 4)), tf.float32)
+    y = tf.constant(np.arange(8) % 3)
+    with native.enabled(use_kernel):
+        model = tf_dpsat.DPSequential([keras.Input((4,)), keras.layers.Dense(3)])
+        model.compile(optimizer=tf_dpsat.DPSATKeras(
+            learning_rate=0.1, l2_norm_clip=1.0, noise_multiplier=1.0, seed=1),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        ops = _train_graph_ops(model, x, y)
+    assert ("DpsatNoisyMean" in ops) == use_kernel
+    assert ("StatelessRandomUniformV2" in ops) != use_kernel
+
+
+def test_build_tag_tracks_tensorflow_source_and_cpu(monkeypatch):
+    tag = native.build_tag()
+    assert len(tag) == 16 and native.library_name() == f"_noise_kernel_{tag}.so"
+    monkeypatch.setattr(native, "_cpu_flags", lambda: "a different cpu")
+    assert native.build_tag() != tag
+    monkeypatch.setattr(tf, "__version__", "0.0")
+    assert native.build_tag() != tag
