@@ -157,14 +157,14 @@ def philox4x32_10(counters, key):
     return np.stack(c, axis=1).astype(np.uint32)
 
 
-def native_noise(sizes, seed, chunk=1024):
+def native_noise(sizes, seed, stream=0, chunk=1024):
     """Standard normals of tf_dpsat/native/noise_kernel.cc, in float64.
 
     As the kernel documents it: tensor i's values fill consecutive chunks of
     `chunk` values (its last chunk partly used); chunk c of that sequence
     takes the Philox blocks c * chunk / 4 + j, j < chunk / 4, with key
-    seed[0] and counter (block, seed[1]) as two 64-bit halves, arranged word
-    by word (all blocks' word 0, then word 1, ...). The first half of those
+    seed[0] and counter words (block, stream, low and high half of seed[1]),
+    arranged word by word (all blocks' word 0, then word 1, ...). The first half of those
     words gives u1 = (w >> 8 + 1) / 2^24, the second u2 = (w >> 8) / 2^24; the
     chunk is sqrt(-2 ln u1) cos(2 pi u2), then the same times sin.
     """
@@ -177,7 +177,7 @@ def native_noise(sizes, seed, chunk=1024):
         values = []
         for _ in range(-(-size // chunk)):
             block = np.arange(c * blocks, (c + 1) * blocks, dtype=np.uint64)
-            counters = np.stack([block & _MASK32, block >> np.uint64(32),
+            counters = np.stack([block, np.full_like(block, stream),
                                  np.full_like(block, high[0]),
                                  np.full_like(block, high[1])], axis=1)
             words = philox4x32_10(counters, key).T.reshape(-1)

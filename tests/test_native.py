@@ -56,15 +56,16 @@ def test_philox_known_answer(native_kernel):
 SHAPES = [(3, 5), (1024,), (2049,), (1,), (300, 7)]
 
 
-@pytest.mark.parametrize("seed", [(3, 4), (-5, 2**40 + 1)])
-def test_noisy_mean_matches_the_numpy_reference(native_kernel, seed):
+@pytest.mark.parametrize("seed,stream", [((3, 4), 0), ((-5, 2**40 + 1), 1),
+                                         ((3, 4), 2**32 - 1)])
+def test_noisy_mean_matches_the_numpy_reference(native_kernel, seed, stream):
     rng = np.random.default_rng(0)
     sums = [rng.normal(size=s).astype(np.float32) for s in SHAPES]
     stddev, divisor = 0.7, 3.0
     got = native_kernel.dpsat_noisy_mean(
         [tf.constant(s) for s in sums], tf.constant(seed, tf.int64),
-        stddev, divisor)
-    want = dp_reference.native_noise([s.size for s in sums], seed)
+        stream, stddev, divisor)
+    want = dp_reference.native_noise([s.size for s in sums], seed, stream)
     for g, s, z in zip(got, sums, want):
         assert g.shape == s.shape and g.dtype == tf.float32
         # float32 log/cos/sin against float64: |z| <= 5.8, ~1e-6 relative.
@@ -76,34 +77,50 @@ def test_noisy_mean_matches_the_numpy_reference(native_kernel, seed):
 def test_zero_stddev_is_the_exact_mean(native_kernel):
     sums = [tf.constant(np.arange(10, dtype=np.float32)), tf.ones([3, 3])]
     got = native_kernel.dpsat_noisy_mean(sums, tf.constant([1, 2], tf.int64),
-                                         0.0, 4.0)
+                                         0, 0.0, 4.0)
     for g, s in zip(got, sums):
         np.testing.assert_array_equal(g.numpy(), s.numpy() / 4.0)
 
 
-def test_empty_tensor_and_bad_seed(native_kernel):
-    got = native_kernel.dpsat_noisy_mean(
-        [tf.zeros([0]), tf.zeros([4])], tf.constant([1, 2], tf.int64), 1.0, 1.0)
+def test_streams_are_different_draws(native_kernel):
+    seed = tf.constant([1, 2], tf.int64)
+    a, b = (native_kernel.dpsat_noisy_mean([tf.zeros([5000])], seed, s, 1.0,
+                                           1.0)[0].numpy() for s in (0, 1))
+    # Independent N(0, 1) vectors: correlation within 5 standard errors.
+    assert abs(np.corrcoef(a, b)[0, 1]) < 5 / math.sqrt(a.size)
+
+
+def test_empty_tensor_and_bad_inputs(native_kernel):
+    seed = tf.constant([1, 2], tf.int64)
+    got = native_kernel.dpsat_noisy_mean([tf.zeros([0]), tf.zeros([4])], seed,
+                                         0, 1.0, 1.0)
     assert got[0].shape == (0,) and got[1].shape == (4,)
     with pytest.raises(tf.errors.InvalidArgumentError, match="seed of 2"):
         native_kernel.dpsat_noisy_mean([tf.zeros([4])],
-                                       tf.constant([1, 2, 3], tf.int64),
+                                       tf.constant([1, 2, 3], tf.int64), 0,
                                        1.0, 1.0)
+    for stream in (-1, 2**32):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="stream"):
+            native_kernel.dpsat_noisy_mean([tf.zeros([4])], seed, stream, 1.0,
+                                           1.0)
 
 
 def test_clipping_noisy_mean_chooses_the_kernel(native_kernel):
     sums = [tf.zeros([5, 4]), tf.zeros([4])]
     seed = tf.constant([8, 9], tf.int64)
-    want = dp_reference.native_noise([20, 4], (8, 9))
-    got = clipping.noisy_mean(sums, 2.0, seed, 2.0)
+    want = dp_reference.native_noise([20, 4], (8, 9), stream=3)
+    got = clipping.noisy_mean(sums, 2.0, seed, 3, 2.0)
     np.testing.assert_allclose(got[0].numpy().ravel(), want[0], atol=1e-5)
     with native.enabled(False):
-        stock = clipping.noisy_mean(sums, 2.0, seed, 2.0)
-    expected = clipping.gaussian_noise(sums, 2.0, seed)
+        stock = clipping.noisy_mean(sums, 2.0, seed, 3, 2.0)
+    # TensorFlow's ops: the stream is folded into the seed.
+    expected = clipping.gaussian_noise(
+        sums, 2.0, tf.random.experimental.stateless_fold_in(
+            seed, tf.constant(3, tf.int64), alg="philox"))
     for s, z in zip(stock, expected):
         np.testing.assert_array_equal(s.numpy(), z.numpy() / 2.0)
     # Under XLA the kernel (CPU, no XLA lowering) is never used.
-    xla = tf.function(lambda: clipping.noisy_mean(sums, 2.0, seed, 2.0),
+    xla = tf.function(lambda: clipping.noisy_mean(sums, 2.0, seed, 3, 2.0),
                       jit_compile=True)()
     assert not np.allclose(xla[0].numpy().ravel(), want[0], atol=1e-3)
     assert abs(float(tf.math.reduce_std(xla[0])) - 1.0) < 0.5
@@ -111,7 +128,33 @@ def test_clipping_noisy_mean_chooses_the_kernel(native_kernel):
 
 def test_not_float32_falls_back(native_kernel):
     assert native.noisy_mean([tf.zeros([4], tf.float16)], 1.0,
-                             tf.constant([1, 2], tf.int64), 1.0) is None
+                             tf.constant([1, 2], tf.int64), 0, 1.0) is None
+    assert native.perturb([tf.zeros([4], tf.float16)],
+                          [tf.zeros([4], tf.float16)], 0.1) is None
+
+
+def test_perturb_matches_tensorflow_ops(native_kernel):
+    rng = np.random.default_rng(1)
+    shapes = [(784, 256), (256,), (70_000,), (3,)]  # spans of 16384 and less
+    params = [tf.constant(rng.normal(size=s).astype(np.float32)) for s in shapes]
+    dirs = [tf.constant(rng.normal(size=s).astype(np.float32)) for s in shapes]
+    got = clipping.perturbed(params, dirs, 0.05)
+    with native.enabled(False):
+        want = clipping.perturbed(params, dirs, 0.05)
+    # The NumPy value in float64: the step has length rho exactly.
+    d = np.concatenate([t.numpy().ravel() for t in dirs]).astype(np.float64)
+    step = np.concatenate([(g.numpy() - p.numpy()).ravel().astype(np.float64)
+                           for g, p in zip(got, params)])
+    assert abs(np.linalg.norm(step) - 0.05) < 1e-4 * 0.05 + 1e-6
+    np.testing.assert_allclose(step, 0.05 * d / np.linalg.norm(d), atol=1e-6)
+    for g, w in zip(got, want):  # float32 roundings of one formula
+        np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=0, atol=1e-6)
+    # A zero direction (DP-SAT's first step) leaves the weights exact.
+    zero = clipping.perturbed(params, [tf.zeros_like(p) for p in params], 0.05)
+    for z, p in zip(zero, params):
+        np.testing.assert_array_equal(z.numpy(), p.numpy())
+    with pytest.raises(tf.errors.InvalidArgumentError, match="equal shapes"):
+        native_kernel.dpsat_perturb([tf.zeros([4])], [tf.zeros([5])], 0.1)
 
 
 def _train_graph_ops(model, x, y):
@@ -124,17 +167,20 @@ def _train_graph_ops(model, x, y):
 
 
 @pytest.mark.parametrize("use_kernel", [True, False])
-def test_optimizer_step_uses_the_kernel_when_built(native_kernel, use_kernel):
+def test_optimizer_step_uses_the_kernels_when_built(native_kernel, use_kernel):
     x = tf.constant(np.random.default_rng(0).normal(size=(8, 4)), tf.float32)
     y = tf.constant(np.arange(8) % 3)
     with native.enabled(use_kernel):
         model = tf_dpsat.DPSequential([keras.Input((4,)), keras.layers.Dense(3)])
         model.compile(optimizer=tf_dpsat.DPSATKeras(
-            learning_rate=0.1, l2_norm_clip=1.0, noise_multiplier=1.0, seed=1),
+            learning_rate=0.1, l2_norm_clip=1.0, noise_multiplier=1.0, rho=0.1,
+            seed=1),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         ops = _train_graph_ops(model, x, y)
     assert ("DpsatNoisyMean" in ops) == use_kernel
+    assert ("DpsatPerturb" in ops) == use_kernel
     assert ("StatelessRandomUniformV2" in ops) != use_kernel
+    assert ("EuclideanNorm" in ops) != use_kernel or "Square" in ops
 
 
 def test_build_tag_tracks_tensorflow_source_and_cpu(monkeypatch):

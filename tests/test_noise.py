@@ -36,8 +36,8 @@ class Sampler:
         if self.kernel is None:
             return clipping.normal_samples(size, tf.constant(stddev),
                                            seed).numpy()
-        return self.kernel.dpsat_noisy_mean([tf.zeros([size])], seed, stddev,
-                                            1.0)[0].numpy()
+        return self.kernel.dpsat_noisy_mean([tf.zeros([size])], seed, 0,
+                                            stddev, 1.0)[0].numpy()
 
     def pairs(self, z):
         """(r cos theta, r sin theta) of each (u1, u2), as two arrays."""

@@ -206,7 +206,7 @@ def gaussian_noise(like: Sequence[tf.Tensor], stddev: tf.Tensor,
             for z, t in zip(flat, like)]
 
 
-def noisy_mean(sums: Sequence[tf.Tensor], stddev, seed: tf.Tensor,
+def noisy_mean(sums: Sequence[tf.Tensor], stddev, seed: tf.Tensor, stream,
                divisor) -> list:
     """(sums[i] + N(0, stddev^2 I)) / divisor: the released DP gradient.
 
@@ -218,16 +218,21 @@ def noisy_mean(sums: Sequence[tf.Tensor], stddev, seed: tf.Tensor,
     Args:
       sums: clipped sums, one tensor per variable (static shapes).
       stddev: scalar standard deviation of the noise (sigma * C).
-      seed: int64 [2] stateless seed; the noise is a pure function of it.
+      seed: int64 [2] stateless seed.
+      stream: int in [0, 2^32) (or an int64 scalar tensor); the noise is a
+        pure function of (seed, stream), and different streams of one seed
+        are independent.
       divisor: scalar, the (expected) batch size in units.
 
     Returns:
       One tensor per variable.
     """
     if not compiled_by_xla():
-        fused = native.noisy_mean(sums, stddev, seed, divisor)
+        fused = native.noisy_mean(sums, stddev, seed, stream, divisor)
         if fused is not None:
             return list(fused)
+    seed = tf.random.experimental.stateless_fold_in(
+        seed, tf.cast(stream, tf.int64), alg=RNG_ALGORITHM)
     noise = gaussian_noise(sums, stddev, seed)
     return [(s + z) / tf.cast(divisor, s.dtype) for s, z in zip(sums, noise)]
 
@@ -244,3 +249,25 @@ def perturbation(direction: Sequence[tf.Tensor], rho: float) -> list:
     """
     scale = rho / (global_norm(direction) + PERTURBATION_EPSILON)
     return [tf.cast(scale, d.dtype) * d for d in direction]
+
+
+def perturbed(params: Sequence[tf.Tensor], direction: Sequence[tf.Tensor],
+              rho: float) -> list:
+    """params + perturbation(direction, rho): where DP-SAT takes gradients.
+
+    Outside XLA the fused CPU kernel of `tf_dpsat.native` does it in two
+    passes when it is built; otherwise TensorFlow ops.
+
+    Args:
+      params: the weights, one tensor per variable.
+      direction: the direction d, shaped like `params`.
+      rho: the radius.
+
+    Returns:
+      One tensor per variable.
+    """
+    if not compiled_by_xla():
+        fused = native.perturb(params, direction, rho)
+        if fused is not None:
+            return list(fused)
+    return [p + e for p, e in zip(params, perturbation(direction, rho))]

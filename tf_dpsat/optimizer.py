@@ -453,8 +453,7 @@ class DPSATKeras(keras.optimizers.Optimizer):
         if self.rho > 0:
             direction = self._ascent_direction(model, variables, params, x, y,
                                                sample_weight, weights)
-            step = clipping.perturbation(direction, self.rho)
-            eval_params = [p + e for p, e in zip(params, step)]
+            eval_params = clipping.perturbed(params, direction, self.rho)
         summed, stats, y_pred = self._clipped_sum(
             model, variables, eval_params, x, y, sample_weight, weights)
         regularization = self._regularization_gradients(model, variables)
@@ -675,18 +674,21 @@ class DPSATKeras(keras.optimizers.Optimizer):
         # The optimizer sums gradients over replicas; count this term once.
         return [g / _num_replicas() for g in grads]
 
-    def _query_seed(self, query: int) -> tf.Tensor:
-        """The int64 [2] seed of this step's noise for one query, replica.
+    def _noise_stream(self, query: int):
+        """The seed and stream of this step's noise for one query, replica.
 
-        It depends only on the optimizer's seed, the step, the query's index
-        within the step and the replica, never on the data.
+        They depend only on the optimizer's seed, the step, the query's
+        index within the step and the replica, never on the data: (noise
+        seed, step) is the seed, query * 2^16 + replica the stream.
         """
         seed = tf.stack([tf.convert_to_tensor(self._noise_seed.value),
                          tf.cast(self._iterations, tf.int64)])
-        for data in (query, _replica_id()):
-            seed = tf.random.experimental.stateless_fold_in(
-                seed, data, alg=clipping.RNG_ALGORITHM)
-        return seed
+        replica = _replica_id()
+        if isinstance(replica, int) and replica >= 2**16:
+            raise ValueError(f"Expected fewer than 2^16 replicas, got replica "
+                             f"{replica}.")
+        stream = query * 2**16 + tf.cast(replica, tf.int64)
+        return seed, stream
 
     def _noisy_mean(self, summed, query: int, count, unit_size):
         """(summed + this replica's share of N(0, sigma^2 C^2 I)) / B.
@@ -709,8 +711,8 @@ class DPSATKeras(keras.optimizers.Optimizer):
             return [s / tf.cast(divisor, s.dtype) for s in summed]
         stddev = (self.noise_multiplier * self.l2_norm_clip /
                   math.sqrt(_num_replicas()))
-        return clipping.noisy_mean(summed, stddev, self._query_seed(query),
-                                   divisor)
+        seed, stream = self._noise_stream(query)
+        return clipping.noisy_mean(summed, stddev, seed, stream, divisor)
 
     def _release(self, variables, summed, stats, regularization):
         """Noise, divide and apply the update once per logical step.

@@ -1,20 +1,23 @@
-"""An optional fused CPU kernel for the noise of DP-SGD: build, load, call.
+"""Optional fused CPU kernels for the per-parameter work of a DP step.
 
 Every DP step adds N(0, sigma^2 C^2) to each of the model's parameters, so the
 noise costs the same whatever the batch size. With TensorFlow's own ops on a
 CPU that is a Philox kernel for the uniforms plus one pass per Box-Muller op
 (`clipping.normal_samples`): ~0.9 ms for a 269k-parameter MLP, half of a
-non-private training step at batch 256. `noise_kernel.cc` does the whole
+non-private training step at batch 256. `noise_kernel.cc` forms the whole
 noisy mean, (sum + noise) / divisor, in one multithreaded pass over
 L1-sized chunks: the same generator (Philox4x32-10, bit for bit TensorFlow's)
-and transform, ~6x faster.
+and transform, ~6x faster. It also computes DP-SAT's evaluation point
+w + rho * d / ||d|| in two passes instead of ~5 ops per variable.
 
-The kernel is compiled on the machine that runs it, against the installed
-TensorFlow, with `python -m tf_dpsat.native` (needs g++; ~5 s). Nothing else
-changes when it is absent: `clipping.noisy_mean` falls back to TensorFlow's
-ops and logs once how to build it. A build is used only by the TensorFlow
-version, kernel source and CPU it was built for (its file name says which).
-Set TF_DPSAT_NATIVE=0 to ignore a build (for A/B comparisons).
+The kernels are compiled on the machine that runs them, against the
+installed TensorFlow, by `python -m tf_dpsat.native` (needs g++; ~10 s).
+Nothing else changes when they are absent: `clipping.noisy_mean` and
+`clipping.perturbed` fall back to TensorFlow's ops (logged once, with how to
+build). A build is used only by the TensorFlow version, kernel source and
+CPU it was built for (its file name says which); they are CPU kernels, so
+with a GPU or TPU present, and under XLA, TensorFlow's ops are used. Set
+TF_DPSAT_NATIVE=0 to ignore a build (for A/B comparisons).
 
 References:
   Salmon, Moraes, Dror, Shaw. "Parallel random numbers: as easy as 1, 2, 3".
@@ -134,6 +137,9 @@ def build(directory: Optional[str] = None, verbose: bool = False) -> pathlib.Pat
         raise RuntimeError("Compiling the native noise kernel failed:\n"
                            + result.stderr[-4000:])
     os.replace(partial, target)
+    for stale in target.parent.glob("_noise_kernel_*.so"):
+        if stale != target:  # builds for another TensorFlow, source or CPU
+            stale.unlink(missing_ok=True)
     return target
 
 
@@ -176,21 +182,12 @@ def _runs_on_cpu() -> bool:
                 or tf.config.list_logical_devices("TPU"))
 
 
-def noisy_mean(sums: Sequence[tf.Tensor], stddev, seed: tf.Tensor,
-               divisor) -> Optional[list]:
-    """(sums[i] + N(0, stddev^2)) / divisor by the fused kernel, if usable.
+def _usable(tensors: Sequence[tf.Tensor]):
+    """The op module if the kernels can take `tensors` here, else None.
 
-    Args:
-      sums: float32 tensors (one per variable).
-      stddev: scalar standard deviation of the noise.
-      seed: int64 [2] seed; the noise is a pure function of it. Philox key
-        seed[0], counter (block, seed[1]).
-      divisor: scalar.
-
-    Returns:
-      The noisy means, or None when the kernel is not built, switched off,
-      or cannot take these tensors (not float32, or an accelerator present);
-      the caller then uses TensorFlow's ops.
+    None when not built or switched off (logged once), or for tensors that
+    are not float32, or with an accelerator present (the kernels are CPU
+    only; they would pull the tensors to the host).
     """
     global _fallback_logged
     module = load()
@@ -199,13 +196,54 @@ def noisy_mean(sums: Sequence[tf.Tensor], stddev, seed: tf.Tensor,
             _fallback_logged = True
             logging.info(
                 "tf_dpsat: noise drawn with TensorFlow's ops. On CPU, "
-                "`%s -m tf_dpsat.native` builds a fused kernel that draws it "
+                "`%s -m tf_dpsat.native` builds fused kernels that draw it "
                 "several times faster.", os.path.basename(sys.executable))
         return None
-    if not sums or any(s.dtype != tf.float32 for s in sums):
+    if not tensors or any(t.dtype != tf.float32 for t in tensors):
         return None
     if not _runs_on_cpu():
         return None
+    return module
+
+
+def noisy_mean(sums: Sequence[tf.Tensor], stddev, seed: tf.Tensor, stream,
+               divisor) -> Optional[list]:
+    """(sums[i] + N(0, stddev^2)) / divisor by the fused kernel, if usable.
+
+    Args:
+      sums: float32 tensors (one per variable).
+      stddev: scalar standard deviation of the noise.
+      seed: int64 [2]: the Philox key and the counter's high 64 bits.
+      stream: int in [0, 2^32): the counter's next 32 bits. Draws with
+        different (seed, stream) are independent.
+      divisor: scalar.
+
+    Returns:
+      The noisy means, or None when the kernel cannot be used (see
+      `_usable`); the caller then uses TensorFlow's ops.
+    """
+    module = _usable(sums)
+    if module is None:
+        return None
     return module.dpsat_noisy_mean(
-        list(sums), tf.cast(seed, tf.int64), tf.cast(stddev, tf.float32),
-        tf.cast(divisor, tf.float32))
+        list(sums), tf.cast(seed, tf.int64), tf.cast(stream, tf.int64),
+        tf.cast(stddev, tf.float32), tf.cast(divisor, tf.float32))
+
+
+def perturb(params: Sequence[tf.Tensor], directions: Sequence[tf.Tensor],
+            rho: float) -> Optional[list]:
+    """params + rho * d / (||d|| + 1e-16) by the fused kernel, if usable.
+
+    Args:
+      params: float32 tensors (the weights w_t).
+      directions: tensors shaped like `params` (the direction d).
+      rho: the radius.
+
+    Returns:
+      The perturbed weights, or None when the kernel cannot be used.
+    """
+    module = _usable(list(params) + list(directions))
+    if module is None:
+        return None
+    return module.dpsat_perturb(list(params), list(directions),
+                                tf.constant(rho, tf.float32))

@@ -1,4 +1,4 @@
-"""Builds the fused CPU noise kernel: `python -m tf_dpsat.native`.
+"""Builds the fused CPU kernels: `python -m tf_dpsat.native`.
 
 Prints the library's path. With --check, only reports whether a build for
 this TensorFlow, kernel source and CPU exists (exit status 0 if it does).
