@@ -190,3 +190,37 @@ def test_build_tag_tracks_tensorflow_source_and_cpu(monkeypatch):
     assert native.build_tag() != tag
     monkeypatch.setattr(tf, "__version__", "0.0")
     assert native.build_tag() != tag
+
+
+def test_a_library_that_does_not_load_is_ignored(tmp_path, monkeypatch,
+                                                native_kernel):
+    broken = tmp_path / native.library_name()
+    broken.write_bytes(b"not a shared library")
+    with pytest.raises((tf.errors.OpError, OSError)):  # explicit: loud
+        tf.load_op_library(str(broken))
+    monkeypatch.setattr(native, "_library_path", None)
+    monkeypatch.setattr(native, "_candidate_dirs", lambda: [tmp_path])
+    assert native.find_library() == broken
+    assert native.load() is None  # implicit: TensorFlow's ops instead
+    sums = [tf.zeros([6])]
+    seed = tf.constant([1, 2], tf.int64)
+    assert native.noisy_mean(sums, 1.0, seed, 0, 1.0) is None
+    got = clipping.noisy_mean(sums, 1.0, seed, 0, 1.0)[0].numpy()
+    want = clipping.gaussian_noise(sums, 1.0, tf.random.experimental.
+                                   stateless_fold_in(seed, tf.constant(
+                                       0, tf.int64), alg="philox"))[0]
+    np.testing.assert_array_equal(got, want.numpy())
+
+
+def test_not_built_logs_how_to_build(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_library_path", None)
+    monkeypatch.setattr(native, "_candidate_dirs", lambda: [tmp_path])
+    monkeypatch.setattr(native, "_fallback_logged", False)
+    messages = []
+    monkeypatch.setattr(native.logging, "info",
+                        lambda msg, *args: messages.append(msg % args))
+    assert native.noisy_mean([tf.zeros([3])], 1.0,
+                             tf.constant([1, 2], tf.int64), 0, 1.0) is None
+    native.noisy_mean([tf.zeros([3])], 1.0, tf.constant([1, 2], tf.int64), 0,
+                      1.0)
+    assert len(messages) == 1 and "-m tf_dpsat.native" in messages[0]

@@ -147,11 +147,15 @@ def load(path: Optional[pathlib.Path] = None):
     """The kernel's op module, or None when not built (or switched off).
 
     Args:
-      path: a library from `build`; it becomes the one used from now on.
-        Without it: the last one given, else `find_library()`.
+      path: a library from `build`; it becomes the one used from now on, and
+        an error loading it is raised.
+        Without it: the last one given, else `find_library()`; a library
+        that fails to load is reported once and then ignored (training
+        uses TensorFlow's ops rather than failing).
     """
     global _library_path
-    if path is not None:
+    strict = path is not None
+    if strict:
         _library_path = pathlib.Path(path)
     else:
         if not _enabled:
@@ -161,7 +165,15 @@ def load(path: Optional[pathlib.Path] = None):
             return None
     key = str(path)
     if key not in _loaded:
-        _loaded[key] = tf.load_op_library(key)
+        try:
+            _loaded[key] = tf.load_op_library(key)
+        except (tf.errors.OpError, OSError) as error:
+            if strict:
+                raise
+            logging.warning("tf_dpsat: ignoring the native kernels at %s, "
+                            "which do not load (%s); rebuild them with "
+                            "`python -m tf_dpsat.native`.", key, error)
+            _loaded[key] = None
     return _loaded[key]
 
 
