@@ -683,17 +683,16 @@ class DPSATKeras(keras.optimizers.Optimizer):
         """
         seed = tf.stack([tf.convert_to_tensor(self._noise_seed.value),
                          tf.cast(self._iterations, tf.int64)])
-        replica = _replica_id()
-        if isinstance(replica, int) and replica >= 2**16:
-            raise ValueError(f"Expected fewer than 2^16 replicas, got replica "
-                             f"{replica}.")
-        stream = query * 2**16 + tf.cast(replica, tf.int64)
+        if _num_replicas() > 2**16:  # streams of two queries must not meet
+            raise ValueError("Expected at most 2^16 replicas, got "
+                             f"{_num_replicas()}.")
+        stream = query * 2**16 + tf.cast(_replica_id(), tf.int64)
         return seed, stream
 
     def _noisy_mean(self, summed, query: int, count, unit_size):
         """(summed + this replica's share of N(0, sigma^2 C^2 I)) / B.
 
-        Each replica draws variance sigma^2 C^2 / R with its own seed, so the
+        Each replica draws variance sigma^2 C^2 / R from its own stream, so the
         sum over replicas carries exactly sigma^2 C^2 (not R times it).
 
         Args:
