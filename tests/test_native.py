@@ -224,3 +224,20 @@ def test_not_built_logs_how_to_build(monkeypatch, tmp_path):
     native.noisy_mean([tf.zeros([3])], 1.0, tf.constant([1, 2], tf.int64), 0,
                       1.0)
     assert len(messages) == 1 and "-m tf_dpsat.native" in messages[0]
+
+
+def test_a_build_replaces_only_this_installations_old_builds(tmp_path,
+                                                            monkeypatch):
+    package, cache = tmp_path / "package", tmp_path / "cache"
+    for directory in (package, cache):
+        directory.mkdir()
+        for name in ("_noise_kernel_0123456789abcdef.so", "new.so", "other.so"):
+            (directory / name).write_bytes(b"")
+    monkeypatch.setattr(native, "SOURCE", package / "noise_kernel.cc")
+    for directory in (package, cache):
+        target = directory / "_noise_kernel_fedcba9876543210.so"
+        target.write_bytes(b"")
+        native._remove_old_builds(target)
+    assert sorted(p.name for p in package.iterdir()) == [
+        "_noise_kernel_fedcba9876543210.so", "new.so", "other.so"]
+    assert len(list(cache.iterdir())) == 4

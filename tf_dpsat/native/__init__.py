@@ -137,10 +137,21 @@ def build(directory: Optional[str] = None, verbose: bool = False) -> pathlib.Pat
         raise RuntimeError("Compiling the native noise kernel failed:\n"
                            + result.stderr[-4000:])
     os.replace(partial, target)
-    for stale in target.parent.glob("_noise_kernel_*.so"):
-        if stale != target:  # builds for another TensorFlow, source or CPU
-            stale.unlink(missing_ok=True)
+    _remove_old_builds(target)
     return target
+
+
+def _remove_old_builds(target: pathlib.Path) -> None:
+    """Deletes the package directory's builds other than `target`.
+
+    They are this installation's own (for another TensorFlow, source or
+    CPU). The shared cache is left alone: other environments use it.
+    """
+    if target.parent != SOURCE.parent:
+        return
+    for stale in target.parent.glob("_noise_kernel_*.so"):
+        if stale != target:
+            stale.unlink(missing_ok=True)
 
 
 def load(path: Optional[pathlib.Path] = None):
