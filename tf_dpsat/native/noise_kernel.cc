@@ -199,8 +199,8 @@ REGISTER_KERNEL_BUILDER(Name("DpsatNoisyMean").Device(DEVICE_CPU), NoisyMeanOp);
 // DpsatPerturb: the DP-SAT evaluation point, params[i] + rho * d[i] / (||d||
 // + 1e-16) with ||d|| the L2 norm over all tensors of d, in two
 // multithreaded passes (norm, then update) instead of ~5 ops per tensor.
-// The norm's partial sums are per chunk, in double, added in chunk order:
-// the result does not depend on the threads.
+// The norm's partial sums are per span (float, by Eigen), added in double
+// in span order: the result does not depend on the threads.
 class PerturbOp : public OpKernel {
  public:
   explicit PerturbOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
