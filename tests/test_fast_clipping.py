@@ -17,10 +17,10 @@ XENT = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 pytestmark = pytest.mark.filterwarnings("ignore:.*NOT differentially private")
 
 
-def _compiled(model, clipping, jit=False, **kwargs):
+def _compiled(model, clipping, jit=False, loss=XENT, **kwargs):
     model = tf_dpsat.make_private(model)
     opt = tf_dpsat.DPSATKeras(noise_multiplier=0.0, clipping=clipping, **kwargs)
-    model.compile(optimizer=opt, loss=XENT, jit_compile=jit)
+    model.compile(optimizer=opt, loss=loss, jit_compile=jit)
     return model, opt
 
 
@@ -42,13 +42,14 @@ def _clipped(model, opt, x, y, weights, clip_quantile=None, jit=False):
 
 
 def _compare(build, x, y, *, weights=None, clip=None, jit=False,
-             num_microbatches=None, atol=1e-5):
+             num_microbatches=None, atol=1e-5, loss=XENT):
     """Fast and vectorized paths agree on clipped sums and statistics."""
     if weights is None:
         weights = np.ones(len(y), np.float32)
     results = {}
     for path in ("fast", "vectorized"):
-        model, opt = _compiled(build(), path, jit, l2_norm_clip=clip or 1.0,
+        model, opt = _compiled(build(), path, jit, loss=loss,
+                               l2_norm_clip=clip or 1.0,
                                num_microbatches=num_microbatches)
         results[path] = _clipped(model, opt, x, y, weights, jit=jit)
     (fast, fstats, fpred), (vec, vstats, vpred) = (results["fast"],
@@ -214,10 +215,16 @@ def test_padding_dropped_with_and_without_nonfinite_examples(case, nonfinite):
     assert float(stats["nonfinite"]) == float(nonfinite == "active")
 
 
-def test_microbatches_match_vectorized():
+@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum"])
+def test_microbatches_match_vectorized(reduction):
+    # The fast path takes the units' loss gradients from the batch loss:
+    # times 4 units for a mean over the batch, times 1 for a sum.
     build, shape = LAYER_CASES["conv2d_same_strided"]
     x, y = _images(12, shape)
-    _compare(build, x, y, clip=0.5, num_microbatches=4)
+    weights = np.linspace(0.0, 2.0, 12).astype(np.float32)
+    _compare(build, x, y, clip=0.5, num_microbatches=4, weights=weights,
+             loss=keras.losses.SparseCategoricalCrossentropy(
+                 from_logits=True, reduction=reduction))
 
 
 def test_xla_fast_path_matches_vectorized():

@@ -6,7 +6,6 @@ normals with an independent NumPy implementation of the documented layout
 tests/test_noise.py, which run for every sampler.
 """
 
-import collections
 import math
 
 import keras
@@ -15,6 +14,7 @@ import pytest
 import tensorflow as tf
 
 import dp_reference
+import graph_ops
 import tf_dpsat
 from tf_dpsat import clipping, native
 
@@ -158,36 +158,134 @@ def test_perturb_matches_tensorflow_ops(native_kernel):
         native_kernel.dpsat_perturb([tf.zeros([4])], [tf.zeros([5])], 0.1)
 
 
-def _train_graph_ops(model, x, y):
-    model.train_on_batch(x, y)  # builds the optimizer
-    graph = tf.function(model.train_step).get_concrete_function((x, y)).graph
-    ops = collections.Counter(op.type for op in graph.get_operations())
-    for f in graph._functions.values():  # branches of tf.cond
-        ops.update(op.type for op in f.graph.get_operations())
-    return ops
+def _dense_model_ops(x, y, use_kernel, **optimizer_kwargs):
+    with native.enabled(use_kernel):
+        model = tf_dpsat.DPSequential([keras.Input((4,)), keras.layers.Dense(3)])
+        model.compile(optimizer=tf_dpsat.DPSATKeras(
+            learning_rate=0.1, l2_norm_clip=1.0, noise_multiplier=1.0,
+            rho=0.1, seed=1, **optimizer_kwargs),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return graph_ops.train_graph_ops(model, x, y)
 
 
 def test_optimizer_step_uses_the_kernels_when_built(native_kernel):
     x = tf.constant(np.random.default_rng(0).normal(size=(8, 4)), tf.float32)
     y = tf.constant(np.arange(8) % 3)
-    ops = {}
-    for use_kernel in (True, False):
-        with native.enabled(use_kernel):
-            model = tf_dpsat.DPSequential([keras.Input((4,)),
-                                           keras.layers.Dense(3)])
-            model.compile(optimizer=tf_dpsat.DPSATKeras(
-                learning_rate=0.1, l2_norm_clip=1.0, noise_multiplier=1.0,
-                rho=0.1, seed=1),
-                loss=keras.losses.SparseCategoricalCrossentropy(
-                    from_logits=True))
-            ops[use_kernel] = _train_graph_ops(model, x, y)
-    for use_kernel, found in ops.items():
-        assert (found["DpsatNoisyMean"] == 1) == use_kernel
-        assert (found["DpsatPerturb"] == 1) == use_kernel
-        assert (found["StatelessRandomUniformV2"] > 0) != use_kernel
+    ops = {use: _dense_model_ops(x, y, use) for use in (True, False)}
+    # With the kernels: one fused noisy update per variable (kernel, bias).
+    assert ops[True]["DpsatNoisySgd"] == 2 and ops[True]["DpsatNoisyMean"] == 0
+    assert ops[True]["DpsatPerturb"] == 1
+    assert ops[True]["StatelessRandomUniformV2"] == 0
+    assert not any(k.startswith("Dpsat") for k in ops[False])
+    assert ops[False]["StatelessRandomUniformV2"] > 0
     # Without the kernel, the direction's global norm takes one
     # EuclideanNorm per variable (kernel and bias) on top of the clipping's.
     assert ops[False]["EuclideanNorm"] == ops[True]["EuclideanNorm"] + 2
+    # Weight decay acts between the noisy mean and the update: the noisy
+    # mean is then the kernel's alone, the update TensorFlow's.
+    decayed = _dense_model_ops(x, y, True, weight_decay=0.01)
+    assert decayed["DpsatNoisyMean"] == 1 and decayed["DpsatNoisySgd"] == 0
+
+
+@pytest.mark.parametrize("momentum,nesterov", [(0.9, False), (0.9, True),
+                                                (0.0, False)])
+def test_noisy_sgd_matches_the_numpy_reference(native_kernel, momentum,
+                                               nesterov):
+    rng = np.random.default_rng(2)
+    sums, params, velocities = ([rng.normal(size=s).astype(np.float32)
+                                 for s in SHAPES] for _ in range(3))
+    seed, stream, stddev, divisor, lr = (3, -4), 5, 0.7, 3.0, 0.25
+    z = dp_reference.native_noise([s.size for s in sums], seed, stream)
+    offsets = native.chunk_offsets([s.size for s in sums])
+    assert offsets == [0, 1, 2, 5, 6]  # SHAPES take 1, 1, 3, 1, 3 chunks
+    for s, w, v, noise, first in zip(sums, params, velocities, z, offsets):
+        got = native.noisy_sgd(
+            tf.constant(s), tf.constant(w),
+            tf.constant(v) if momentum else None,
+            seed=tf.constant(seed, tf.int64), stream=stream, first_chunk=first,
+            stddev=stddev, divisor=divisor, learning_rate=lr,
+            momentum=momentum, nesterov=nesterov)
+        g = (s.ravel() + stddev * noise) / divisor
+        if momentum:  # keras.optimizers.SGD's update
+            v_new = v.ravel() * momentum - g * lr
+            w_new = w.ravel() + (v_new * momentum - g * lr if nesterov
+                                 else v_new)
+            np.testing.assert_allclose(got[1].numpy().ravel(), v_new,
+                                       rtol=0, atol=1e-5)
+        else:
+            assert got[1] is None
+            w_new = w.ravel() - g * lr
+        np.testing.assert_allclose(got[2].numpy().ravel(), g, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(got[0].numpy().ravel(), w_new, rtol=0,
+                                   atol=1e-5)
+        assert got[0].shape == s.shape
+
+
+def test_noisy_sgd_draws_the_noisy_means_noise(native_kernel):
+    # Tensor by tensor at its chunk offset, the fused kernel adds exactly
+    # what DpsatNoisyMean adds to the list (the same float32 operations).
+    rng = np.random.default_rng(3)
+    sums = [tf.constant(rng.normal(size=s).astype(np.float32)) for s in SHAPES]
+    seed = tf.constant([11, 12], tf.int64)
+    means = native_kernel.dpsat_noisy_mean(sums, seed, 7, 0.5, 4.0)
+    for s, mean, first in zip(sums, means, native.chunk_offsets(
+            [int(tf.size(s)) for s in sums])):
+        _, _, g = native.noisy_sgd(s, s, s, seed=seed, stream=7,
+                                   first_chunk=first, stddev=0.5, divisor=4.0,
+                                   learning_rate=0.1, momentum=0.9,
+                                   nesterov=False)
+        np.testing.assert_array_equal(g.numpy(), mean.numpy())
+
+
+def test_noisy_sgd_bad_inputs(native_kernel):
+    seed = tf.constant([1, 2], tf.int64)
+
+    def call(s, w, v, first=0):
+        return native_kernel.dpsat_noisy_sgd(s, w, v, seed, 0, first, 1.0, 1.0,
+                                             0.1, 0.9)
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="sum and param"):
+        call(tf.zeros([4]), tf.zeros([5]), tf.zeros([5]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="velocity"):
+        call(tf.zeros([4]), tf.zeros([4]), tf.zeros([3]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="first_chunk"):
+        call(tf.zeros([4]), tf.zeros([4]), tf.zeros([4]), first=-1)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="first_chunk"):
+        call(tf.zeros([4]), tf.zeros([4]), tf.zeros([4]), first=2**24)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(momentum=0.9), dict(momentum=0.9, nesterov=True), dict(momentum=0.0),
+    dict(momentum=0.9, direction="momentum"), dict(momentum=0.5, rho=0.0)])
+def test_fused_update_matches_the_unfused_step(native_kernel, monkeypatch,
+                                               kwargs):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(32, 20)).astype(np.float32)
+    y = rng.integers(0, 3, 32)
+    kwargs = {"rho": 0.05, **kwargs}
+    fused_plan = tf_dpsat.DPSATKeras._fused_noise
+    results = {}
+    for fused in (True, False):
+        if not fused:  # the kernel's noisy mean, then TensorFlow's update
+            monkeypatch.setattr(tf_dpsat.DPSATKeras, "_fused_noise",
+                                lambda self, *args: None)
+        keras.utils.set_random_seed(0)
+        model = tf_dpsat.make_private(keras.Sequential([
+            keras.Input((20,)), keras.layers.Dense(1100, activation="relu"),
+            keras.layers.Dense(3)]))  # 23k + 1100 weights: several chunks
+        model.compile(optimizer=tf_dpsat.DPSATKeras(
+            learning_rate=0.5, l2_norm_clip=1.0, noise_multiplier=1.0, seed=3,
+            **kwargs), loss=keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True))
+        model.fit(x, y, batch_size=8, verbose=0, shuffle=False)
+        ops = graph_ops.train_graph_ops(model, x[:8], y[:8])
+        assert (ops["DpsatNoisySgd"] == 4) == fused
+        results[fused] = [v.numpy() for v in model.optimizer.variables
+                          + model.trainable_variables]
+    monkeypatch.setattr(tf_dpsat.DPSATKeras, "_fused_noise", fused_plan)
+    # The same float32 operations, up to fused multiply-adds (one rounding).
+    for a, b in zip(results[True], results[False]):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_build_tag_tracks_tensorflow_source_and_cpu(monkeypatch):

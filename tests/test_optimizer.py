@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 import dp_reference
+import graph_ops
 import tf_dpsat
 from tf_dpsat import native
 
@@ -246,6 +247,88 @@ def test_function_loss_and_string_loss():
         dense_model(), batches_of(x, y, 8), loss_fn=XENT, learning_rate=0.5,
         momentum=0.9, l2_norm_clip=0.5, rho=0.03)
     assert max_diff(weights(model), expected) < 1e-5
+
+
+def _flat_loss(loss):
+    """The loss object Keras's CompileLoss calls for `loss`."""
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3)])
+    model.compile(loss=loss)
+    model._compile_loss.build(tf.zeros([1]), tf.zeros([1, 3]))
+    return model._compile_loss._flat_losses[0][1]
+
+
+class _CallOverridden(keras.losses.SparseCategoricalCrossentropy):
+    def call(self, y_true, y_pred):
+        return super().call(y_true, y_pred) / tf.reduce_mean(y_pred ** 2)
+
+
+def _coupled_loss(y_true, y_pred):
+    # Cross-entropy over the mean squared logit of the batch it is given:
+    # for a batch of one, a function of that example alone.
+    xent = keras.losses.sparse_categorical_crossentropy(y_true, y_pred,
+                                                        from_logits=True)
+    return xent / tf.reduce_mean(tf.square(y_pred))
+
+
+def test_row_wise_losses_are_only_keras_own():
+    row_wise = [XENT, "sparse_categorical_crossentropy", "mse",
+                keras.losses.Huber(), keras.losses.CategoricalCrossentropy(),
+                keras.losses.BinaryCrossentropy(from_logits=True)]
+    others = [keras.losses.SparseCategoricalCrossentropy(ignore_class=0),
+              keras.losses.CategoricalCrossentropy(axis=0),
+              keras.losses.Circle(), _coupled_loss, _CallOverridden()]
+    from tf_dpsat import optimizer as optimizer_module
+    assert [optimizer_module._row_wise(_flat_loss(l)) for l in row_wise] == (
+        [True] * len(row_wise))
+    assert [optimizer_module._row_wise(_flat_loss(l)) for l in others] == (
+        [False] * len(others))
+
+
+@pytest.mark.parametrize("loss", [_coupled_loss, _CallOverridden()])
+def test_loss_coupling_examples_is_differentiated_per_example(loss):
+    # Differentiating this loss over the batch would give each example a
+    # gradient that depends on the others; the fast path must take it per
+    # example, as the reference does.
+    x, y = make_data("dense")
+    model, _, _ = fit_private(dense_model, x, y, l2_norm_clip=0.5, rho=0.05,
+                              loss=loss, clipping="fast")
+    expected, _ = dp_reference.train(
+        dense_model(), batches_of(x, y, 8), loss_fn=_flat_loss(loss),
+        learning_rate=0.5, momentum=0.9, l2_norm_clip=0.5, rho=0.05)
+    assert max_diff(weights(model), expected) < 1e-5
+
+
+@pytest.mark.parametrize("clipping", ["fast", "vectorized"])
+@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum"])
+def test_reported_loss_is_the_compiled_loss(clipping, reduction):
+    # rho = 0: the step's predictions are at the current weights, so the
+    # loss it reports is Keras's compiled loss of the batch there.
+    x, y = make_data("dense", n=12)
+    sw = np.linspace(0.5, 1.5, 12).astype("float32")
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+                                                      reduction=reduction)
+    model = tf_dpsat.make_private(dense_model())
+    model.compile(optimizer=tf_dpsat.DPSATKeras(
+        l2_norm_clip=0.5, noise_multiplier=0.0, rho=0.0, clipping=clipping),
+        loss=loss)
+    expected = float(loss(y, model(x), sample_weight=sw))
+    logs = model.train_on_batch(x, y, sample_weight=sw, return_dict=True)
+    assert logs["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_fast_step_evaluates_a_row_wise_loss_once():
+    x, y = make_data("dense", n=8)
+    counts = {}
+    for name, loss in (("keras", XENT), ("coupled", _coupled_loss)):
+        model = tf_dpsat.make_private(dense_model())
+        model.compile(optimizer=tf_dpsat.DPSATKeras(noise_multiplier=1.0),
+                      loss=loss)
+        ops = graph_ops.train_graph_ops(model, tf.constant(x), tf.constant(y))
+        counts[name] = ops["SparseSoftmaxCrossEntropyWithLogits"]
+    # Keras's loss: one evaluation gives the reported loss and every
+    # example's gradient. Any other: per example (in the vectorized map)
+    # and again for the reported loss.
+    assert counts["keras"] == 1 and counts["coupled"] >= 2
 
 
 # ------------------------------------------------------------ sample weights

@@ -80,7 +80,9 @@ class _PrivateTrainStep:
         may hold stale values (the step's forward passes ran in stateless
         scopes), so the pieces are summed here explicitly.
         """
-        loss = self._compile_loss(y, y_pred, sample_weight)
+        loss = stats.get("loss")  # the fast path's own loss evaluation
+        if loss is None:
+            loss = self._compile_loss(y, y_pred, sample_weight)
         loss = loss_module.unscale_loss_for_distribution(loss)
         regularization = self._get_regularization_losses()
         if regularization:

@@ -46,9 +46,11 @@ import keras
 import tensorflow as tf
 from absl import logging
 from keras.src.backend.common.stateless_scope import StatelessScope
+from keras.src.losses import losses as keras_losses
 
 from tf_dpsat import clipping
 from tf_dpsat import fast_clipping
+from tf_dpsat import native
 from tf_dpsat import validation
 
 DIRECTIONS = ("gradient", "momentum")
@@ -56,6 +58,16 @@ CLIPPING_PATHS = ("auto", "fast", "vectorized")
 # Reductions after which Keras divides by the number of replicas; the per
 # example losses must not carry that factor (it would change what is clipped).
 _MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
+# Keras's built-in losses whose value for an example is a function of that
+# example's row alone (reduced over the last axis at most); see _row_wise.
+_ROW_WISE_LOSS_FNS = tuple(getattr(keras.losses, name) for name in (
+    "binary_crossentropy", "binary_focal_crossentropy",
+    "categorical_crossentropy", "categorical_focal_crossentropy",
+    "categorical_hinge", "cosine_similarity", "hinge", "huber",
+    "kl_divergence", "log_cosh", "mean_absolute_error",
+    "mean_absolute_percentage_error", "mean_squared_error",
+    "mean_squared_logarithmic_error", "poisson",
+    "sparse_categorical_crossentropy", "squared_hinge"))
 # Offset between the dropout seeds of consecutive examples (see _seed_mapping).
 _SEED_STRIDE = 2**32
 # (model, reason) pairs already logged when falling back to vectorized clipping.
@@ -124,6 +136,67 @@ def _unit_loss_gradients(model, y, y_pred, sample_weight, units):
                 sample_weight)))
     return tf.nest.map_structure(
         lambda g: tf.reshape(g, tf.concat([[n], tf.shape(g)[2:]], 0)), grads)
+
+
+def _row_wise(loss_fn) -> bool:
+    """Whether `loss_fn`'s value for an example depends on that example only.
+
+    Only Keras's own row-wise losses qualify, as the built-in class or the
+    wrapper of a loss given by name, and only without `ignore_class` (its
+    masked mean divides by a count over the whole batch) or an `axis` other
+    than the last. A user's loss may couple examples (normalise over the
+    batch, say); differentiating its batch value would give each example a
+    gradient that depends on the others, which clipping does not bound.
+    """
+    wrapper = keras_losses.LossFunctionWrapper
+    if not isinstance(loss_fn, wrapper):
+        return False
+    cls = type(loss_fn)
+    if (cls.__module__ != wrapper.__module__ or cls.call is not wrapper.call or
+            cls.__call__ is not keras.losses.Loss.__call__):
+        return False
+    kwargs = getattr(loss_fn, "_fn_kwargs", {})
+    return (any(loss_fn.fn is fn for fn in _ROW_WISE_LOSS_FNS) and
+            kwargs.get("ignore_class") is None and
+            kwargs.get("axis", -1) == -1)
+
+
+def _batch_loss_gradients(model, y, y_pred, sample_weight, units):
+    """Every unit's loss gradient from one batch loss, where that is exact.
+
+    For a row-wise loss reduced by a sum, or by a mean over the batch's
+    elements ("sum_over_batch_size"), the per-unit losses add up to the batch
+    loss times `units` (times 1 for a sum); its gradient with respect to the
+    predictions then holds, row by row, each unit's own loss gradient. One
+    loss evaluation instead of one per unit inside `tf.vectorized_map`, and
+    its value is the loss Keras reports.
+
+    Returns:
+      (gradients like y_pred, the compiled loss as `CompileLoss` returns it),
+      or None for anything else (several outputs, masks, other losses and
+      reductions); `_unit_loss_gradients` then differentiates each unit.
+    """
+    if (tf.nest.is_nested(y) or tf.nest.is_nested(y_pred) or
+            getattr(y_pred, "_keras_mask", None) is not None):
+        return None
+    compile_loss = model._compile_loss
+    if len(compile_loss._flat_losses) != 1:
+        return None
+    path, loss_fn, loss_weight, _ = compile_loss._flat_losses[0]
+    if path or not _row_wise(loss_fn) or loss_fn.reduction not in (
+            "sum_over_batch_size", "mean", "sum"):
+        return None
+    y_pred = tf.stop_gradient(y_pred)
+    with tf.GradientTape() as tape:
+        tape.watch(y_pred)
+        # As CompileLoss computes it for a single output.
+        reported = tf.cast(loss_fn(y, y_pred, sample_weight), compile_loss.dtype)
+        if loss_weight is not None:
+            reported = reported * loss_weight
+        total = _unscale_mean_loss(tf.cast(reported, tf.float32), loss_fn)
+        if loss_fn.reduction != "sum":
+            total = total * tf.cast(units, total.dtype)
+    return tape.gradient(total, y_pred), reported
 
 
 def _find_batch_normalization(model) -> Optional[str]:
@@ -314,6 +387,7 @@ class DPSATKeras(keras.optimizers.Optimizer):
             raise ValueError("use_ema with gradient_accumulation_steps > 1 is "
                              "not supported.")
         self._apply_mask = None
+        self._pending_noise = None  # see _fused_noise
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little") >> 1
         with keras.name_scope(self.name, caller=self):
@@ -405,6 +479,10 @@ class DPSATKeras(keras.optimizers.Optimizer):
             self.assign(target, value)
 
         old = tf.convert_to_tensor(variable)
+        if self._pending_noise is not None:
+            self._fused_update(gradient, variable, index, learning_rate, old,
+                               put)
+            return
         new = old
         if self.weight_decay is not None and self._use_weight_decay(variable):
             new = new - new * tf.cast(self.weight_decay, old.dtype) * learning_rate
@@ -424,6 +502,28 @@ class DPSATKeras(keras.optimizers.Optimizer):
             put(self._directions[index],
                 gradient if self.direction == "gradient" else old - new)
 
+    def _fused_update(self, summed, variable, index, learning_rate, old, put):
+        """update_step with `summed`, a clipped sum, noised by the kernel."""
+        plan = self._pending_noise
+        velocity = self.momentums[index] if self.momentums else None
+        fused = native.noisy_sgd(
+            summed, old,
+            None if velocity is None else tf.convert_to_tensor(velocity),
+            seed=plan["seed"], stream=plan["stream"],
+            first_chunk=plan["first_chunk"][index], stddev=plan["stddev"],
+            divisor=plan["divisor"], learning_rate=learning_rate,
+            momentum=self.momentum, nesterov=self.nesterov)
+        if fused is None:  # _fused_noise checked this; never apply a bare sum
+            raise RuntimeError("The native noise kernel became unusable "
+                               "within a step; no update was applied.")
+        new, new_velocity, gradient = fused
+        if velocity is not None:
+            put(velocity, new_velocity)
+        put(variable, new)
+        if self._directions:
+            put(self._directions[index],
+                gradient if self.direction == "gradient" else old - new)
+
     # ------------------------------------------------------- private step
 
     def private_train_step(self, model, x, y, sample_weight):
@@ -438,7 +538,9 @@ class DPSATKeras(keras.optimizers.Optimizer):
           (for the compiled metrics) and a dict of float32 scalars: "examples"
           (units with non-zero weight), "clipped" (units whose norm exceeded
           C), "nonfinite" (units dropped for a NaN/Inf gradient) and
-          "extra_loss" (the sum of data-dependent `add_loss` terms).
+          "extra_loss" (the sum of data-dependent `add_loss` terms), and
+          "loss" (the compiled loss as Keras reports it) when the step
+          computed it anyway.
         """
         self._check_model(model)
         variables = list(model.trainable_variables)
@@ -533,7 +635,7 @@ class DPSATKeras(keras.optimizers.Optimizer):
         if path is None:
             path = self._vectorized_path(model, variables, params, batch,
                                          units, size, seeds, seed_values)
-        norms, sum_clipped, y_pred, extra = path
+        norms, sum_clipped, y_pred, extra, loss = path
         if seeds:  # The next step draws fresh dropout masks.
             _assign_per_replica(
                 [g.state for g in seeds],
@@ -555,6 +657,8 @@ class DPSATKeras(keras.optimizers.Optimizer):
             "extra_loss": tf.reduce_sum(tf.where(active, extra, 0.0)),
             "unit_size": tf.cast(size, tf.float32),
         }
+        if loss is not None:
+            stats["loss"] = loss
         return summed, stats, y_pred
 
     def _fast_path_refused(self, model, error):
@@ -613,7 +717,7 @@ class DPSATKeras(keras.optimizers.Optimizer):
             y_pred)
         norms = clipping.per_example_norms(grads)
         return (norms, lambda f, keep: clipping.weighted_sum(grads, f, keep),
-                y_pred, extra)
+                y_pred, extra, None)
 
     def _fast_path(self, model, variables, params, batch, layout, seeds,
                    seed_values):
@@ -629,8 +733,14 @@ class DPSATKeras(keras.optimizers.Optimizer):
                                                          tape)
         if scope.losses:
             raise fast_clipping.Unsupported("data-dependent add_loss terms")
-        loss_grads = _unit_loss_gradients(model, y, y_pred, sample_weight,
-                                          layout.units)
+        loss = None
+        from_batch = _batch_loss_gradients(model, y, y_pred, sample_weight,
+                                           layout.units)
+        if from_batch is None:
+            loss_grads = _unit_loss_gradients(model, y, y_pred, sample_weight,
+                                              layout.units)
+        else:
+            loss_grads, loss = from_batch
         deltas = tape.gradient(
             tf.nest.flatten(y_pred), [r.z for r in records],
             output_gradients=tf.nest.flatten(loss_grads),
@@ -654,7 +764,7 @@ class DPSATKeras(keras.optimizers.Optimizer):
                            lambda: sums(factors, None),
                            lambda: sums(factors, keep))
 
-        return norms, sum_clipped, y_pred, tf.zeros([layout.units])
+        return norms, sum_clipped, y_pred, tf.zeros([layout.units]), loss
 
     def _ascent_direction(self, model, variables, params, x, y, sample_weight,
                           weights):
@@ -702,16 +812,48 @@ class DPSATKeras(keras.optimizers.Optimizer):
             logical step, summed over replicas.
           unit_size: examples per unit (1 without microbatches).
         """
-        if self.expected_batch_size is not None:
-            divisor = self.expected_batch_size / tf.cast(unit_size, tf.float32)
-        else:
-            divisor = tf.maximum(count, 1.0)
+        divisor = self._divisor(count, unit_size)
         if self.noise_multiplier == 0:
             return [s / tf.cast(divisor, s.dtype) for s in summed]
-        stddev = (self.noise_multiplier * self.l2_norm_clip /
-                  math.sqrt(_num_replicas()))
         seed, stream = self._noise_stream(query)
-        return clipping.noisy_mean(summed, stddev, seed, stream, divisor)
+        return clipping.noisy_mean(summed, self._noise_stddev(), seed, stream,
+                                   divisor)
+
+    def _divisor(self, count, unit_size):
+        """B of the noisy mean: expected or actual units of the step."""
+        if self.expected_batch_size is not None:
+            return self.expected_batch_size / tf.cast(unit_size, tf.float32)
+        return tf.maximum(count, 1.0)
+
+    def _noise_stddev(self) -> float:
+        """This replica's share: the replicas' noise adds up to sigma C."""
+        return (self.noise_multiplier * self.l2_norm_clip /
+                math.sqrt(_num_replicas()))
+
+    def _fused_noise(self, variables, summed, count, unit_size, regularization):
+        """How update_step draws the noise itself, or None where it cannot.
+
+        With the native kernels on a CPU, `update_step` receives the clipped
+        sums and forms the noisy mean and the SGD update in one pass per
+        variable (`native.noisy_sgd`), with the noise `_noisy_mean` would
+        add. Only for the plain update on one device: no regularization
+        term or weight decay between noise and update, no strategy, no XLA.
+        """
+        if (self.noise_multiplier == 0 or regularization is not None or
+                self.weight_decay is not None or tf.distribute.has_strategy()
+                or clipping.compiled_by_xla() or
+                any(getattr(v, "overwrite_with_gradient", False)
+                    for v in variables) or
+                native._usable(list(summed)) is None):
+            return None
+        seed, stream = self._noise_stream(0)
+        offsets = native.chunk_offsets([s.shape.num_elements() for s in summed])
+        return {
+            "seed": seed, "stream": stream, "stddev": self._noise_stddev(),
+            "divisor": self._divisor(count, unit_size),
+            "first_chunk": {self._get_variable_index(v): offset
+                            for v, offset in zip(variables, offsets)},
+        }
 
     def _release(self, variables, summed, stats, regularization):
         """Noise, divide and apply the update once per logical step.
@@ -754,8 +896,14 @@ class DPSATKeras(keras.optimizers.Optimizer):
 
         if not tf.distribute.has_strategy():
             def apply():
-                keras.optimizers.Optimizer.apply(self, noisy_gradients(),
-                                                 variables)
+                plan = self._fused_noise(variables, summed, count,
+                                         stats["unit_size"], regularization)
+                grads = summed if plan is not None else noisy_gradients()
+                self._pending_noise = plan
+                try:
+                    keras.optimizers.Optimizer.apply(self, grads, variables)
+                finally:
+                    self._pending_noise = None
                 return tf.constant(True)
 
             tf.cond(apply_now, apply, lambda: tf.constant(False))

@@ -7,8 +7,10 @@ CPU that is a Philox kernel for the uniforms plus one pass per Box-Muller op
 non-private training step at batch 256. `noise_kernel.cc` forms the whole
 noisy mean, (sum + noise) / divisor, in one multithreaded pass over
 L1-sized chunks: the same generator (Philox4x32-10, bit for bit TensorFlow's)
-and transform, ~6x faster. It also computes DP-SAT's evaluation point
-w + rho * d / ||d|| in two passes instead of ~5 ops per variable.
+and transform, ~6x faster; `DpsatNoisySgd` draws the same noise for one
+variable and applies the SGD (momentum) update with it in the same pass. It
+also computes DP-SAT's evaluation point w + rho * d / ||d|| in two passes
+instead of ~5 ops per variable.
 
 The kernels are compiled on the machine that runs them, against the
 installed TensorFlow, by `python -m tf_dpsat.native` (needs g++; ~10 s).
@@ -46,6 +48,10 @@ _COMPILER = "g++"
 # -march=native: the build is for this CPU only (its flags are in the name).
 _OPTIMIZE = ("-O3", "-march=native", "-fPIC", "-shared",
              "-Wno-deprecated-declarations")
+
+# Values per chunk of the kernels' noise (kChunk in noise_kernel.cc): each
+# tensor's noise starts on a chunk boundary of the concatenation.
+CHUNK = 1024
 
 _loaded = {}  # library path -> module (tf.load_op_library caches too)
 _library_path = None  # set by load(path): the build to use
@@ -270,3 +276,56 @@ def perturb(params: Sequence[tf.Tensor], directions: Sequence[tf.Tensor],
         return None
     return module.dpsat_perturb(list(params), list(directions),
                                 tf.constant(rho, tf.float32))
+
+
+def chunk_offsets(sizes: Sequence[int]) -> list:
+    """The chunk at which each tensor's noise starts in `DpsatNoisyMean`.
+
+    Args:
+      sizes: the number of values of each tensor, in the kernel's order.
+
+    Returns:
+      One int per tensor: the chunks of the tensors before it.
+    """
+    offsets, total = [], 0
+    for size in sizes:
+        offsets.append(total)
+        total += -(-int(size) // CHUNK)
+    return offsets
+
+
+def noisy_sgd(summed: tf.Tensor, param: tf.Tensor, velocity: Optional[tf.Tensor],
+              *, seed: tf.Tensor, stream, first_chunk: int, stddev, divisor,
+              learning_rate, momentum: float, nesterov: bool):
+    """The noisy mean of one variable and the SGD update with it, fused.
+
+    The noise is what `noisy_mean` adds to this tensor when it is the one at
+    `first_chunk` (see `chunk_offsets`) of the same (seed, stream).
+
+    Args:
+      summed: the variable's clipped sum (float32).
+      param: the variable's value w.
+      velocity: its SGD momentum slot, or None without momentum.
+      seed, stream: as for `noisy_mean`.
+      first_chunk: the chunk where this tensor's noise starts.
+      stddev, divisor: as for `noisy_mean`.
+      learning_rate, momentum, nesterov: as `keras.optimizers.SGD`.
+
+    Returns:
+      (new w, new velocity or None, the noisy mean g), or None when the
+      kernel cannot be used.
+    """
+    tensors = [summed, param] + ([velocity] if velocity is not None else [])
+    module = _usable(tensors)
+    if module is None:
+        return None
+    use_momentum = velocity is not None
+    new_param, new_velocity, gradient = module.dpsat_noisy_sgd(
+        summed, param, velocity if use_momentum else param,
+        tf.cast(seed, tf.int64), tf.cast(stream, tf.int64),
+        tf.constant(first_chunk, tf.int64), tf.cast(stddev, tf.float32),
+        tf.cast(divisor, tf.float32), tf.cast(learning_rate, tf.float32),
+        tf.constant(momentum, tf.float32), nesterov=nesterov,
+        use_momentum=use_momentum)
+    return new_param, (new_velocity if use_momentum else None), gradient
+

@@ -1,6 +1,8 @@
 // Fused CPU kernels for the per-parameter work of a DP-SAT step:
 //   DpsatNoisyMean: the noisy mean of DP-SGD, (sum + N(0, stddev^2)) /
 //     divisor, for a list of float32 tensors in one multithreaded pass;
+//   DpsatNoisySgd: the same noisy mean for one variable, fused with the SGD
+//     (momentum) update that consumes it;
 //   DpsatPerturb: DP-SAT's evaluation point w + rho * d / (||d|| + 1e-16);
 //   DpsatPhiloxWords: the raw generator output, for tests.
 // Built by `python -m tf_dpsat.native` (tf_dpsat/native/__init__.py).
@@ -177,6 +179,153 @@ class NoisyMeanOp : public OpKernel {
                       static_cast<int64_t>(tensor_of.size()), 10 * kChunk, work);
   }
 };
+
+// DpsatNoisySgd: for one variable w with SGD velocity v, the noisy mean
+// g = (sum + stddev * z) / divisor and, in the same pass, Keras's SGD update:
+//   v' = momentum * v - lr * g,  w' = w + v'  (nesterov: w + momentum * v' -
+//   lr * g);  without momentum w' = w - lr * g.
+// z is the noise DpsatNoisyMean draws for this variable when the variable
+// starts at chunk `first_chunk` of the concatenation, so the fused update
+// adds exactly the noise of the unfused one. Outputs w', v' (empty without
+// momentum) and g (DP-SAT keeps it for the next step's perturbation).
+// The same operations, in the same order, as update_step's (keras SGD).
+void SgdUpdate(int64_t n, const float* __restrict g, const float* __restrict w,
+               float lr, float* __restrict w2) {
+  for (int64_t j = 0; j < n; ++j) w2[j] = w[j] - g[j] * lr;
+}
+
+template <bool kNesterov>
+void MomentumUpdate(int64_t n, const float* __restrict g,
+                    const float* __restrict w, const float* __restrict v,
+                    float lr, float momentum, float* __restrict w2,
+                    float* __restrict v2) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float v_new = v[j] * momentum - g[j] * lr;
+    v2[j] = v_new;
+    w2[j] = kNesterov ? w[j] + (v_new * momentum - g[j] * lr) : w[j] + v_new;
+  }
+}
+
+class NoisySgdOp : public OpKernel {
+ public:
+  explicit NoisySgdOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("nesterov", &nesterov_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("use_momentum", &use_momentum_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& sum = ctx->input(0);
+    const Tensor& param = ctx->input(1);
+    const Tensor& velocity = ctx->input(2);
+    OP_REQUIRES(ctx, sum.shape() == param.shape(),
+                absl::InvalidArgumentError("Expected sum and param of equal shapes."));
+    OP_REQUIRES(ctx, !use_momentum_ || velocity.shape() == param.shape(),
+                absl::InvalidArgumentError(
+                    "Expected velocity and param of equal shapes."));
+    float scalars[4];  // stddev, divisor, learning rate, momentum
+    for (int k = 0; k < 4; ++k) {
+      const Tensor& t = ctx->input(6 + k);
+      OP_REQUIRES(ctx, t.NumElements() == 1,
+                  absl::InvalidArgumentError("Expected scalar hyperparameters."));
+      scalars[k] = t.flat<float>()(0);
+    }
+    const float stddev = scalars[0], divisor = scalars[1], lr = scalars[2],
+                momentum = scalars[3];
+    const Tensor& seed = ctx->input(3);
+    OP_REQUIRES(ctx, seed.NumElements() == 2,
+                absl::InvalidArgumentError("Expected a seed of 2 elements."));
+    const uint64_t key = static_cast<uint64_t>(seed.flat<int64_t>()(0));
+    const uint64_t c_hi = static_cast<uint64_t>(seed.flat<int64_t>()(1));
+    OP_REQUIRES(ctx, ctx->input(4).NumElements() == 1 &&
+                         ctx->input(5).NumElements() == 1,
+                absl::InvalidArgumentError(
+                    "Expected a scalar stream and first_chunk."));
+    const int64_t stream = ctx->input(4).flat<int64_t>()(0);
+    OP_REQUIRES(ctx, stream >= 0 && stream < (int64_t{1} << 32),
+                absl::InvalidArgumentError("Expected 0 <= stream < 2^32."));
+    const int64_t first_chunk = ctx->input(5).flat<int64_t>()(0);
+    const int64_t size = param.NumElements();
+    const int64_t chunks = (size + kChunk - 1) / kChunk;
+    OP_REQUIRES(ctx, first_chunk >= 0 &&
+                         static_cast<uint64_t>(first_chunk + chunks) * kBlocks <
+                             (uint64_t{1} << 32),
+                absl::InvalidArgumentError(
+                    "Expected 0 <= first_chunk and blocks below 2^32."));
+    const uint64_t stream_bits = static_cast<uint64_t>(stream) << 32;
+
+    Tensor *w_out = nullptr, *v_out = nullptr, *g_out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, param.shape(), &w_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(
+                            1, use_momentum_ ? param.shape() : TensorShape({0}),
+                            &v_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, param.shape(), &g_out));
+    const float* x = sum.flat<float>().data();
+    const float* w = param.flat<float>().data();
+    const float* v = use_momentum_ ? velocity.flat<float>().data() : nullptr;
+    float* w2 = w_out->flat<float>().data();
+    float* v2 = use_momentum_ ? v_out->flat<float>().data() : nullptr;
+    float* g2 = g_out->flat<float>().data();
+    const bool nesterov = nesterov_;
+    const bool use_momentum = use_momentum_;
+    auto work = [&](int64_t begin, int64_t end) {
+      alignas(64) uint32_t bits[kChunk];
+      alignas(64) float z[kChunk];
+      for (int64_t c = begin; c < end; ++c) {
+        PhiloxChunk(stream_bits |
+                        (static_cast<uint64_t>(first_chunk + c) * kBlocks),
+                    c_hi, key, bits);
+        NormalChunk(bits, z);
+        const int64_t s = c * kChunk;
+        const int64_t n = std::min<int64_t>(kChunk, size - s);
+        float* __restrict g = g2 + s;
+        for (int64_t j = 0; j < n; ++j) g[j] = (x[s + j] + stddev * z[j]) / divisor;
+        if (!use_momentum) {
+          SgdUpdate(n, g, w + s, lr, w2 + s);
+        } else if (nesterov) {
+          MomentumUpdate<true>(n, g, w + s, v + s, lr, momentum, w2 + s, v2 + s);
+        } else {
+          MomentumUpdate<false>(n, g, w + s, v + s, lr, momentum, w2 + s, v2 + s);
+        }
+      }
+    };
+    const auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
+    tensorflow::Shard(workers->num_threads, workers->workers, chunks,
+                      12 * kChunk, work);
+  }
+
+ private:
+  bool nesterov_;
+  bool use_momentum_;
+};
+
+REGISTER_OP("DpsatNoisySgd")
+    .Input("sum: float")
+    .Input("param: float")
+    .Input("velocity: float")
+    .Input("seed: int64")
+    .Input("stream: int64")
+    .Input("first_chunk: int64")
+    .Input("stddev: float")
+    .Input("divisor: float")
+    .Input("learning_rate: float")
+    .Input("momentum: float")
+    .Output("param_out: float")
+    .Output("velocity_out: float")
+    .Output("gradient: float")
+    .Attr("nesterov: bool = false")
+    .Attr("use_momentum: bool = true")
+    .SetIsStateful()
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
+      bool use_momentum;
+      TF_RETURN_IF_ERROR(c->GetAttr("use_momentum", &use_momentum));
+      c->set_output(0, c->input(1));
+      c->set_output(1, use_momentum ? c->input(1) : c->Vector(0));
+      c->set_output(2, c->input(1));
+      return absl::OkStatus();
+    })
+    .Doc("Noisy mean of one variable's clipped sum and the SGD update with it.");
+
+REGISTER_KERNEL_BUILDER(Name("DpsatNoisySgd").Device(DEVICE_CPU), NoisySgdOp);
 
 REGISTER_OP("DpsatNoisyMean")
     .Input("sums: N * float")
