@@ -256,13 +256,15 @@ def test_noisy_sgd_bad_inputs(native_kernel):
 
 @pytest.mark.parametrize("kwargs", [
     dict(momentum=0.9), dict(momentum=0.9, nesterov=True), dict(momentum=0.0),
-    dict(momentum=0.9, direction="momentum"), dict(momentum=0.5, rho=0.0)])
+    dict(momentum=0.9, direction="momentum"), dict(momentum=0.5, rho=0.0),
+    dict(momentum=0.9, cls=tf_dpsat.DPSAMKeras)])
 def test_fused_update_matches_the_unfused_step(native_kernel, monkeypatch,
                                                kwargs):
     rng = np.random.default_rng(4)
     x = rng.normal(size=(32, 20)).astype(np.float32)
     y = rng.integers(0, 3, 32)
     kwargs = {"rho": 0.05, **kwargs}
+    cls = kwargs.pop("cls", tf_dpsat.DPSATKeras)
     fused_plan = tf_dpsat.DPSATKeras._fused_noise
     results = {}
     for fused in (True, False):
@@ -273,7 +275,7 @@ def test_fused_update_matches_the_unfused_step(native_kernel, monkeypatch,
         model = tf_dpsat.make_private(keras.Sequential([
             keras.Input((20,)), keras.layers.Dense(1100, activation="relu"),
             keras.layers.Dense(3)]))  # 23k + 1100 weights: several chunks
-        model.compile(optimizer=tf_dpsat.DPSATKeras(
+        model.compile(optimizer=cls(
             learning_rate=0.5, l2_norm_clip=1.0, noise_multiplier=1.0, seed=3,
             **kwargs), loss=keras.losses.SparseCategoricalCrossentropy(
                 from_logits=True))
