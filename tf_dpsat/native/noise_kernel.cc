@@ -107,6 +107,46 @@ void NormalChunk(const uint32_t* bits, float* __restrict z) {
   sin_half = a * b.sin();
 }
 
+// Where a draw's noise comes from: the Philox key, the counter's high 64
+// bits and its stream word (already shifted into place).
+struct NoiseSource {
+  uint64_t key;
+  uint64_t c_hi;
+  uint64_t stream_bits;
+};
+
+// Checks and reads the seed (int64 [2]) and stream (int64 scalar) inputs.
+absl::Status ReadNoiseSource(const Tensor& seed, const Tensor& stream_t,
+                             NoiseSource* source) {
+  if (seed.NumElements() != 2) {
+    return absl::InvalidArgumentError("Expected a seed of 2 elements.");
+  }
+  if (stream_t.NumElements() != 1) {
+    return absl::InvalidArgumentError("Expected a scalar stream.");
+  }
+  const int64_t stream = stream_t.flat<int64_t>()(0);
+  if (stream < 0 || stream >= (int64_t{1} << 32)) {
+    return absl::InvalidArgumentError("Expected 0 <= stream < 2^32.");
+  }
+  source->key = static_cast<uint64_t>(seed.flat<int64_t>()(0));
+  source->c_hi = static_cast<uint64_t>(seed.flat<int64_t>()(1));
+  source->stream_bits = static_cast<uint64_t>(stream) << 32;
+  return absl::OkStatus();
+}
+
+// y = (x + stddev * z) / divisor for the n <= kChunk values of chunk
+// `chunk` of the concatenation, which owns Philox blocks [chunk * kBlocks,
+// (chunk + 1) * kBlocks) of the source's stream.
+void NoisyMeanChunk(const NoiseSource& source, uint64_t chunk, const float* x,
+                    int64_t n, float stddev, float divisor, float* y) {
+  alignas(64) uint32_t bits[kChunk];
+  alignas(64) float z[kChunk];
+  PhiloxChunk(source.stream_bits | (chunk * kBlocks), source.c_hi, source.key,
+              bits);
+  NormalChunk(bits, z);
+  for (int64_t j = 0; j < n; ++j) y[j] = (x[j] + stddev * z[j]) / divisor;
+}
+
 class NoisyMeanOp : public OpKernel {
  public:
   explicit NoisyMeanOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
@@ -114,23 +154,13 @@ class NoisyMeanOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     OpInputList sums;
     OP_REQUIRES_OK(ctx, ctx->input_list("sums", &sums));
-    const Tensor& seed = ctx->input(sums.size());
-    const Tensor& stream_t = ctx->input(sums.size() + 1);
+    NoiseSource source;
+    OP_REQUIRES_OK(ctx, ReadNoiseSource(ctx->input(sums.size()),
+                                        ctx->input(sums.size() + 1), &source));
     const Tensor& stddev_t = ctx->input(sums.size() + 2);
     const Tensor& divisor_t = ctx->input(sums.size() + 3);
-    OP_REQUIRES(ctx, seed.NumElements() == 2,
-                absl::InvalidArgumentError("Expected a seed of 2 elements."));
     OP_REQUIRES(ctx, stddev_t.NumElements() == 1 && divisor_t.NumElements() == 1,
                 absl::InvalidArgumentError("Expected scalar stddev and divisor."));
-    const auto seed_v = seed.flat<int64_t>();
-    const uint64_t key = static_cast<uint64_t>(seed_v(0));
-    const uint64_t c_hi = static_cast<uint64_t>(seed_v(1));
-    OP_REQUIRES(ctx, stream_t.NumElements() == 1,
-                absl::InvalidArgumentError("Expected a scalar stream."));
-    const int64_t stream = stream_t.scalar<int64_t>()();
-    OP_REQUIRES(ctx, stream >= 0 && stream < (int64_t{1} << 32),
-                absl::InvalidArgumentError("Expected 0 <= stream < 2^32."));
-    const uint64_t stream_bits = static_cast<uint64_t>(stream) << 32;
     const float stddev = stddev_t.scalar<float>()();
     const float divisor = divisor_t.scalar<float>()();
 
@@ -158,19 +188,12 @@ class NoisyMeanOp : public OpKernel {
                          (uint64_t{1} << 32),
                 absl::InvalidArgumentError("More than 2^34 noise values."));
     auto work = [&](int64_t begin, int64_t end) {
-      alignas(64) uint32_t bits[kChunk];
-      alignas(64) float z[kChunk];
       for (int64_t c = begin; c < end; ++c) {
         const int i = tensor_of[c];
         const int64_t s = start_of[c];
-        // Chunk c of the concatenation owns blocks [c * kBlocks, ...).
-        PhiloxChunk(stream_bits | (static_cast<uint64_t>(c) * kBlocks), c_hi,
-                    key, bits);
-        NormalChunk(bits, z);
-        const int64_t n = std::min<int64_t>(kChunk, size[i] - s);
-        const float* x = in[i] + s;
-        float* y = out[i] + s;
-        for (int64_t j = 0; j < n; ++j) y[j] = (x[j] + stddev * z[j]) / divisor;
+        NoisyMeanChunk(source, static_cast<uint64_t>(c), in[i] + s,
+                       std::min<int64_t>(kChunk, size[i] - s), stddev, divisor,
+                       out[i] + s);
       }
     };
     const auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
@@ -180,14 +203,6 @@ class NoisyMeanOp : public OpKernel {
   }
 };
 
-// DpsatNoisySgd: for one variable w with SGD velocity v, the noisy mean
-// g = (sum + stddev * z) / divisor and, in the same pass, Keras's SGD update:
-//   v' = momentum * v - lr * g,  w' = w + v'  (nesterov: w + momentum * v' -
-//   lr * g);  without momentum w' = w - lr * g.
-// z is the noise DpsatNoisyMean draws for this variable when the variable
-// starts at chunk `first_chunk` of the concatenation, so the fused update
-// adds exactly the noise of the unfused one. Outputs w', v' (empty without
-// momentum) and g (DP-SAT keeps it for the next step's perturbation).
 // The same operations, in the same order, as update_step's (keras SGD).
 void SgdUpdate(int64_t n, const float* __restrict g, const float* __restrict w,
                float lr, float* __restrict w2) {
@@ -206,6 +221,14 @@ void MomentumUpdate(int64_t n, const float* __restrict g,
   }
 }
 
+// DpsatNoisySgd: for one variable w with SGD velocity v, the noisy mean
+// g = (sum + stddev * z) / divisor and, in the same pass, Keras's SGD update:
+//   v' = momentum * v - lr * g,  w' = w + v'  (nesterov: w + momentum * v' -
+//   lr * g);  without momentum w' = w - lr * g.
+// z is the noise DpsatNoisyMean draws for this variable when the variable
+// starts at chunk `first_chunk` of the concatenation, so the fused update
+// adds exactly the noise of the unfused one. Outputs w', v' (empty without
+// momentum) and g (DP-SAT keeps it for the next step's perturbation).
 class NoisySgdOp : public OpKernel {
  public:
   explicit NoisySgdOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -231,18 +254,10 @@ class NoisySgdOp : public OpKernel {
     }
     const float stddev = scalars[0], divisor = scalars[1], lr = scalars[2],
                 momentum = scalars[3];
-    const Tensor& seed = ctx->input(3);
-    OP_REQUIRES(ctx, seed.NumElements() == 2,
-                absl::InvalidArgumentError("Expected a seed of 2 elements."));
-    const uint64_t key = static_cast<uint64_t>(seed.flat<int64_t>()(0));
-    const uint64_t c_hi = static_cast<uint64_t>(seed.flat<int64_t>()(1));
-    OP_REQUIRES(ctx, ctx->input(4).NumElements() == 1 &&
-                         ctx->input(5).NumElements() == 1,
-                absl::InvalidArgumentError(
-                    "Expected a scalar stream and first_chunk."));
-    const int64_t stream = ctx->input(4).flat<int64_t>()(0);
-    OP_REQUIRES(ctx, stream >= 0 && stream < (int64_t{1} << 32),
-                absl::InvalidArgumentError("Expected 0 <= stream < 2^32."));
+    NoiseSource source;
+    OP_REQUIRES_OK(ctx, ReadNoiseSource(ctx->input(3), ctx->input(4), &source));
+    OP_REQUIRES(ctx, ctx->input(5).NumElements() == 1,
+                absl::InvalidArgumentError("Expected a scalar first_chunk."));
     const int64_t first_chunk = ctx->input(5).flat<int64_t>()(0);
     const int64_t size = param.NumElements();
     const int64_t chunks = (size + kChunk - 1) / kChunk;
@@ -251,7 +266,6 @@ class NoisySgdOp : public OpKernel {
                              (uint64_t{1} << 32),
                 absl::InvalidArgumentError(
                     "Expected 0 <= first_chunk and blocks below 2^32."));
-    const uint64_t stream_bits = static_cast<uint64_t>(stream) << 32;
 
     Tensor *w_out = nullptr, *v_out = nullptr, *g_out = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, param.shape(), &w_out));
@@ -268,17 +282,12 @@ class NoisySgdOp : public OpKernel {
     const bool nesterov = nesterov_;
     const bool use_momentum = use_momentum_;
     auto work = [&](int64_t begin, int64_t end) {
-      alignas(64) uint32_t bits[kChunk];
-      alignas(64) float z[kChunk];
       for (int64_t c = begin; c < end; ++c) {
-        PhiloxChunk(stream_bits |
-                        (static_cast<uint64_t>(first_chunk + c) * kBlocks),
-                    c_hi, key, bits);
-        NormalChunk(bits, z);
         const int64_t s = c * kChunk;
         const int64_t n = std::min<int64_t>(kChunk, size - s);
-        float* __restrict g = g2 + s;
-        for (int64_t j = 0; j < n; ++j) g[j] = (x[s + j] + stddev * z[j]) / divisor;
+        NoisyMeanChunk(source, static_cast<uint64_t>(first_chunk + c), x + s, n,
+                       stddev, divisor, g2 + s);
+        const float* g = g2 + s;
         if (!use_momentum) {
           SgdUpdate(n, g, w + s, lr, w2 + s);
         } else if (nesterov) {
