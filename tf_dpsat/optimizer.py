@@ -844,7 +844,7 @@ class DPSATKeras(keras.optimizers.Optimizer):
                 or clipping.compiled_by_xla() or
                 any(getattr(v, "overwrite_with_gradient", False)
                     for v in variables) or
-                native._usable(list(summed)) is None):
+                not native.usable(summed)):
             return None
         seed, stream = self._noise_stream(0)
         offsets = native.chunk_offsets([s.shape.num_elements() for s in summed])

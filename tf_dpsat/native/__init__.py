@@ -235,6 +235,11 @@ def _usable(tensors: Sequence[tf.Tensor]):
     return module
 
 
+def usable(tensors: Sequence[tf.Tensor]) -> bool:
+    """Whether the kernels can take `tensors` here (see `_usable`)."""
+    return _usable(list(tensors)) is not None
+
+
 def noisy_mean(sums: Sequence[tf.Tensor], stddev, seed: tf.Tensor, stream,
                divisor) -> Optional[list]:
     """(sums[i] + N(0, stddev^2)) / divisor by the fused kernel, if usable.
