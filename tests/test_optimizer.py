@@ -390,6 +390,29 @@ def test_clipped_fraction_metric():
     assert hist.history["grad_norm_clipped_fraction"] == [0.5]
 
 
+def test_clipped_fraction_resets_between_train_on_batch_calls():
+    # As above (|g_i| = 2 x_i^2, C = 0.5): batch a clips 2 of 4, batch b
+    # (x >= 1) all 4. Keras resets the metrics on each train_on_batch call, so
+    # b reports 1.0 (6 / 8 = 0.75 if the DP totals carried over), then a 0.5.
+    model = tf_dpsat.make_private(keras.Sequential([
+        keras.Input((1,)),
+        keras.layers.Dense(1, use_bias=False, kernel_initializer="ones")]))
+    model.compile(optimizer=tf_dpsat.DPSATKeras(
+        learning_rate=0.0, momentum=0.0, l2_norm_clip=0.5, noise_multiplier=0.0),
+        loss="mse")
+    a = np.array([[0.1], [0.2], [1.0], [2.0]], np.float32)
+    b = np.array([[1.0], [2.0], [3.0], [4.0]], np.float32)
+    fractions = [model.train_on_batch(x, np.zeros((4, 1)), return_dict=True)[
+        "grad_norm_clipped_fraction"] for x in (a, b, a)]
+    assert fractions == [0.5, 1.0, 0.5]
+    # The metric's own reset, eagerly and traced, zeroes all three totals.
+    stats = model._dp_stats
+    for reset in (stats.reset_state, tf.function(stats.reset_state)):
+        stats.update_state(1.0, 2.0, 3.0)
+        reset()
+        np.testing.assert_array_equal(stats.totals.numpy(), [0.0, 0.0, 0.0])
+
+
 # ------------------------------------------------------------------- noise
 
 # The noise tests: one step, lr 1, no momentum, rho 0, on a 100,100-weight
