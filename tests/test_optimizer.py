@@ -376,30 +376,30 @@ def test_nonfinite_example_is_dropped_and_counted():
     assert max_diff(weights(model), weights(clean)) < 1e-6
 
 
-def test_clipped_fraction_metric():
-    # One dense weight, no bias; loss (w x)^2 with w = 1: |g_i| = 2 x_i^2.
-    # x = (0.1, 0.2, 1, 2), C = 0.5: norms 0.02, 0.08, 2, 8 -> 2 of 4 clipped.
+def _clip_fraction_model():
+    """One dense weight w = 1, no bias, mse to 0: |g_i| = 2 x_i^2; C = 0.5."""
     model = tf_dpsat.make_private(keras.Sequential([
         keras.Input((1,)),
         keras.layers.Dense(1, use_bias=False, kernel_initializer="ones")]))
     model.compile(optimizer=tf_dpsat.DPSATKeras(
         learning_rate=0.0, momentum=0.0, l2_norm_clip=0.5, noise_multiplier=0.0),
         loss="mse")
+    return model
+
+
+def test_clipped_fraction_metric():
+    # x = (0.1, 0.2, 1, 2): norms 0.02, 0.08, 2, 8 -> 2 of 4 above C = 0.5.
+    model = _clip_fraction_model()
     x = np.array([[0.1], [0.2], [1.0], [2.0]], np.float32)
     hist = model.fit(x, np.zeros((4, 1)), batch_size=4, verbose=0)
     assert hist.history["grad_norm_clipped_fraction"] == [0.5]
 
 
 def test_clipped_fraction_resets_between_train_on_batch_calls():
-    # As above (|g_i| = 2 x_i^2, C = 0.5): batch a clips 2 of 4, batch b
-    # (x >= 1) all 4. Keras resets the metrics on each train_on_batch call, so
-    # b reports 1.0 (6 / 8 = 0.75 if the DP totals carried over), then a 0.5.
-    model = tf_dpsat.make_private(keras.Sequential([
-        keras.Input((1,)),
-        keras.layers.Dense(1, use_bias=False, kernel_initializer="ones")]))
-    model.compile(optimizer=tf_dpsat.DPSATKeras(
-        learning_rate=0.0, momentum=0.0, l2_norm_clip=0.5, noise_multiplier=0.0),
-        loss="mse")
+    # Batch a clips 2 of 4 (as above), batch b (x >= 1) all 4. Keras resets
+    # the metrics on each train_on_batch call, so b reports 1.0 (6 / 8 = 0.75
+    # if the DP totals carried over), then a 0.5.
+    model = _clip_fraction_model()
     a = np.array([[0.1], [0.2], [1.0], [2.0]], np.float32)
     b = np.array([[1.0], [2.0], [3.0], [4.0]], np.float32)
     fractions = [model.train_on_batch(x, np.zeros((4, 1)), return_dict=True)[
