@@ -37,14 +37,13 @@ class _DPStats(keras.metrics.Metric):
         self._zeros = None
 
     def reset_state(self):
-        # Keras's default builds a zero tensor on every call, and
-        # train_on_batch resets eagerly on each step: reuse one (~30 us).
-        zeros = self._zeros
-        if zeros is None or not tf.executing_eagerly():
-            zeros = tf.zeros(self.totals.shape, self.totals.dtype)
-            if tf.executing_eagerly():
-                self._zeros = zeros
-        self.totals.assign(zeros)
+        # train_on_batch resets every metric eagerly on each step, and Keras's
+        # default builds a new zero tensor each time: reuse one (~30 us).
+        if not tf.executing_eagerly():
+            return super().reset_state()
+        if self._zeros is None:
+            self._zeros = tf.zeros(self.totals.shape, self.totals.dtype)
+        self.totals.assign(self._zeros)
 
     def update_state(self, clipped, examples, nonfinite):
         self.totals.assign_add(tf.cast(tf.stack([clipped, examples, nonfinite]),
