@@ -333,4 +333,3 @@ def noisy_sgd(summed: tf.Tensor, param: tf.Tensor, velocity: Optional[tf.Tensor]
         tf.constant(momentum, tf.float32), nesterov=nesterov,
         use_momentum=use_momentum)
     return new_param, (new_velocity if use_momentum else None), gradient
-
