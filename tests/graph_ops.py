@@ -16,3 +16,25 @@ def train_graph_ops(model, x, y) -> collections.Counter:
     for f in graph._functions.values():  # branches of tf.cond
         ops.update(op.type for op in f.graph.get_operations())
     return ops
+
+
+def train_graphs(model, x, y) -> list:
+    """The graphs of `model.train_step`: its own and its tf.cond branches'.
+
+    Trains one step on (x, y) first, which builds the optimizer.
+    """
+    model.train_on_batch(x, y)
+    graph = tf.function(model.train_step).get_concrete_function((x, y)).graph
+    return [graph] + [f.graph for f in graph._functions.values()]
+
+
+def ancestors(op) -> set:
+    """Names of the ops `op` waits for, through data and control edges."""
+    seen, stack = set(), [op]
+    while stack:
+        current = stack.pop()
+        for parent in [t.op for t in current.inputs] + current.control_inputs:
+            if parent.name not in seen:
+                seen.add(parent.name)
+                stack.append(parent)
+    return seen

@@ -187,6 +187,31 @@ def test_optimizer_step_uses_the_kernels_when_built(native_kernel):
     assert decayed["DpsatNoisyMean"] == 1 and decayed["DpsatNoisySgd"] == 0
 
 
+def test_the_variables_updates_do_not_wait_for_each_other(native_kernel):
+    # The kernels are pure functions of their inputs (the noise of (seed,
+    # stream)), not stateful ops: tf.function chains stateful ops in program
+    # order, which made each variable's update wait for the previous
+    # variable's update and assignments (~0.05x of an MLP step at batch 256).
+    x = tf.constant(np.random.default_rng(0).normal(size=(8, 4)), tf.float32)
+    y = tf.constant(np.arange(8) % 3)
+    with native.enabled(True):
+        model = tf_dpsat.DPSequential([keras.Input((4,)),
+                                       keras.layers.Dense(5),
+                                       keras.layers.Dense(3)])
+        model.compile(optimizer=tf_dpsat.DPSATKeras(
+            learning_rate=0.1, l2_norm_clip=1.0, noise_multiplier=1.0,
+            rho=0.1, seed=1), loss=keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True))
+        graphs = graph_ops.train_graphs(model, x, y)
+    updates = [op for g in graphs for op in g.get_operations()
+               if op.type == "DpsatNoisySgd"]
+    assert len(updates) == 4  # two kernels, two biases
+    names = {op.name for op in updates}
+    for op in updates:
+        assert not graph_ops.ancestors(op) & names, op.name
+    assert not any(op.op_def.is_stateful for op in updates)
+
+
 @pytest.mark.parametrize("momentum,nesterov", [(0.9, False), (0.9, True),
                                                 (0.0, False)])
 def test_noisy_sgd_matches_the_numpy_reference(native_kernel, momentum,

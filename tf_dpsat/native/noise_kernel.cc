@@ -317,6 +317,9 @@ class NoisySgdOp : public OpKernel {
   bool use_momentum_;
 };
 
+// Not SetIsStateful: the outputs are a pure function of the inputs (the
+// noise of (seed, stream)). tf.function runs stateful ops in program order,
+// which made each variable's update wait for the previous one's.
 REGISTER_OP("DpsatNoisySgd")
     .Input("sum: float")
     .Input("param: float")
@@ -333,7 +336,6 @@ REGISTER_OP("DpsatNoisySgd")
     .Output("gradient: float")
     .Attr("nesterov: bool = false")
     .Attr("use_momentum: bool = true")
-    .SetIsStateful()
     .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
       bool use_momentum;
       TF_RETURN_IF_ERROR(c->GetAttr("use_momentum", &use_momentum));
@@ -354,7 +356,6 @@ REGISTER_OP("DpsatNoisyMean")
     .Input("divisor: float")
     .Output("noisy: N * float")
     .Attr("N: int >= 1")
-    .SetIsStateful()
     .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
       for (int i = 0; i < c->num_outputs(); ++i) c->set_output(i, c->input(i));
       return absl::OkStatus();
