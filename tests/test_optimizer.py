@@ -1,5 +1,6 @@
 """DPSATKeras / DPSAMKeras against hand-derived values and a reference loop."""
 
+import contextlib
 import math
 import warnings
 
@@ -395,11 +396,15 @@ def test_clipped_fraction_metric():
     assert hist.history["grad_norm_clipped_fraction"] == [0.5]
 
 
-def test_clipped_fraction_resets_between_train_on_batch_calls():
+@pytest.mark.parametrize("distributed", [False, True])
+def test_clipped_fraction_resets_between_train_on_batch_calls(
+        mirrored_strategy, distributed):
     # Batch a clips 2 of 4 (as above), batch b (x >= 1) all 4. Keras resets
     # the metrics on each train_on_batch call, so b reports 1.0 (6 / 8 = 0.75
-    # if the DP totals carried over), then a 0.5.
-    model = _clip_fraction_model()
+    # if the DP totals carried over), then a 0.5. The eager reset has a fast
+    # path for a plain variable; a distributed one must be reset too.
+    with mirrored_strategy.scope() if distributed else contextlib.nullcontext():
+        model = _clip_fraction_model()
     a = np.array([[0.1], [0.2], [1.0], [2.0]], np.float32)
     b = np.array([[1.0], [2.0], [3.0], [4.0]], np.float32)
     fractions = [model.train_on_batch(x, np.zeros((4, 1)), return_dict=True)[
