@@ -24,15 +24,19 @@
 // output is a pure function of (seed, stream), whatever the threads.
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <functional>
+#include <memory>
+#include <thread>
 #include <vector>
 
 #include "Eigen/Core"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
-#include "tensorflow/core/util/work_sharder.h"
+#include "tensorflow/core/platform/threadpool.h"
 
 namespace tf_dpsat {
 namespace {
@@ -53,15 +57,52 @@ constexpr uint32_t kMul0 = 0xD2511F53u;  // Philox4x32 multipliers
 constexpr uint32_t kMul1 = 0xCD9E8D57u;
 constexpr uint32_t kWeyl0 = 0x9E3779B9u;  // key schedule increments
 constexpr uint32_t kWeyl1 = 0xBB67AE85u;
-// Cost estimates for tensorflow::Shard, in CPU cycles per value (measured
-// single-threaded on a 2.6 GHz AMD EPYC: Philox 0.32 ns and Box-Muller
-// 0.55 ns per value). Shard splits work across threads only when its total
-// cost pays for waking them, which took tens of microseconds on a 2-vCPU
-// virtual machine: an overestimate splits small tensors and waits for that.
+// Cost estimates in CPU cycles per value (measured single-threaded on a
+// 2.6 GHz AMD EPYC: Philox 0.32 ns and Box-Muller 0.55 ns per value). Work
+// below kMinHelperCycles per extra thread runs on the calling thread alone:
+// waking a thread took tens of microseconds on a 2-vCPU virtual machine.
 constexpr int64_t kNoisyMeanCycles = 3;
 constexpr int64_t kNoisySgdCycles = 4;
 constexpr int64_t kNormCycles = 2;
 constexpr int64_t kPerturbCycles = 3;
+constexpr int64_t kMinHelperCycles = 100000;
+
+// Runs work(i, i + 1) for every i < items on the calling thread and on
+// helpers from TensorFlow's intra-op pool, each taking the next item from a
+// shared counter. tensorflow::Shard splits the range in advance and waits
+// for every part, so a pool thread busy with another op's work (in a step,
+// the matrix products) held up the whole kernel; here the caller takes
+// whatever no helper has claimed and waits only for items in progress.
+// A helper that starts after the last item was claimed does nothing.
+void ParallelFor(const OpKernelContext* ctx, int64_t items,
+                 int64_t cycles_per_item,
+                 const std::function<void(int64_t, int64_t)>& work) {
+  struct Progress {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> finished{0};
+  };
+  const auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
+  const int64_t helpers = std::min<int64_t>(
+      {workers->num_threads - 1, items - 1,
+       items * cycles_per_item / kMinHelperCycles});
+  auto progress = std::make_shared<Progress>();
+  auto run = [items](Progress* p,
+                     const std::function<void(int64_t, int64_t)>* w) {
+    for (int64_t i = p->next.fetch_add(1); i < items;
+         i = p->next.fetch_add(1)) {
+      (*w)(i, i + 1);
+      p->finished.fetch_add(1);
+    }
+  };
+  for (int64_t h = 0; h < helpers; ++h) {
+    // `work` outlives every item a helper claims: the caller returns only
+    // once all items have finished.
+    workers->workers->Schedule(
+        [progress, run, w = &work] { run(progress.get(), w); });
+  }
+  run(progress.get(), &work);
+  while (progress->finished.load() < items) std::this_thread::yield();
+}
 
 // Philox4x32-10 of counters (first + j, c_hi) for j < kBlocks, with the
 // blocks held as four separate word arrays so the compiler vectorizes the
@@ -205,11 +246,9 @@ class NoisyMeanOp : public OpKernel {
                        out[i] + s);
       }
     };
-    const auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
     // Each chunk draws kChunk values, however few of them its tensor uses.
-    tensorflow::Shard(workers->num_threads, workers->workers,
-                      static_cast<int64_t>(tensor_of.size()),
-                      kNoisyMeanCycles * kChunk, work);
+    ParallelFor(ctx, static_cast<int64_t>(tensor_of.size()),
+                kNoisyMeanCycles * kChunk, work);
   }
 };
 
@@ -307,9 +346,7 @@ class NoisySgdOp : public OpKernel {
         }
       }
     };
-    const auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
-    tensorflow::Shard(workers->num_threads, workers->workers, chunks,
-                      kNoisySgdCycles * kChunk, work);
+    ParallelFor(ctx, chunks, kNoisySgdCycles * kChunk, work);
   }
 
  private:
@@ -420,9 +457,7 @@ class PerturbOp : public OpKernel {
         partial[c] = Eigen::Map<const Eigen::ArrayXf>(d, n).square().sum();
       }
     };
-    const auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
-    tensorflow::Shard(workers->num_threads, workers->workers, spans,
-                      kNormCycles * span_values, norms);
+    ParallelFor(ctx, spans, kNormCycles * span_values, norms);
     double total = 0.0;
     for (double p : partial) total += p;
     const float scale =
@@ -438,8 +473,7 @@ class PerturbOp : public OpKernel {
         for (int64_t j = 0; j < n; ++j) y[j] = p[j] + scale * d[j];
       }
     };
-    tensorflow::Shard(workers->num_threads, workers->workers, spans,
-                      kPerturbCycles * span_values, update);
+    ParallelFor(ctx, spans, kPerturbCycles * span_values, update);
   }
 };
 
