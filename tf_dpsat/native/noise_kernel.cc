@@ -70,8 +70,8 @@ constexpr int64_t kMinHelperCycles = 100000;
 // Runs work(i, i + 1) for every i < items on the calling thread and on
 // helpers from TensorFlow's intra-op pool, each taking the next item from a
 // shared counter. tensorflow::Shard splits the range in advance and waits
-// for every part, so a pool thread busy with another op's work (in a step,
-// the matrix products) held up the whole kernel; here the caller takes
+// for every part, so a pool thread busy with another op of the step (a
+// norm, a matrix product) held up the whole kernel; here the caller takes
 // whatever no helper has claimed and waits only for items in progress.
 // A helper that starts after the last item was claimed does nothing.
 void ParallelFor(const OpKernelContext* ctx, int64_t items,
