@@ -5,19 +5,6 @@ import collections
 import tensorflow as tf
 
 
-def train_graph_ops(model, x, y) -> collections.Counter:
-    """Op types and counts of `model.train_step`, tf.cond branches included.
-
-    Trains one step on (x, y) first, which builds the optimizer.
-    """
-    model.train_on_batch(x, y)
-    graph = tf.function(model.train_step).get_concrete_function((x, y)).graph
-    ops = collections.Counter(op.type for op in graph.get_operations())
-    for f in graph._functions.values():  # branches of tf.cond
-        ops.update(op.type for op in f.graph.get_operations())
-    return ops
-
-
 def train_graphs(model, x, y) -> list:
     """The graphs of `model.train_step`: its own and its tf.cond branches'.
 
@@ -26,6 +13,12 @@ def train_graphs(model, x, y) -> list:
     model.train_on_batch(x, y)
     graph = tf.function(model.train_step).get_concrete_function((x, y)).graph
     return [graph] + [f.graph for f in graph._functions.values()]
+
+
+def train_graph_ops(model, x, y) -> collections.Counter:
+    """Op types and counts of `model.train_step`, tf.cond branches included."""
+    return collections.Counter(op.type for g in train_graphs(model, x, y)
+                               for op in g.get_operations())
 
 
 def ancestors(op) -> set:
