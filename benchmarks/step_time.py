@@ -198,6 +198,7 @@ class Config:
     memory_batch_sizes: Optional[list[int]] = None
     memory_jit: Optional[list[bool]] = None
     clipping: Optional[str] = None
+    batch_slices: Optional[int] = None
     learning_rate: float = 0.05
     momentum: float = 0.9
     l2_norm_clip: float = 1.0
@@ -275,7 +276,24 @@ def make_optimizer(mode: str, cfg: Config) -> keras.optimizers.Optimizer:
                 f"--clipping={cfg.clipping} was given but this tf_dpsat's "
                 f"{cls.__name__} has no `clipping` argument.")
         kwargs["clipping"] = cfg.clipping
+    if cfg.batch_slices is not None:
+        if not accepts_keyword(cls, "batch_slices"):
+            raise ValueError(
+                f"--batch_slices={cfg.batch_slices} was given but this "
+                f"tf_dpsat's {cls.__name__} has no `batch_slices` argument.")
+        kwargs["batch_slices"] = cfg.batch_slices
     return cls(**kwargs)
+
+
+def _batch_slices(trainer: "Trainer") -> Optional[int]:
+    """The slices a DP step cuts its batch into (None for Keras's SGD)."""
+    optimizer = trainer.optimizer
+    if not hasattr(optimizer, "batch_slices"):
+        return None
+    if optimizer.batch_slices is not None:
+        return optimizer.batch_slices
+    # The library's default: one slice inside XLA, else its CPU choice.
+    return 1 if trainer.model.jit_compile else optimizer._slices_for()
 
 
 def synthetic_batch(shape: tuple[int, ...], batch_size: int,
@@ -494,6 +512,7 @@ def base_row(model_name: str, batch_size: int, mode: str,
         "mode": mode,
         "optimizer": None,
         "clipping": None,
+        "batch_slices": None,
         "steps_timed": 0,
         "rounds_timed": 0,
         "median_step_s": math.nan,
@@ -544,6 +563,7 @@ def _trainer_row(trainer: Trainer) -> dict[str, Any]:
         "jit_effective": bool(trainer.model.jit_compile),
         "optimizer": type(trainer.optimizer).__name__,
         "clipping": getattr(trainer.optimizer, "clipping", None),
+        "batch_slices": _batch_slices(trainer),
         "first_call_s": trainer.first_call_s,
         "warmup_step_s": list(trainer.warmup_s),
         "skipped": trainer.skipped,
@@ -735,6 +755,8 @@ def _child_argv(cfg: Config, model_name: str, batch_size: int, jit: bool,
             f"--seed={cfg.seed}"]
     if cfg.clipping is not None:
         argv.append(f"--clipping={cfg.clipping}")
+    if cfg.batch_slices is not None:
+        argv.append(f"--batch_slices={cfg.batch_slices}")
     return argv
 
 
@@ -1112,6 +1134,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clipping", default=None,
                    help="passed to DPSATKeras/DPSAMKeras as clipping= when "
                         "given (e.g. auto, fast, vectorized)")
+    p.add_argument("--batch_slices", type=_positive_int, default=None,
+                   help="passed to DPSATKeras/DPSAMKeras as batch_slices= "
+                        "when given (default: the library's choice)")
     p.add_argument("--learning_rate", type=float, default=Config.learning_rate)
     p.add_argument("--momentum", type=float, default=Config.momentum)
     p.add_argument("--l2_norm_clip", type=float, default=Config.l2_norm_clip)

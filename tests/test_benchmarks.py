@@ -23,7 +23,8 @@ from benchmarks import step_time  # noqa: E402
 
 ROW_KEYS = {
     "model", "model_description", "input_shape", "parameters", "batch_size",
-    "jit", "jit_effective", "mode", "optimizer", "clipping", "steps_timed",
+    "jit", "jit_effective", "mode", "optimizer", "clipping", "batch_slices",
+    "steps_timed",
     "median_step_s", "p25_step_s", "p75_step_s", "min_step_s",
     "examples_per_s", "first_call_s", "traces", "retraces_while_timed",
     "final_loss", "round_medians_s", "step_times_s", "memory", "error",
@@ -161,6 +162,18 @@ def test_clipping_is_passed_only_when_accepted():
     else:
         with pytest.raises(ValueError, match="clipping"):
             step_time.make_optimizer("dpsgd", cfg)
+
+
+def test_batch_slices_are_passed_and_reported():
+    cfg = step_time.Config(models=["tiny"], batch_sizes=[4],
+                           modes=["nonprivate", "dpsat"], jit=[False],
+                           rounds=1, steps=1, warmup=1, batch_slices=3)
+    assert step_time.make_optimizer("dpsat", cfg).batch_slices == 3
+    rows = step_time.time_group("tiny", 4, False, cfg)
+    assert {r["mode"]: r["batch_slices"] for r in rows} == {
+        "nonprivate": None, "dpsat": 3}
+    argv = step_time._child_argv(cfg, "tiny", 4, False, "dpsat")
+    assert "--batch_slices=3" in argv
 
 
 def test_in_process_group_without_isolation():

@@ -317,19 +317,22 @@ def test_reported_loss_is_the_compiled_loss(clipping, reduction):
     assert logs["loss"] == pytest.approx(expected, rel=1e-6)
 
 
-def test_fast_step_evaluates_a_row_wise_loss_once():
+@pytest.mark.parametrize("slices", [1, 2])
+def test_fast_step_evaluates_a_row_wise_loss_once(slices):
     x, y = make_data("dense", n=8)
     counts = {}
     for name, loss in (("keras", XENT), ("coupled", _coupled_loss)):
         model = tf_dpsat.make_private(dense_model())
-        model.compile(optimizer=tf_dpsat.DPSATKeras(noise_multiplier=1.0),
+        model.compile(optimizer=tf_dpsat.DPSATKeras(noise_multiplier=1.0,
+                                                    batch_slices=slices),
                       loss=loss)
         ops = graph_ops.train_graph_ops(model, tf.constant(x), tf.constant(y))
         counts[name] = ops["SparseSoftmaxCrossEntropyWithLogits"]
-    # Keras's loss: one evaluation gives the reported loss and every
-    # example's gradient. Any other: per example (in the vectorized map)
-    # and again for the reported loss.
-    assert counts["keras"] == 1 and counts["coupled"] >= 2
+    # Keras's loss: one evaluation per slice gives the reported loss and
+    # every example's gradient. Any other: per example (in the vectorized
+    # map) and again for the reported loss.
+    assert counts["keras"] == slices
+    assert counts["coupled"] >= slices + 1
 
 
 # ------------------------------------------------------------ sample weights
@@ -578,15 +581,16 @@ def test_config_round_trip_holds_every_argument():
         learning_rate=0.3, momentum=0.5, nesterov=True, l2_norm_clip=0.7,
         noise_multiplier=1.3, rho=0.02, num_microbatches=4,
         expected_batch_size=64, gradient_accumulation_steps=2, seed=11,
-        direction="momentum", clipping="vectorized", weight_decay=0.001,
-        name="dp")
+        direction="momentum", clipping="vectorized", batch_slices=3,
+        weight_decay=0.001, name="dp")
     config = opt.get_config()
     for key, value in dict(learning_rate=0.3, momentum=0.5, nesterov=True,
                            l2_norm_clip=0.7, noise_multiplier=1.3, rho=0.02,
                            num_microbatches=4, expected_batch_size=64,
                            gradient_accumulation_steps=2, seed=11,
                            direction="momentum", clipping="vectorized",
-                           weight_decay=0.001, name="dp").items():
+                           batch_slices=3, weight_decay=0.001,
+                           name="dp").items():
         assert config[key] == pytest.approx(value) if isinstance(
             value, float) else config[key] == value, key
     clone = tf_dpsat.DPSATKeras.from_config(config)
@@ -644,6 +648,7 @@ def test_weights_are_never_left_perturbed():
     ({"expected_batch_size": -4}, "Expected expected_batch_size=-4 >= 1."),
     ({"direction": "sideways"}, "direction"),
     ({"clipping": "ghostly"}, "clipping"),
+    ({"batch_slices": 0}, "Expected batch_slices=0 >= 1."),
     ({"clipnorm": 1.0}, "clipnorm=1.0"),
     ({"clipvalue": 1.0}, "clipvalue=1.0"),
     ({"global_clipnorm": 1.0}, "global_clipnorm=1.0"),
@@ -806,3 +811,102 @@ def test_dropout_trains_with_distinct_masks():
         model, variables, params, tf.constant(x), tf.constant(y), None,
         tf.ones([8]))
     assert len(np.unique(np.round(preds.numpy(), 5), axis=0)) > 1
+
+
+# ------------------------------------------------------------ batch slices
+
+@pytest.mark.parametrize("model_name, clipping, extra", [
+    ("dense", "fast", {}),
+    ("conv", "fast", {}),
+    ("conv", "vectorized", {}),
+    ("dense", "fast", {"num_microbatches": 3}),  # slices of 1 and 2 units
+    ("dense", "vectorized", {"num_microbatches": 3}),
+    ("dense", "fast", {"cls": tf_dpsat.DPSAMKeras}),
+])
+def test_batch_slices_give_the_same_training(model_name, clipping, extra):
+    # Noise on (the same seed), clipping binding on some examples, rho > 0:
+    # 1, 2 and 3 slices take the same steps and report the same metrics.
+    build = MODELS[model_name]
+    x, y = make_data(model_name, n=24)
+    clip = dp_reference.median_norm(build(), x[:12], y[:12], XENT,
+                                    extra.get("num_microbatches"))
+    results = {}
+    for slices in (1, 2, 3):
+        kwargs = dict(l2_norm_clip=clip, rho=0.05, noise_multiplier=0.3,
+                      clipping=clipping, batch_slices=slices, **extra)
+        model, _, hist = fit_private(build, x, y, batch_size=12, epochs=2,
+                                     **kwargs)
+        results[slices] = (weights(model), hist.history)
+    ref_weights, ref_history = results[1]
+    assert 0 < ref_history["grad_norm_clipped_fraction"][0] < 1
+    for slices in (2, 3):
+        got_weights, history = results[slices]
+        assert max_diff(got_weights, ref_weights) < 1e-5, slices
+        for key, values in ref_history.items():
+            np.testing.assert_allclose(history[key], values, rtol=1e-5,
+                                       err_msg=f"{key}, {slices} slices")
+
+
+@pytest.mark.parametrize("clipping", ["fast", "vectorized"])
+def test_batch_slices_with_fewer_examples_than_slices(clipping):
+    # 9 examples in batches of 8: the last batch has one example, so two of
+    # its three slices are empty (the batch size is only known at run time).
+    x, y = make_data("dense", n=9)
+    results = []
+    for slices in (1, 3):
+        model, _, hist = fit_private(dense_model, x, y, l2_norm_clip=0.5,
+                                     rho=0.05, clipping=clipping,
+                                     batch_slices=slices)
+        results.append((weights(model), hist.history["loss"]))
+    assert max_diff(results[0][0], results[1][0]) < 1e-6
+    np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-6)
+
+
+def _dropout_model():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((6,)), keras.layers.Dense(8),
+                             keras.layers.Dropout(0.5), keras.layers.Dense(3)])
+
+
+def test_vectorized_slices_draw_the_masks_of_the_whole_batch():
+    # Each example's dropout seed follows from its index in the whole batch,
+    # so slicing changes nothing.
+    x, y = make_data("dense", n=16)
+    got = [weights(fit_private(_dropout_model, x, y, l2_norm_clip=0.5,
+                               rho=0.05, clipping="vectorized",
+                               batch_slices=slices)[0])
+           for slices in (1, 2)]
+    assert max_diff(*got) < 1e-6
+
+
+def test_fast_path_slices_draw_distinct_masks():
+    # Identical examples: equal predictions would mean a mask drawn twice.
+    x = np.ones((8, 6), np.float32)
+    y = np.zeros(8, np.int64)
+    model = tf_dpsat.make_private(_dropout_model())
+    opt = tf_dpsat.DPSATKeras(noise_multiplier=0.0, rho=0.0, batch_slices=2)
+    model.compile(optimizer=opt, loss=XENT)
+    model.train_on_batch(x, y)
+    variables = model.trainable_variables
+    params = [tf.convert_to_tensor(v) for v in variables]
+    _, _, preds = opt._clipped_sum(model, variables, params, tf.constant(x),
+                                   tf.constant(y), None, tf.ones([8]))
+    assert len(np.unique(np.round(preds.numpy(), 5), axis=0)) == 8
+
+
+def test_default_batch_slices(mirrored_strategy):
+    # Two slices in graph mode on a CPU; one under XLA and tf.distribute.
+    opt = tf_dpsat.DPSATKeras(noise_multiplier=1.0)
+    seen = {}
+
+    def record(key):
+        seen[key] = opt._slices_for()
+        return tf.constant(0.0)
+
+    tf.function(lambda: record("graph"))()
+    tf.function(lambda: record("xla"), jit_compile=True)()
+    with mirrored_strategy.scope():
+        mirrored_strategy.run(tf.function(lambda: record("mirrored")))
+    assert seen == {"graph": 2, "xla": 1, "mirrored": 1}
+    assert tf_dpsat.DPSATKeras(noise_multiplier=1.0,
+                               batch_slices=4)._slices_for() == 4
