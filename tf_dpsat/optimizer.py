@@ -30,6 +30,8 @@ Per-example norms come from one of two paths, which give the same result:
 gradients, then the clipped sum by book-keeping; one forward and one backward
 pass) for networks of Dense, Conv, Embedding and normalization layers, and
 `tf.vectorized_map` over per-example backward passes for anything else.
+Either runs on independent slices of the batch (`batch_slices`), whose
+clipped sums are added before the noise.
 
 References:
   Park, Kim, Choi, Lee. "Differentially Private Sharpness-Aware Training".
@@ -314,7 +316,8 @@ class DPSATKeras(keras.optimizers.Optimizer):
         slice). The slices are independent, so TensorFlow runs one slice's
         matrix products while another waits for its clip factors. None
         (default): 2 on a CPU outside XLA and tf.distribute, where that
-        measured 6-12% faster per step (benchmarks/README.md), else 1.
+        took 2-13% off the step time relative to non-private training on
+        a 2-core machine (benchmarks/README.md), else 1.
       **kwargs: `name`, `weight_decay`, `use_ema`, ... of
         `keras.optimizers.Optimizer`. `clipnorm`, `clipvalue` and
         `global_clipnorm` are refused: they would act on the noisy gradient.
