@@ -270,18 +270,15 @@ def make_optimizer(mode: str, cfg: Config) -> keras.optimizers.Optimizer:
         learning_rate=cfg.learning_rate, momentum=cfg.momentum,
         l2_norm_clip=cfg.l2_norm_clip, noise_multiplier=cfg.noise_multiplier,
         rho=0.0 if mode == "dpsgd" else cfg.rho, seed=cfg.seed)
-    if cfg.clipping is not None:
-        if not accepts_keyword(cls, "clipping"):
+    for name in ("clipping", "batch_slices"):  # only when given
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if not accepts_keyword(cls, name):
             raise ValueError(
-                f"--clipping={cfg.clipping} was given but this tf_dpsat's "
-                f"{cls.__name__} has no `clipping` argument.")
-        kwargs["clipping"] = cfg.clipping
-    if cfg.batch_slices is not None:
-        if not accepts_keyword(cls, "batch_slices"):
-            raise ValueError(
-                f"--batch_slices={cfg.batch_slices} was given but this "
-                f"tf_dpsat's {cls.__name__} has no `batch_slices` argument.")
-        kwargs["batch_slices"] = cfg.batch_slices
+                f"--{name}={value} was given but this tf_dpsat's "
+                f"{cls.__name__} has no `{name}` argument.")
+        kwargs[name] = value
     return cls(**kwargs)
 
 

@@ -640,7 +640,8 @@ class DPSATKeras(keras.optimizers.Optimizer):
         seed_values = [tf.convert_to_tensor(g.state.value) for g in seeds]
         parts = []
         for first, count in self._slice_bounds(units):
-            rows = lambda t, a=first * size, b=(first + count) * size: t[a:b]
+            rows = lambda t, a=first * size, b=(first + count) * size: (
+                None if t is None else t[a:b])
             batch = tf.nest.map_structure(rows, (x, y, sample_weight, weights))
             parts.append(self._clipped_sum_of_slice(
                 model, variables, params, batch, (first, count, size), seeds,
