@@ -282,17 +282,6 @@ def make_optimizer(mode: str, cfg: Config) -> keras.optimizers.Optimizer:
     return cls(**kwargs)
 
 
-def _batch_slices(trainer: "Trainer") -> Optional[int]:
-    """The slices a DP step cuts its batch into (None for Keras's SGD)."""
-    optimizer = trainer.optimizer
-    if not hasattr(optimizer, "batch_slices"):
-        return None
-    if optimizer.batch_slices is not None:
-        return optimizer.batch_slices
-    # The library's default: one slice inside XLA, else its CPU choice.
-    return 1 if trainer.model.jit_compile else optimizer._slices_for()
-
-
 def synthetic_batch(shape: tuple[int, ...], batch_size: int,
                     seed: int) -> tuple[tf.Tensor, tf.Tensor]:
     """A fixed batch of N(0, 1) images and uniform labels."""
@@ -560,7 +549,9 @@ def _trainer_row(trainer: Trainer) -> dict[str, Any]:
         "jit_effective": bool(trainer.model.jit_compile),
         "optimizer": type(trainer.optimizer).__name__,
         "clipping": getattr(trainer.optimizer, "clipping", None),
-        "batch_slices": _batch_slices(trainer),
+        # What the traced step used (one slice under XLA by default).
+        "batch_slices": getattr(trainer.optimizer, "traced_batch_slices",
+                                None),
         "first_call_s": trainer.first_call_s,
         "warmup_step_s": list(trainer.warmup_s),
         "skipped": trainer.skipped,

@@ -7,6 +7,7 @@ RSS and that crashed or hung children become errors. They assert nothing
 about speed.
 """
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -174,6 +175,12 @@ def test_batch_slices_are_passed_and_reported():
         "nonprivate": None, "dpsat": 3}
     argv = step_time._child_argv(cfg, "tiny", 4, False, "dpsat")
     assert "--batch_slices=3" in argv
+    # Not given: the row reports what the library's default traced.
+    default = dataclasses.replace(cfg, batch_slices=None, jit=[False, True])
+    rows = [r for jit in (False, True)
+            for r in step_time.time_group("tiny", 4, jit, default)
+            if r["mode"] == "dpsat"]
+    assert [r["batch_slices"] for r in rows] == [2, 1]
 
 
 def test_in_process_group_without_isolation():

@@ -402,6 +402,9 @@ class DPSATKeras(keras.optimizers.Optimizer):
                              "not supported.")
         self._apply_mask = None
         self._pending_noise = None  # see _fused_noise
+        # The slices the last traced step cut its batch into (see
+        # `batch_slices`), for reports; None before the first step.
+        self.traced_batch_slices = None
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little") >> 1
         with keras.name_scope(self.name, caller=self):
@@ -638,11 +641,15 @@ class DPSATKeras(keras.optimizers.Optimizer):
             sample_weight = weights
         seeds = _seed_generators(model)
         seed_values = [tf.convert_to_tensor(g.state.value) for g in seeds]
+        bounds = self._slice_bounds(units)
+        self.traced_batch_slices = len(bounds)
         parts = []
-        for first, count in self._slice_bounds(units):
-            rows = lambda t, a=first * size, b=(first + count) * size: (
-                None if t is None else t[a:b])
-            batch = tf.nest.map_structure(rows, (x, y, sample_weight, weights))
+        for first, count in bounds:
+            batch = (x, y, sample_weight, weights)
+            if len(bounds) > 1:
+                rows = lambda t, a=first * size, b=(first + count) * size: (
+                    None if t is None else t[a:b])
+                batch = tf.nest.map_structure(rows, batch)
             parts.append(self._clipped_sum_of_slice(
                 model, variables, params, batch, (first, count, size), seeds,
                 seed_values))
