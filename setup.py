@@ -57,9 +57,6 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["tf_dpsat", "tf_dpsat.*"]),
-    # Source of the optional CPU noise kernel, compiled on the user's machine
-    # by `python -m tf_dpsat.native` (not at install time).
-    package_data={"tf_dpsat.native": ["noise_kernel.cc"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

@@ -124,7 +124,6 @@ from absl import logging  # noqa: E402
 
 import tf_dpsat  # noqa: E402
 from tf_dpsat import models as dp_models  # noqa: E402
-from tf_dpsat import native  # noqa: E402
 
 SCHEMA_VERSION = 1
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -897,12 +896,6 @@ def _load_average() -> Optional[list[float]]:
         return None
 
 
-def _noise_kernel() -> Optional[str]:
-    """The native noise kernel's file name, or None for TensorFlow ops."""
-    path = native.find_library() if native.load() is not None else None
-    return path.name if path else None
-
-
 def environment(argv: Sequence[str]) -> dict[str, Any]:
     """Where and how the numbers were taken."""
     affinity = (len(os.sched_getaffinity(0))
@@ -922,9 +915,6 @@ def environment(argv: Sequence[str]) -> dict[str, Any]:
         "numpy": np.__version__,
         "tf_dpsat": tf_dpsat.__version__,
         "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
-        # The DP noise sampler outside XLA: the fused kernel when built
-        # (and not switched off by TF_DPSAT_NATIVE=0), else TensorFlow ops.
-        "noise_kernel": _noise_kernel(),
         "load_average_start": _load_average(),
         "xla_compile_counting": XLA_CACHE is not None,
         "git": _git_describe(),

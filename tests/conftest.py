@@ -31,23 +31,3 @@ def mirrored_strategy():
     if len(devices) < 2:
         pytest.skip("needs 2 logical CPU devices (configured in conftest.py)")
     return tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
-
-
-@pytest.fixture(scope="session")
-def native_kernel(tmp_path_factory):
-    """The fused noise kernel's op module: this machine's build, else built.
-
-    .ci/run builds it (`python -m tf_dpsat.native`); elsewhere it is compiled
-    into a temporary directory, and the tests that need it are skipped only
-    when there is no compiler.
-    """
-    import shutil
-
-    from tf_dpsat import native
-
-    path = native.find_library()
-    if path is None:
-        if shutil.which("g++") is None:
-            pytest.skip("no g++ to build the native noise kernel")
-        path = native.build(str(tmp_path_factory.mktemp("native")))
-    return native.load(path)

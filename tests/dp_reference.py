@@ -35,7 +35,7 @@ def _unit_gradients(model, params, x, y, w, loss_fn, num_microbatches,
     return grads, np.array(active), size
 
 
-def _clipped_mean(grads, active, size, clip, expected_batch_size):
+def _clipped_mean(grads, active, clip, expected_batch_size):
     total = [np.zeros_like(t) for t in grads[0]]
     clipped = 0
     for g, keep in zip(grads, active):
@@ -45,10 +45,10 @@ def _clipped_mean(grads, active, size, clip, expected_batch_size):
         factor = min(1.0, clip / (norm + CLIP_EPSILON))
         clipped += factor < 1.0
         total = [s + factor * t for s, t in zip(total, g)]
-    if expected_batch_size is not None:
-        divisor = expected_batch_size / size
-    else:
-        divisor = max(active.sum(), 1)
+    # The expected batch, else every unit of the batch (padding included):
+    # never a count of the data.
+    divisor = expected_batch_size if expected_batch_size is not None else len(
+        active)
     return [s / divisor for s in total], clipped
 
 
@@ -88,14 +88,14 @@ def train(model, batches, *, learning_rate, momentum, l2_norm_clip, rho,
         if dpsam:
             g, active, size = _unit_gradients(model, w, x, y, sw, loss_fn,
                                               num_microbatches, extra_loss_fn)
-            ascent, _ = _clipped_mean(g, active, size, l2_norm_clip,
+            ascent, _ = _clipped_mean(g, active, l2_norm_clip,
                                       expected_batch_size)
             point = [a + e for a, e in zip(w, _direction_step(ascent, rho))]
         elif rho > 0:
             point = [a + e for a, e in zip(w, _direction_step(previous, rho))]
         g, active, size = _unit_gradients(model, point, x, y, sw, loss_fn,
                                           num_microbatches, extra_loss_fn)
-        grad, clipped = _clipped_mean(g, active, size, l2_norm_clip,
+        grad, clipped = _clipped_mean(g, active, l2_norm_clip,
                                       expected_batch_size)
         clipped_counts.append(clipped)
         if regularization_grad_fn is not None:
@@ -129,65 +129,3 @@ def median_norm(model, x, y, loss_fn, num_microbatches=None):
                                   num_microbatches, None)
     return float(np.median([np.sqrt(sum(np.sum(t * t) for t in g))
                             for g in grads]))
-
-
-# ------------------------------------------------- the native noise kernel
-
-_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
-_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
-_MASK32 = np.uint64(0xFFFFFFFF)
-
-
-def philox4x32_10(counters, key):
-    """Philox4x32-10 (Salmon et al., SC 2011) of uint32 counters [n, 4].
-
-    Each round: (c0, c1, c2, c3) -> (hi(M1 c2) ^ c1 ^ k0, lo(M1 c2),
-    hi(M0 c0) ^ c3 ^ k1, lo(M0 c0)), then the key steps by the Weyl
-    constants. Done in uint64 so the 32x32 -> 64 products are exact.
-    """
-    c = [np.asarray(counters[:, i], np.uint64) for i in range(4)]
-    k0, k1 = np.uint64(key[0]), np.uint64(key[1])
-    for _ in range(10):
-        p0 = np.uint64(_PHILOX_M[0]) * c[0]
-        p1 = np.uint64(_PHILOX_M[1]) * c[2]
-        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & _MASK32,
-             (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & _MASK32]
-        k0 = (k0 + np.uint64(_PHILOX_W[0])) & _MASK32
-        k1 = (k1 + np.uint64(_PHILOX_W[1])) & _MASK32
-    return np.stack(c, axis=1).astype(np.uint32)
-
-
-def native_noise(sizes, seed, stream=0, chunk=1024):
-    """Standard normals of tf_dpsat/native/noise_kernel.cc, in float64.
-
-    As the kernel documents it: tensor i's values fill consecutive chunks of
-    `chunk` values (its last chunk partly used); chunk c of that sequence
-    takes the Philox blocks c * chunk / 4 + j, j < chunk / 4, with key
-    seed[0] and counter words (block, stream, low and high half of seed[1]),
-    arranged word by word (all blocks' word 0, then word 1, ...). The first half of those
-    words gives u1 = (w >> 8 + 1) / 2^24, the second u2 = (w >> 8) / 2^24; the
-    chunk is sqrt(-2 ln u1) cos(2 pi u2), then the same times sin.
-    """
-    blocks = chunk // 4
-    seed = np.asarray(seed, np.int64).view(np.uint64)
-    key = (seed[0] & _MASK32, seed[0] >> np.uint64(32))
-    high = (seed[1] & _MASK32, seed[1] >> np.uint64(32))
-    out, c = [], 0
-    for size in sizes:
-        values = []
-        for _ in range(-(-size // chunk)):
-            block = np.arange(c * blocks, (c + 1) * blocks, dtype=np.uint64)
-            counters = np.stack([block, np.full_like(block, stream),
-                                 np.full_like(block, high[0]),
-                                 np.full_like(block, high[1])], axis=1)
-            words = philox4x32_10(counters, key).T.reshape(-1)
-            bits = (words >> 8).astype(np.float64)
-            u1 = (bits[:chunk // 2] + 1) / 2**24
-            u2 = bits[chunk // 2:] / 2**24
-            r = np.sqrt(-2 * np.log(u1))
-            values.append(np.concatenate([r * np.cos(2 * np.pi * u2),
-                                          r * np.sin(2 * np.pi * u2)]))
-            c += 1
-        out.append(np.concatenate(values)[:size] if values
-                   else np.zeros([0]))
-    return out

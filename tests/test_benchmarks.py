@@ -221,21 +221,3 @@ def test_accelerator_script_parses():
     done = subprocess.run(["bash", "-n", str(script)], capture_output=True,
                           text=True, check=False)
     assert done.returncode == 0, done.stderr
-
-
-def test_noise_kernel_benchmark_runs(native_kernel, tmp_path):
-    # The timing script of the README's kernel figures: every variant runs
-    # and returns what its formula gives for the same inputs.
-    from benchmarks import noise_kernels
-
-    table = noise_kernels.variants([(70, 30), (30,)])
-    assert set(table) == {"tf_ops_noisy_mean", "native_noisy_mean",
-                          "native_noisy_mean+sgd_ops", "native_noisy_sgd",
-                          "tf_ops_perturb", "native_perturb"}
-    fused = table["native_noisy_sgd"]()
-    unfused_params, unfused_velocities = table["native_noisy_mean+sgd_ops"]()
-    for (param, velocity, _), p, v in zip(fused, unfused_params,
-                                          unfused_velocities):
-        assert float(abs(param - p).numpy().max()) < 1e-6
-        assert float(abs(velocity - v).numpy().max()) < 1e-6
-    assert noise_kernels.time_calls(table["native_perturb"], 3) > 0

@@ -142,13 +142,15 @@ def test_epsilon_is_cached(monkeypatch):
 
 
 def test_microbatching_and_queries_per_step():
-    optimizer = _optimizer(tf_dpsat.DPSAMKeras, num_microbatches=4)
-    callback = PrivacyCallback(NUM_EXAMPLES)  # Batch size from the optimizer.
+    # Microbatches take fixed-size batches (no expected_batch_size).
+    optimizer = _optimizer(tf_dpsat.DPSAMKeras, num_microbatches=4,
+                           expected_batch_size=None)
+    callback = PrivacyCallback(NUM_EXAMPLES, batch_size=BATCH)
     callback.set_model(_model(optimizer))
     # Microbatches of 4 examples: sensitivity doubles, sigma halves.
     assert callback.epsilon_at(10) == pytest.approx(
         _poisson_epsilon(10, sigma=SIGMA / 2, queries_per_step=2), rel=1e-12)
-    per_example = _optimizer(num_microbatches=BATCH)
+    per_example = _optimizer(num_microbatches=BATCH, expected_batch_size=None)
     callback = PrivacyCallback(NUM_EXAMPLES, batch_size=BATCH)
     callback.set_model(_model(per_example))
     assert callback.epsilon_at(10) == _poisson_epsilon(10)

@@ -12,7 +12,6 @@ import tensorflow as tf
 import dp_reference
 import graph_ops
 import tf_dpsat
-from tf_dpsat import native
 
 XENT = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 pytestmark = pytest.mark.filterwarnings("ignore:.*NOT differentially private")
@@ -456,21 +455,26 @@ NOISE_STEP = dict(learning_rate=1.0, momentum=0.0, l2_norm_clip=NOISE_CLIP,
                   rho=0.0, loss="mse")
 
 
-@pytest.mark.parametrize("jit_compile,kernel", [(False, False), (False, True),
-                                                (True, False)])
-def test_noise_statistics(jit_compile, kernel, request):
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_noise_statistics(jit_compile):
     x, y = noise_data(0)
     kwargs = dict(batch_size=NOISE_BATCH, **NOISE_STEP)
-    # Graph mode, graph mode with the native kernel and XLA draw with
-    # different samplers (clipping.noisy_mean).
-    if kernel:
-        request.getfixturevalue("native_kernel")
-    with native.enabled(kernel):
-        noisy, _, _ = fit_private(wide_model, x, y,
-                                  noise_multiplier=NOISE_SIGMA, seed=7,
-                                  jit_compile=jit_compile, **kwargs)
+    noisy, _, _ = fit_private(wide_model, x, y, noise_multiplier=NOISE_SIGMA,
+                              seed=7, jit_compile=jit_compile, **kwargs)
     clean, _, _ = fit_private(wide_model, x, y, noise_multiplier=0.0, **kwargs)
     assert_update_noise(noisy, clean)
+
+
+def test_one_sampler_in_graph_mode_and_xla():
+    # The same seed gives the same noise whether the step is compiled by XLA
+    # or not (tf_dpsat.noise): the updates agree to float rounding, far
+    # below the noise's own scale (sigma C / B = 2 * 0.3 / 16 = 0.0375).
+    x, y = noise_data(1)
+    kwargs = dict(batch_size=NOISE_BATCH, noise_multiplier=NOISE_SIGMA, seed=7,
+                  **NOISE_STEP)
+    graph, _, _ = fit_private(wide_model, x, y, jit_compile=False, **kwargs)
+    xla, _, _ = fit_private(wide_model, x, y, jit_compile=True, **kwargs)
+    assert max_diff(weights(graph), weights(xla)) < 1e-5
 
 
 def test_same_seed_is_bitwise_reproducible_and_none_is_fresh():
@@ -580,13 +584,13 @@ def test_config_round_trip_holds_every_argument():
     opt = tf_dpsat.DPSATKeras(
         learning_rate=0.3, momentum=0.5, nesterov=True, l2_norm_clip=0.7,
         noise_multiplier=1.3, rho=0.02, num_microbatches=4,
-        expected_batch_size=64, gradient_accumulation_steps=2, seed=11,
+        gradient_accumulation_steps=2, seed=11,
         direction="momentum", clipping="vectorized", batch_slices=3,
         weight_decay=0.001, name="dp")
     config = opt.get_config()
     for key, value in dict(learning_rate=0.3, momentum=0.5, nesterov=True,
                            l2_norm_clip=0.7, noise_multiplier=1.3, rho=0.02,
-                           num_microbatches=4, expected_batch_size=64,
+                           num_microbatches=4, expected_batch_size=None,
                            gradient_accumulation_steps=2, seed=11,
                            direction="momentum", clipping="vectorized",
                            batch_slices=3, weight_decay=0.001,
@@ -913,3 +917,84 @@ def test_default_batch_slices(mirrored_strategy):
     assert seen == {"graph": 2 if on_cpu else 1, "xla": 1, "mirrored": 1}
     assert tf_dpsat.DPSATKeras(noise_multiplier=1.0,
                                batch_slices=4)._slices_for() == 4
+
+
+# ------------------------------------------------------ what the step releases
+
+def _one_weight_step(x, sample_weight, **kwargs):
+    """Delta w of one step of the w = 1 mse model (lr 1, sigma 0, rho 0).
+
+    Each example's gradient is 2 x^2 (w = 1, target 0); with C = 0.5 every
+    |x| >= 1 is clipped to C (1 - 1e-6 / |g|, within 1e-6 of C).
+    """
+    model = tf_dpsat.make_private(keras.Sequential([
+        keras.Input((1,)),
+        keras.layers.Dense(1, use_bias=False, kernel_initializer="ones")]))
+    model.compile(optimizer=tf_dpsat.DPSATKeras(
+        learning_rate=1.0, momentum=0.0, l2_norm_clip=0.5, noise_multiplier=0.0,
+        rho=0.0, **kwargs), loss="mse")
+    model.train_on_batch(np.asarray(x, np.float32).reshape(-1, 1),
+                         np.zeros((len(x), 1), np.float32),
+                         sample_weight=np.asarray(sample_weight, np.float32))
+    return float(model.trainable_variables[0].numpy()[0, 0]) - 1.0
+
+
+def test_default_divisor_is_the_batch_not_the_count_of_examples():
+    # Five real rows and three zero-weight padding rows: the clipped sum is
+    # 5 C = 2.5 and the default divisor is the batch's 8 rows, so
+    # delta w = -2.5 / 8 = -0.3125. Dividing by the 5 non-zero weights (the
+    # count of the data) would give -0.5 and reveal that count.
+    x = [1.0, 2.0, 3.0, 1.5, 2.5, 9.0, 9.0, 9.0]
+    w = [1, 1, 1, 1, 1, 0, 0, 0]
+    assert _one_weight_step(x, w) == pytest.approx(-2.5 / 8, abs=1e-5)
+    # Adding one example (a sixth real row) moves the update by C / 8 only.
+    w6 = [1, 1, 1, 1, 1, 1, 0, 0]
+    assert _one_weight_step(x, w6) - _one_weight_step(x, w) == pytest.approx(
+        -0.5 / 8, abs=1e-5)
+
+
+def test_microbatches_with_poisson_padding_are_refused():
+    # Measured on the old code: with 8 microbatches of a padded batch,
+    # adding one example shifted every later row and moved the clipped sum
+    # by 7 C where the accountant assumes C.
+    with pytest.raises(ValueError, match="num_microbatches=8 with "
+                       "expected_batch_size=64 is refused"):
+        tf_dpsat.DPSATKeras(noise_multiplier=1.0, num_microbatches=8,
+                            expected_batch_size=64)
+
+
+def test_microbatches_of_fixed_batches_move_one_clipped_mean():
+    # Replace-one adjacency of fixed-size batches: four microbatches of two
+    # rows, each mean gradient clipped to C = 0.5. Replacing example 5 (in
+    # microbatch 2) changes that microbatch only: the sums differ by at most
+    # 2C, the divisor is the 4 microbatches, so |delta| <= 2 * 0.5 / 4.
+    x = [0.1, 0.2, 0.3, 0.1, 0.2, 3.0, 0.1, 0.2]
+    neighbour = list(x)
+    neighbour[5] = 0.05
+    a = _one_weight_step(x, [1] * 8, num_microbatches=4)
+    b = _one_weight_step(neighbour, [1] * 8, num_microbatches=4)
+    # Microbatch 2 = (0.2, 3.0): mean gradient (0.08 + 18) / 2 = 9.04, clipped
+    # to 0.5; with 0.05 it is (0.08 + 0.005) / 2 = 0.0425.
+    assert b - a == pytest.approx((0.5 - 0.0425) / 4, abs=1e-5)
+
+
+def test_refused_step_updates_no_metric():
+    # Budget 1: of three batches only the first is used. The epoch's logs
+    # must be those of that batch alone: the refused batches' loss, clipped
+    # fraction and accuracy are functions of private data never used.
+    x, y = make_data("dense", n=24)
+    logs = []
+    for n, budget in ((8, None), (24, 1)):
+        model = tf_dpsat.make_private(dense_model())
+        opt = tf_dpsat.DPSATKeras(learning_rate=0.5, noise_multiplier=0.0,
+                                  l2_norm_clip=0.5, seed=1)
+        model.compile(optimizer=opt, loss=XENT, metrics=["accuracy"])
+        if budget is not None:
+            opt.set_step_budget(budget)
+        hist = model.fit(x[:n], y[:n], batch_size=8, shuffle=False, verbose=0)
+        assert int(opt.iterations.numpy()) == 1
+        logs.append({k: v[0] for k, v in hist.history.items()})
+    assert set(logs[0]) == {"loss", "accuracy", "grad_norm_clipped_fraction",
+                            "nonfinite_gradients"}
+    for key, value in logs[0].items():
+        assert logs[1][key] == pytest.approx(value, abs=1e-6), key

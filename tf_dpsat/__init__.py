@@ -14,6 +14,7 @@ from tf_dpsat import clipping
 from tf_dpsat import data
 from tf_dpsat import fast_clipping
 from tf_dpsat import models
+from tf_dpsat import noise
 from tf_dpsat.callbacks import PrivacyCallback
 from tf_dpsat.dp_model import DPFunctional
 from tf_dpsat.dp_model import DPModel
@@ -37,4 +38,5 @@ __all__ = [
     "fast_clipping",
     "make_private",
     "models",
+    "noise",
 ]

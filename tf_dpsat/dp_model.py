@@ -85,10 +85,23 @@ class _PrivateTrainStep:
             # compiled loss to the first train step; the DP step needs it now.
             self._symbolic_build(data_batch=data)
         y_pred, stats = optimizer.private_train_step(self, x, y, sample_weight)
-        self._track_loss(x, y, y_pred, sample_weight, stats)
-        self._dp_stats.update_state(stats["clipped"], stats["examples"],
-                                    stats["nonfinite"])
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        if self._compile_metrics is not None and not self._compile_metrics.built:
+            # Built here, not inside the branch below: variables cannot be
+            # created inside a traced tf.cond.
+            self._compile_metrics.build(y, y_pred)
+
+        def update_metrics():
+            self._track_loss(x, y, y_pred, sample_weight, stats)
+            self._dp_stats.update_state(stats["clipped"], stats["examples"],
+                                        stats["nonfinite"])
+            if self._compile_metrics is not None:
+                self._compile_metrics.update_state(y, y_pred, sample_weight)
+            return tf.constant(True)
+
+        # Every metric is a function of the batch; a batch the step budget
+        # refused was never used, so nothing about it may be reported.
+        tf.cond(stats["refused"], lambda: tf.constant(False), update_metrics)
+        return self.get_metrics_result()
 
     def _track_loss(self, x, y, y_pred, sample_weight, stats):
         """Updates the loss tracker with the loss plain Keras would report.

@@ -52,7 +52,7 @@ from keras.src.losses import losses as keras_losses
 
 from tf_dpsat import clipping
 from tf_dpsat import fast_clipping
-from tf_dpsat import native
+from tf_dpsat import noise
 from tf_dpsat import validation
 
 DIRECTIONS = ("gradient", "momentum")
@@ -288,11 +288,16 @@ class DPSATKeras(keras.optimizers.Optimizer):
       num_microbatches: None clips each example; otherwise the batch is split
         into this many equal groups whose mean gradients are clipped, summed,
         noised once and divided by the number of groups (tensorflow-privacy's
-        convention). It must divide the batch size.
-      expected_batch_size: the divisor B of the noisy sum (with microbatches:
-        B / microbatch size). Set it under Poisson sampling, where batches are
-        padded with zero-weight examples; None divides by the number of
-        examples (microbatches) of the logical step with non-zero weight.
+        convention). It must divide the batch size. Only for fixed-size
+        batches (the replace-one adjacency of shuffled batches): with Poisson
+        sampling, adding one example shifts every later row into another
+        microbatch, so one example could move all of them; it is refused
+        together with `expected_batch_size`.
+      expected_batch_size: the divisor B of the noisy sum. Set it under
+        Poisson sampling, where batches are padded with zero-weight
+        examples. None divides by the number of units (examples or
+        microbatches) in the logical step, padding included: never by a
+        count that depends on the data.
       gradient_accumulation_steps: k >= 1 physical batches form one logical
         step: their clipped sums are accumulated, then noise is added and the
         update applied once. The DP-SAT perturbation is the same for all k.
@@ -381,6 +386,18 @@ class DPSATKeras(keras.optimizers.Optimizer):
             "num_microbatches", num_microbatches, allow_none=True)
         self.expected_batch_size = validation.check_int(
             "expected_batch_size", expected_batch_size, allow_none=True)
+        if (self.num_microbatches is not None and
+                self.expected_batch_size is not None):
+            raise ValueError(
+                f"num_microbatches={self.num_microbatches} with "
+                f"expected_batch_size={self.expected_batch_size} is refused: "
+                "with Poisson-sampled (padded) batches, adding one example "
+                "shifts every later row into another microbatch, so one "
+                "example can change every microbatch's clipped gradient "
+                "(sensitivity up to num_microbatches * C, not the C the "
+                "accountant assumes). Use num_microbatches=None (per-example "
+                "clipping), or microbatches with fixed-size batches and "
+                "expected_batch_size=None.")
         self._accumulation_steps = validation.check_int(
             "gradient_accumulation_steps", gradient_accumulation_steps or 1)
         self.direction = validation.check_one_of("direction", direction,
@@ -401,7 +418,6 @@ class DPSATKeras(keras.optimizers.Optimizer):
             raise ValueError("use_ema with gradient_accumulation_steps > 1 is "
                              "not supported.")
         self._apply_mask = None
-        self._pending_noise = None  # see _fused_noise
         # The slices the last traced step cut its batch into (see
         # `batch_slices`), for reports; None before the first step.
         self.traced_batch_slices = None
@@ -496,10 +512,6 @@ class DPSATKeras(keras.optimizers.Optimizer):
             self.assign(target, value)
 
         old = tf.convert_to_tensor(variable)
-        if self._pending_noise is not None:
-            self._fused_update(gradient, variable, index, learning_rate, old,
-                               put)
-            return
         new = old
         if self.weight_decay is not None and self._use_weight_decay(variable):
             new = new - new * tf.cast(self.weight_decay, old.dtype) * learning_rate
@@ -519,28 +531,6 @@ class DPSATKeras(keras.optimizers.Optimizer):
             put(self._directions[index],
                 gradient if self.direction == "gradient" else old - new)
 
-    def _fused_update(self, summed, variable, index, learning_rate, old, put):
-        """update_step with `summed`, a clipped sum, noised by the kernel."""
-        plan = self._pending_noise
-        velocity = self.momentums[index] if self.momentums else None
-        fused = native.noisy_sgd(
-            summed, old,
-            None if velocity is None else tf.convert_to_tensor(velocity),
-            seed=plan["seed"], stream=plan["stream"],
-            first_chunk=plan["first_chunk"][index], stddev=plan["stddev"],
-            divisor=plan["divisor"], learning_rate=learning_rate,
-            momentum=self.momentum, nesterov=self.nesterov)
-        if fused is None:  # _fused_noise checked this; never apply a bare sum
-            raise RuntimeError("The native noise kernel became unusable "
-                               "within a step; no update was applied.")
-        new, new_velocity, gradient = fused
-        if velocity is not None:
-            put(velocity, new_velocity)
-        put(variable, new)
-        if self._directions:
-            put(self._directions[index],
-                gradient if self.direction == "gradient" else old - new)
-
     # ------------------------------------------------------- private step
 
     def private_train_step(self, model, x, y, sample_weight):
@@ -552,12 +542,16 @@ class DPSATKeras(keras.optimizers.Optimizer):
 
         Returns:
           (y_pred, stats): the per-example predictions at the perturbed point
-          (for the compiled metrics) and a dict of float32 scalars: "examples"
-          (units with non-zero weight), "clipped" (units whose norm exceeded
-          C), "nonfinite" (units dropped for a NaN/Inf gradient) and
-          "extra_loss" (the sum of data-dependent `add_loss` terms), and
-          "loss" (the compiled loss as Keras reports it) when the step
-          computed it anyway.
+          (for the compiled metrics) and a dict of float32 scalars: "units"
+          (units in the batch, padding included), "examples" (units with
+          non-zero weight), "clipped" (units whose norm exceeded C),
+          "nonfinite" (units dropped for a NaN/Inf gradient) and
+          "extra_loss" (the sum of data-dependent `add_loss` terms), "loss"
+          (the compiled loss as Keras reports it) when the step computed it
+          anyway, and the boolean "refused": True when the step budget
+          refused the batch (no weight changed; the DP model then updates no
+          metric either). Every entry but "units" and "refused" is a
+          function of the private batch: a non-private diagnostic.
         """
         self._check_model(model)
         variables = list(model.trainable_variables)
@@ -576,7 +570,8 @@ class DPSATKeras(keras.optimizers.Optimizer):
         summed, stats, y_pred = self._clipped_sum(
             model, variables, eval_params, x, y, sample_weight, weights)
         regularization = self._regularization_gradients(model, variables)
-        self._release(variables, summed, stats, regularization)
+        stats["refused"] = self._release(variables, summed, stats,
+                                         regularization)
         return y_pred, stats
 
     def _check_model(self, model):
@@ -689,8 +684,8 @@ class DPSATKeras(keras.optimizers.Optimizer):
         """One (summed, stats, y_pred) from those of the batch's slices."""
         summed = [tf.add_n(list(g)) for g in zip(*(p[0] for p in parts))]
         stats = {key: tf.add_n([p[1][key] for p in parts])
-                 for key in ("examples", "clipped", "nonfinite", "extra_loss")}
-        stats["unit_size"] = parts[0][1]["unit_size"]
+                 for key in ("units", "examples", "clipped", "nonfinite",
+                             "extra_loss")}
         y_pred = tf.nest.map_structure(lambda *t: tf.concat(t, 0),
                                        *(p[2] for p in parts))
         losses = [p[1].get("loss") for p in parts]
@@ -739,12 +734,12 @@ class DPSATKeras(keras.optimizers.Optimizer):
         summed = sum_clipped(factors, keep)
         count = lambda mask: tf.reduce_sum(tf.cast(mask, tf.float32))
         stats = {
+            "units": tf.cast(units, tf.float32),
             "examples": count(active),
             "clipped": count(keep & (norms + clipping.CLIP_EPSILON
                                      > self.l2_norm_clip)),
             "nonfinite": count(active & ~finite),
             "extra_loss": tf.reduce_sum(tf.where(active, extra, 0.0)),
-            "unit_size": tf.cast(size, tf.float32),
         }
         if loss is not None:
             stats["loss"] = loss
@@ -896,7 +891,7 @@ class DPSATKeras(keras.optimizers.Optimizer):
         stream = query * 2**16 + tf.cast(_replica_id(), tf.int64)
         return seed, stream
 
-    def _noisy_mean(self, summed, query: int, count, unit_size):
+    def _noisy_mean(self, summed, query: int, units):
         """(summed + this replica's share of N(0, sigma^2 C^2 I)) / B.
 
         Each replica draws variance sigma^2 C^2 / R from its own stream, so the
@@ -905,52 +900,31 @@ class DPSATKeras(keras.optimizers.Optimizer):
         Args:
           summed: this replica's clipped sums, one tensor per variable.
           query: index of the noisy query within the step (seeds the noise).
-          count: units (examples or microbatches) with non-zero weight in the
+          units: units (examples or microbatches, padding included) in the
             logical step, summed over replicas.
-          unit_size: examples per unit (1 without microbatches).
         """
-        divisor = self._divisor(count, unit_size)
+        divisor = self._divisor(units)
         if self.noise_multiplier == 0:
             return [s / tf.cast(divisor, s.dtype) for s in summed]
         seed, stream = self._noise_stream(query)
-        return clipping.noisy_mean(summed, self._noise_stddev(), seed, stream,
-                                   divisor)
+        return noise.noisy_mean(summed, self._noise_stddev(), seed, stream,
+                                divisor)
 
-    def _divisor(self, count, unit_size):
-        """B of the noisy mean: expected or actual units of the step."""
+    def _divisor(self, units):
+        """B of the noisy mean: the expected batch, else the batch's units.
+
+        Never the number of non-padding units: that count depends on the
+        data, and dividing by it would release it through the update's
+        norm (256 and 257 examples are told apart from one step).
+        """
         if self.expected_batch_size is not None:
-            return self.expected_batch_size / tf.cast(unit_size, tf.float32)
-        return tf.maximum(count, 1.0)
+            return float(self.expected_batch_size)
+        return tf.maximum(units, 1.0)
 
     def _noise_stddev(self) -> float:
         """This replica's share: the replicas' noise adds up to sigma C."""
         return (self.noise_multiplier * self.l2_norm_clip /
                 math.sqrt(_num_replicas()))
-
-    def _fused_noise(self, variables, summed, count, unit_size, regularization):
-        """How update_step draws the noise itself, or None where it cannot.
-
-        With the native kernels on a CPU, `update_step` receives the clipped
-        sums and forms the noisy mean and the SGD update in one pass per
-        variable (`native.noisy_sgd`), with the noise `_noisy_mean` would
-        add. Only for the plain update on one device: no regularization
-        term or weight decay between noise and update, no strategy, no XLA.
-        """
-        if (self.noise_multiplier == 0 or regularization is not None or
-                self.weight_decay is not None or tf.distribute.has_strategy()
-                or clipping.compiled_by_xla() or
-                any(getattr(v, "overwrite_with_gradient", False)
-                    for v in variables) or
-                not native.usable(summed)):
-            return None
-        seed, stream = self._noise_stream(0)
-        offsets = native.chunk_offsets([s.shape.num_elements() for s in summed])
-        return {
-            "seed": seed, "stream": stream, "stddev": self._noise_stddev(),
-            "divisor": self._divisor(count, unit_size),
-            "first_chunk": {self._get_variable_index(v): offset
-                            for v, offset in zip(variables, offsets)},
-        }
 
     def _release(self, variables, summed, stats, regularization):
         """Noise, divide and apply the update once per logical step.
@@ -961,50 +935,48 @@ class DPSATKeras(keras.optimizers.Optimizer):
         `tf.cond`, so there the update runs on every physical batch and
         `update_step` keeps the old values (`tf.where`) unless the batch ends
         a step within the budget; the noise of such a batch is never used.
+
+        Returns:
+          A boolean scalar, True when the step budget refused this batch.
         """
-        count = stats["examples"]
+        units = stats["units"]
         if self.expected_batch_size is None:
-            count = _all_reduce_sum(count)
+            units = _all_reduce_sum(units)
         # Nothing below may run before the batch exists: Keras starts the step
         # function before it knows the data ran out, and a data-independent
         # `iterations += 1` would then count a step that never happened.
-        with tf.control_dependencies([count]):
+        with tf.control_dependencies([stats["examples"]]):
             budget = tf.identity(self._step_budget.value)
         apply_now = (budget < 0) | (tf.cast(self._iterations, tf.int64) < budget)
+        refused = tf.logical_not(apply_now)
         k = self._accumulation_steps
         if k > 1:
             step = tf.convert_to_tensor(self._accumulation_step.value)
             is_last = tf.equal(step, k - 1)
             summed = [a.value + s for a, s in zip(self._accumulators, summed)]
-            count = self._accumulated_count.value + count
+            units = self._accumulated_count.value + units
             _assign_per_replica(
                 self._accumulators,
                 [tf.where(is_last, tf.zeros_like(s), s) for s in summed])
-            self._accumulated_count.assign(tf.where(is_last, 0.0, count))
+            self._accumulated_count.assign(tf.where(is_last, 0.0, units))
             self._accumulation_step.assign(
                 tf.where(is_last, tf.zeros_like(step), step + 1))
             apply_now &= is_last
 
         def noisy_gradients():
-            grads = self._noisy_mean(summed, 0, count, stats["unit_size"])
+            grads = self._noisy_mean(summed, 0, units)
             if regularization is not None:
                 grads = [g + r for g, r in zip(grads, regularization)]
             return grads
 
         if not tf.distribute.has_strategy():
             def apply():
-                plan = self._fused_noise(variables, summed, count,
-                                         stats["unit_size"], regularization)
-                grads = summed if plan is not None else noisy_gradients()
-                self._pending_noise = plan
-                try:
-                    keras.optimizers.Optimizer.apply(self, grads, variables)
-                finally:
-                    self._pending_noise = None
+                keras.optimizers.Optimizer.apply(self, noisy_gradients(),
+                                                 variables)
                 return tf.constant(True)
 
             tf.cond(apply_now, apply, lambda: tf.constant(False))
-            return
+            return refused
         self._apply_mask = apply_now
         try:
             with tf.control_dependencies([apply_now]):
@@ -1014,6 +986,7 @@ class DPSATKeras(keras.optimizers.Optimizer):
         # Keras counts every call to apply; count logical steps only.
         self._iterations.assign_sub(
             tf.cast(tf.logical_not(apply_now), self._iterations.dtype))
+        return refused
 
     # ------------------------------------------------------------- config
 
@@ -1075,8 +1048,8 @@ class DPSAMKeras(DPSATKeras):
         """A private gradient at w_t, summed over replicas."""
         summed, stats, _ = self._clipped_sum(model, variables, params, x, y,
                                              sample_weight, weights)
-        count = stats["examples"]
+        units = stats["units"]
         if self.expected_batch_size is None:
-            count = _all_reduce_sum(count)
-        grads = self._noisy_mean(summed, 1, count, stats["unit_size"])
+            units = _all_reduce_sum(units)
+        grads = self._noisy_mean(summed, 1, units)
         return _all_reduce_sum(grads)
