@@ -32,7 +32,7 @@ def runs(tmp_path_factory):
 
 def _final(model_dir):
     with open(pathlib.Path(model_dir) / "results.json") as f:
-        return json.load(f)["final_test_accuracy"]
+        return json.load(f)["private"]["final_test_accuracy"]
 
 
 def test_summary_matches_each_runs_results(runs):
