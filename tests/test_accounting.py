@@ -260,6 +260,13 @@ def test_cli_statement(capsys):
     assert out == _statement()
 
 
+def test_cli_total_delta(capsys):
+    assert accounting.main(["--num_examples=50000", "--batch_size=256",
+                            "--epochs=30", f"--noise_multiplier={TF_PRIVACY_SIGMA}",
+                            "--num_params=1000"]) == 0
+    assert capsys.readouterr().out == _statement(num_params=1000)
+
+
 def test_cli_calibration(capsys):
     assert accounting.main(["--num_examples=50000", "--batch_size=256",
                             "--epochs=30", "--epsilon=3"]) == 0

@@ -54,7 +54,8 @@ Command line (prints the statement; with --epsilon first the calibrated sigma):
 
   python -m tf_dpsat.accounting --num_examples=50000 --batch_size=256 \
       --epochs=30 (--noise_multiplier=1.1 | --epsilon=3) [--delta=1e-5] \
-      [--accountant=rdp|pld] [--num_microbatches=N] [--queries_per_step=K]
+      [--accountant=rdp|pld] [--num_microbatches=N] [--queries_per_step=K] \
+      [--num_params=P]
 """
 
 import argparse
@@ -673,6 +674,9 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--accountant", choices=ACCOUNTANTS, default="rdp")
     parser.add_argument("--num_microbatches", type=int, default=None)
     parser.add_argument("--queries_per_step", type=int, default=1)
+    parser.add_argument("--num_params", type=int, default=None,
+                        help="trainable parameters: adds the total delta "
+                             "(accountant + noise sampler tail)")
     return parser.parse_args(argv)
 
 
@@ -705,8 +709,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             num_examples=args.num_examples, batch_size=args.batch_size,
             noise_multiplier=sigma, epochs=args.epochs, delta=args.delta,
             num_microbatches=args.num_microbatches,
-            queries_per_step=args.queries_per_step, accountant=args.accountant),
-              end="")
+            queries_per_step=args.queries_per_step, accountant=args.accountant,
+            num_params=args.num_params), end="")
     except (ValueError, TypeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
