@@ -342,7 +342,7 @@ _FLAG_HELP = {
     "seed": "Seed of the weight initialisation only (public; batch sampling "
             "and noise come from a secret, see --dp_seed).",
     "dp_seed": "Unset (default): batch sampling and noise come from a secret "
-               "drawn from OS entropy, kept in <model_dir>/PRIVATE-dp-secret.key "
+               f"drawn from OS entropy, kept in <model_dir>/{SECRET_FILE} "
                "(never publish it). Set: derive them from this number instead "
                "(reproducible; private only against those who do not know it).",
     "record_train_diagnostics": "Record training-batch loss/accuracy, "
@@ -1198,8 +1198,9 @@ def train(config: TrainConfig,
     Raises:
       tf_dpsat.data.DatasetNotAvailableError: The data is not available
         offline (the message names --raw_data_dir and --data_dir).
-      ValueError: An inconsistent configuration, or a `model_dir` holding a
-        run with different settings.
+      ValueError: An inconsistent configuration, a `model_dir` holding a
+        run with different settings, or an unfinished run whose secret file
+        (`SECRET_FILE`) is missing or corrupt.
     """
     keras.utils.set_random_seed(config.seed)
     state = _read_state(config.model_dir)
