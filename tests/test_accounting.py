@@ -4,6 +4,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tf_dpsat import accounting
@@ -107,11 +108,101 @@ def test_microbatching_halves_effective_sigma():
 
 
 def test_once_per_epoch_is_unsubsampled_gaussian_composition():
+    # Replace-one adjacency: sensitivity 2C, so sigma 2 acts as sigma 1.
     per_epoch = accounting.compute_epsilon_once_per_epoch(
         noise_multiplier=2.0, epochs=4.5)
     full_batches = accounting.compute_epsilon(
-        noise_multiplier=2.0, sampling_probability=1.0, steps=5)
-    assert per_epoch == pytest.approx(full_batches)
+        noise_multiplier=1.0, sampling_probability=1.0, steps=5)
+    assert per_epoch == pytest.approx(full_batches, rel=1e-12)
+
+
+def _gaussian_rdp_epsilon(sigma, compositions, delta):
+    """Independent reference: `compositions` Gaussian mechanisms of sensitivity 1.
+
+    RDP of one is alpha / (2 sigma^2) (Mironov 2017, Prop. 7); it composes
+    additively; Balle et al. (2020, Thm. 21) convert it with
+    eps = rdp + log((alpha - 1) / alpha) - (log delta + log alpha) / (alpha - 1),
+    minimised over the orders.
+    """
+    orders = np.array(accounting.RDP_ORDERS, dtype=float)
+    rdp = compositions * orders / (2 * sigma**2)
+    return float(np.min(rdp + np.log((orders - 1) / orders)
+                        - (np.log(delta) + np.log(orders)) / (orders - 1)))
+
+
+def test_shuffle_accounting_uses_sensitivity_2c():
+    # sigma = 4 on two epochs: the effective sigma is 4 / 2 = 2, i.e.
+    # rdp(alpha) = 2 * alpha / (2 * 2^2) = alpha / 4; the minimum over the
+    # orders is at alpha = 7.2: 1.8 + log(6.2 / 7.2) - (log 1e-5 + log 7.2) / 6.2
+    # = 1.8 - 0.14953 + 1.53853 = 3.18899.
+    epsilon = accounting.compute_epsilon_once_per_epoch(
+        noise_multiplier=4.0, epochs=2, delta=1e-5)
+    assert epsilon == pytest.approx(3.188992, abs=1e-6)
+    assert epsilon == pytest.approx(_gaussian_rdp_epsilon(2.0, 2, 1e-5), rel=1e-12)
+
+
+def test_shuffle_calibration_doubles_the_sensitivity_c_sigma():
+    # Target 3 over two epochs. Under sensitivity C, sigma_C = 2.11272 is the
+    # smallest 6-digit sigma with eps(sigma_C) <= 3 (the reference above gives
+    # 2.998 there and > 3 just below); replace-one needs twice that, 4.22544.
+    sensitivity_c = accounting.calibrate_noise_multiplier(
+        target_epsilon=3.0, sampling_probability=1.0, steps=2, delta=1e-5)
+    shuffle = accounting.calibrate_noise_multiplier_once_per_epoch(
+        target_epsilon=3.0, epochs=2, delta=1e-5)
+    assert sensitivity_c == pytest.approx(2.11272, abs=1e-5)
+    assert shuffle == 2 * sensitivity_c == pytest.approx(4.22544, abs=2e-5)
+    assert _gaussian_rdp_epsilon(shuffle / 2, 2, 1e-5) <= 3.0
+    assert _gaussian_rdp_epsilon(shuffle / 2 * (1 - 1e-3), 2, 1e-5) > 3.0
+    assert accounting.compute_epsilon_once_per_epoch(
+        noise_multiplier=shuffle, epochs=2, delta=1e-5) <= 3.0
+    # A partial epoch counts as a whole one.
+    assert accounting.calibrate_noise_multiplier_once_per_epoch(
+        target_epsilon=3.0, epochs=1.5, delta=1e-5) == shuffle
+
+
+def test_sampler_tail_delta_hand_computed():
+    # epsilon 2, 1000 steps, 2 queries, 1001 parameters: ceil(1001 / 2) = 501
+    # pairs per query, 1000 * 2 * 501 = 1,002,000 pairs in all, each truncated
+    # with probability 2^-64: eta = 1,002,000 / 18,446,744,073,709,551,616
+    # = 5.43189e-14, times (1 + e^2) = 8.389056 gives 4.556812e-13.
+    value = accounting.sampler_tail_delta(2.0, 1000, 2, 1001)
+    assert value == pytest.approx(4.556812e-13, rel=1e-6)
+    assert value == (1 + math.exp(2.0)) * 1_002_000 * 2.0**-64
+    assert accounting.sampler_tail_delta(2.0, 0, 1, 10) == 0.0
+    # The TV argument: overflow probability 1e-8 at epsilon 1 costs
+    # (1 + e) * 1e-8 = 3.718282e-8.
+    assert accounting.padding_overflow_delta(1.0, 1e-8) == pytest.approx(
+        3.718282e-8, rel=1e-6)
+    parts = accounting.delta_breakdown(epsilon=1.0, delta=1e-5, steps=10,
+                                       queries_per_step=1, num_params=3,
+                                       overflow_probability=1e-8)
+    # noise tail: (1 + e) * 10 * 2 * 2^-64 = 4.031369e-18.
+    assert parts["noise_tail"] == pytest.approx(4.031369e-18, rel=1e-6)
+    assert parts["total"] == (1e-5 + parts["noise_tail"]
+                              + parts["padding_overflow"])
+    with pytest.raises(ValueError, match="num_params"):
+        accounting.sampler_tail_delta(1.0, 10, 1, 0)
+    with pytest.raises(ValueError, match="eta"):
+        accounting.total_variation_delta(1.0, 1.5)
+
+
+def test_statement_names_adjacency_total_delta_and_non_private_values():
+    text = _flat(_statement(num_params=1000, overflow_probability=1e-8))
+    assert "(*) Add/remove-one adjacency" in text
+    assert "(**) Replace-one adjacency (sensitivity 2C)" in text
+    poisson = accounting.compute_epsilon(
+        noise_multiplier=TF_PRIVACY_SIGMA, sampling_probability=CIFAR_Q,
+        steps=CIFAR_STEPS)
+    parts = accounting.delta_breakdown(
+        epsilon=poisson, delta=1e-5, steps=CIFAR_STEPS, queries_per_step=1,
+        num_params=1000, overflow_probability=1e-8)
+    # (1 + e^2.984) * 1e-8 = 2.08e-7 for the overflow term.
+    assert parts["padding_overflow"] == pytest.approx(2.077e-7, rel=1e-3)
+    assert f"(*) {accounting.format_delta_breakdown(parts)}" in text
+    for name in accounting.NON_PRIVATE_DIAGNOSTICS:
+        assert name in text
+    assert "Not private" in text
+    assert "Total delta" not in _flat(_statement())
 
 
 def _statement(**overrides):
@@ -149,11 +240,16 @@ def test_statement_accounts_for_microbatching_and_queries():
     assert "sqrt(2)" in text
 
 
-def test_statement_without_big_gap_does_not_warn():
-    # Batch = dataset: both analyses are the same unsubsampled Gaussian.
-    text = _statement(num_examples=1000, batch_size=1000, noise_multiplier=5.0,
-                      epochs=3)
-    assert "WARNING" not in text
+def test_statement_warns_even_when_the_batch_is_the_dataset():
+    # Batch = dataset: both analyses are 3 unsubsampled Gaussians, but the
+    # shuffle one at sensitivity 2C, i.e. sigma 5 / 2 against sigma 5.
+    text = _flat(_statement(num_examples=1000, batch_size=1000,
+                            noise_multiplier=5.0, epochs=3))
+    add_remove, replace = (accounting.compute_epsilon(
+        noise_multiplier=sigma, sampling_probability=1.0, steps=3)
+        for sigma in (5.0, 2.5))
+    assert f"{add_remove:.3f}" in text and f"{replace:.3f}" in text
+    assert f"differ by a factor of {replace / add_remove:.1f}" in text
 
 
 def test_cli_statement(capsys):
@@ -162,6 +258,13 @@ def test_cli_statement(capsys):
                             ]) == 0
     out = capsys.readouterr().out
     assert out == _statement()
+
+
+def test_cli_total_delta(capsys):
+    assert accounting.main(["--num_examples=50000", "--batch_size=256",
+                            "--epochs=30", f"--noise_multiplier={TF_PRIVACY_SIGMA}",
+                            "--num_params=1000"]) == 0
+    assert capsys.readouterr().out == _statement(num_params=1000)
 
 
 def test_cli_calibration(capsys):

@@ -74,6 +74,18 @@ def test_shuffle_sampling_counts_passes_over_the_data():
     assert callback.epsilon_at(5) == expected[1]  # A started pass counts.
 
 
+def test_shuffle_sampling_uses_replace_one_sensitivity_2c():
+    # Fixed-size batches: replace-one adjacency, sensitivity 2C, so 5 steps
+    # (2 started passes of 4 steps) cost two unsubsampled Gaussians at sigma/2
+    # whether or not microbatches (of 4 examples) already double it.
+    expected = accounting.compute_epsilon(
+        noise_multiplier=SIGMA / 2, sampling_probability=1.0, steps=2)
+    for optimizer in (_optimizer(), _optimizer(num_microbatches=4)):
+        callback = PrivacyCallback(NUM_EXAMPLES, sampling="shuffle")
+        callback.set_model(_model(optimizer))
+        assert callback.epsilon_at(5) == pytest.approx(expected, rel=1e-12)
+
+
 def test_stops_exactly_at_budget_and_refuses_to_resume(caplog):
     budget = 6
     # A target between epsilon(6) and epsilon(7) allows exactly 6 steps.

@@ -1,6 +1,7 @@
 """Tests for tf_dpsat.reporting and examples/compare_runs.py on real digits runs."""
 
 import json
+import os
 import pathlib
 import statistics
 import subprocess
@@ -25,14 +26,14 @@ def runs(tmp_path_factory):
             training.train(training.TrainConfig(
                 dataset="digits", model="mlp", epochs=2, batch_size=100,
                 eval_batch_size=300, keras_verbose=0, seed=seed, method=method,
-                model_dir=model_dir))
+                dp_seed=seed, model_dir=model_dir))
             dirs[method, seed] = model_dir
     return root, dirs
 
 
 def _final(model_dir):
     with open(pathlib.Path(model_dir) / "results.json") as f:
-        return json.load(f)["final_test_accuracy"]
+        return json.load(f)["private"]["final_test_accuracy"]
 
 
 def test_summary_matches_each_runs_results(runs):
@@ -78,7 +79,11 @@ def test_binary_writes_table_json_and_plot(runs, tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "examples" / "compare_runs.py"),
          f"--runs={root}/dp*", f"--output_json={out_json}", f"--plot={out_png}"],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300,
+        # This checkout's tf_dpsat, not an installed copy: the script's own
+        # directory comes first on sys.path.
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| dpsat | 2 (0, 1) |" in result.stdout
     summary = json.loads(out_json.read_text())

@@ -10,9 +10,11 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
+import zipfile
 
 import keras
 import numpy as np
@@ -30,10 +32,17 @@ FMNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
 
+# A fixed run secret (sampling and noise) where tests compare two pipelines.
+SECRET = 12345
+
+
 def small_config(**overrides) -> training.TrainConfig:
-    """A run on digits with the MLP: a few seconds on CPU."""
+    """A run on digits with the MLP: a few seconds on CPU.
+
+    dp_seed: tests are reproducible; those of the secret set dp_seed=None.
+    """
     base = dict(dataset="digits", model="mlp", epochs=1, batch_size=100,
-                eval_batch_size=300, keras_verbose=0, seed=1)
+                eval_batch_size=300, keras_verbose=0, seed=1, dp_seed=1)
     base.update(overrides)
     return training.TrainConfig(**base)
 
@@ -66,7 +75,7 @@ def test_flag_defaults_are_the_authors_cifar10_setup():
                     momentum=0.9, l2_norm_clip=0.1, rho=0.03, sampling="poisson",
                     noise_multiplier=None, physical_batch_size=None,
                     jit_compile="auto", max_train_examples=None, model_dir=None,
-                    download=True)
+                    download=True, dp_seed=None, record_train_diagnostics=True)
     for name, value in expected.items():
         assert getattr(config, name) == value, name
     assert config == training.TrainConfig()
@@ -81,14 +90,15 @@ def test_flags_parse_every_field():
         "--jit_compile=false", "--seed=7", "--eval_every=2", "--eval_batch_size=50",
         "--max_train_examples=1000", "--data_dir=/d", "--raw_data_dir=/r",
         "--model_dir=/m", "--keras_verbose=2", "--direction=gradient",
-        "--nodownload"])
+        "--nodownload", "--dp_seed=11", "--norecord_train_diagnostics"])
     assert config == training.TrainConfig(
         dataset="fashion_mnist", model="tb_cnn", method="dpsam", epsilon=2.0,
         delta=1e-6, noise_multiplier=1.5, epochs=3, batch_size=256,
         learning_rate=0.5, momentum=0.0, l2_norm_clip=1.0, rho=0.05,
         sampling="shuffle", physical_batch_size=128, jit_compile="false", seed=7,
         eval_every=2, eval_batch_size=50, max_train_examples=1000, data_dir="/d",
-        raw_data_dir="/r", model_dir="/m", keras_verbose=2, download=False)
+        raw_data_dir="/r", model_dir="/m", keras_verbose=2, download=False,
+        dp_seed=11, record_train_diagnostics=False)
     assert config.queries_per_step == 2
 
 
@@ -112,6 +122,9 @@ def test_flags_reject_unknown_choices():
     (dict(batch_size=2.5), "batch_size"),
     (dict(physical_batch_size=0), "physical_batch_size"),
     (dict(seed=-1), "seed"),
+    (dict(dp_seed=-1), "dp_seed"),
+    (dict(dp_seed=2**63), "dp_seed"),
+    (dict(record_train_diagnostics=1), "record_train_diagnostics"),
     (dict(eval_every=0), "eval_every"),
     (dict(max_train_examples=0), "max_train_examples"),
     (dict(method="dpsam", rho=0.0), "dpsgd"),
@@ -139,8 +152,11 @@ def test_plan_for_the_authors_cifar10_setup():
     plan = training.make_plan(training.TrainConfig(), 50000)
     assert (plan.steps_per_epoch, plan.total_steps) == (25, 750)
     assert plan.sampling_probability == 0.04
-    assert plan.logical_batch_size == data.padded_batch_size(2000, 50000, 750) == 2266
-    assert plan.accumulation_steps == 1 and plan.physical_batch_size == 2266
+    # Overflow bound 1e-3 * delta = 1e-8 for the whole run.
+    assert plan.overflow_probability == 1e-8
+    assert plan.logical_batch_size == data.padded_batch_size(
+        2000, 50000, 750, failure_probability=1e-8) == 2299
+    assert plan.accumulation_steps == 1 and plan.physical_batch_size == 2299
     # The authors' Opacus calibration gave 1.8408203125 (tolerance 0.01 in
     # epsilon); our RDP orders are finer, so sigma is slightly smaller.
     assert plan.noise_multiplier == pytest.approx(1.8408, abs=0.01)
@@ -180,17 +196,24 @@ def test_plan_shuffle_uses_the_once_per_epoch_analysis():
     assert plan.epsilon <= 3.0
     assert plan.epsilon == pytest.approx(accounting.compute_epsilon_once_per_epoch(
         noise_multiplier=plan.noise_multiplier, epochs=3, delta=1e-5))
+    # Replace-one adjacency: twice the sigma that 3 unsubsampled Gaussians of
+    # sensitivity C need for epsilon 3.
+    assert plan.noise_multiplier == 2 * accounting.calibrate_noise_multiplier(
+        target_epsilon=3.0, sampling_probability=1.0, steps=3, delta=1e-5)
+    assert plan.overflow_probability == 0.0
     report = training.privacy_report(config, plan)
     assert "only the (**) value" in report
+    assert "(replace-one (sensitivity 2C) adjacency)" in report
     poisson = training.TrainConfig(batch_size=256, epochs=3, dataset="fashion_mnist")
-    assert "the (*) value applies" in training.privacy_report(
+    poisson_report = training.privacy_report(
         poisson, training.make_plan(poisson, 60000))
+    assert "(add/remove-one adjacency): the (*) value applies" in poisson_report
 
 
 def test_plan_physical_batches_map_to_accumulation():
     config = small_config(batch_size=2000, epochs=30, physical_batch_size=500)
     plan = training.make_plan(config, 50000)
-    # The padded size 2266 rounded up to a multiple of 500.
+    # The padded size 2299 rounded up to a multiple of 500.
     assert plan.logical_batch_size == 2500 and plan.physical_batch_size == 500
     assert plan.accumulation_steps == 5
     shuffle = training.make_plan(small_config(sampling="shuffle", batch_size=200,
@@ -238,7 +261,7 @@ def test_pipeline_static_shapes_inclusion_rate_and_inert_padding():
     config = small_config(batch_size=batch, epochs=epochs, noise_multiplier=1.0,
                           physical_batch_size=8)
     plan = training.make_plan(config, n)
-    batches = training.train_batches(config, plan, images, labels)
+    batches = training.train_batches(config, plan, images, labels, secret=SECRET)
     for spec in batches.element_spec:
         assert spec.shape[0] == 8 and spec.shape.is_fully_defined()
     steps = logical_steps(batches, plan)
@@ -269,10 +292,10 @@ def test_pipeline_split_keeps_order_and_resume_replays_the_same_batches():
                          physical_batch_size=8)
     plan_whole, plan_split = training.make_plan(whole, n), training.make_plan(split, n)
     assert plan_split.accumulation_steps > 1
-    a = logical_steps(training.train_batches(whole, plan_whole, images, labels),
-                      plan_whole)
-    b = logical_steps(training.train_batches(split, plan_split, images, labels),
-                      plan_split)
+    a = logical_steps(training.train_batches(whole, plan_whole, images, labels,
+                                             secret=SECRET), plan_whole)
+    b = logical_steps(training.train_batches(split, plan_split, images, labels,
+                                             secret=SECRET), plan_split)
     # The physical batches of a step, concatenated, are its logical batch: the
     # same sampled examples in the same order (only the padding length differs).
     assert len(a) == len(b) == 18
@@ -281,16 +304,20 @@ def test_pipeline_split_keeps_order_and_resume_replays_the_same_batches():
         np.testing.assert_array_equal(xa[:len(ra)], xb[:len(rb)])
     # Starting at epoch 1 yields exactly the steps from 6 on.
     resumed = logical_steps(training.train_batches(
-        split, plan_split, images, labels, start_epoch=1), plan_split)
+        split, plan_split, images, labels, secret=SECRET, start_epoch=1), plan_split)
     assert len(resumed) == 12
     for (r1, w1, x1, _), (r2, w2, x2, _) in zip(resumed, b[6:]):
         np.testing.assert_array_equal(r1, r2)
         np.testing.assert_array_equal(x1, x2)
-    # A different seed samples differently.
-    other = small_config(batch_size=10, epochs=3, noise_multiplier=1.0, seed=2)
-    c = logical_steps(training.train_batches(other, plan_whole, images, labels),
-                      plan_whole)
+    # A different secret samples differently; the public seed changes nothing.
+    c = logical_steps(training.train_batches(whole, plan_whole, images, labels,
+                                             secret=SECRET + 1), plan_whole)
     assert any(len(x[0]) != len(y[0]) or np.any(x[0] != y[0]) for x, y in zip(a, c))
+    other_seed = small_config(batch_size=10, epochs=3, noise_multiplier=1.0, seed=2)
+    d = logical_steps(training.train_batches(other_seed, plan_whole, images, labels,
+                                             secret=SECRET), plan_whole)
+    for x, y in zip(a, d):
+        np.testing.assert_array_equal(x[0], y[0])
 
 
 def test_shuffle_pipeline_covers_each_example_once_per_epoch():
@@ -299,7 +326,8 @@ def test_shuffle_pipeline_covers_each_example_once_per_epoch():
     config = small_config(sampling="shuffle", batch_size=10, epochs=2,
                           noise_multiplier=1.0, physical_batch_size=5)
     plan = training.make_plan(config, n)
-    steps = logical_steps(training.train_batches(config, plan, images, labels), plan)
+    steps = logical_steps(training.train_batches(config, plan, images, labels,
+                                                 secret=SECRET), plan)
     assert len(steps) == 10
     for epoch in range(2):
         seen = np.concatenate([s[0] for s in steps[5 * epoch:5 * epoch + 5]])
@@ -327,7 +355,7 @@ def padded(x, y, size):
 def train_steps(config, batches_per_step):
     """Builds the library's model and runs `fit` over the given batches."""
     plan = training.make_plan(config, 1500)
-    model = training.build_model(config, plan, (8, 8, 1), 10)
+    model = training.build_model(config, plan, (8, 8, 1), 10, secret=SECRET)
     flat = [b for step in batches_per_step for b in step]
     # Known cardinality: Keras counts one extra optimizer iteration when it
     # exhausts a dataset of unknown length.
@@ -395,14 +423,18 @@ def test_train_on_tfds_mock_data(tmp_path):
     assert read_json(run / "results.json") == json.loads(json.dumps(results))
     assert results["completed"] and results["epochs_completed"] == 2
     assert results["num_train_examples"] == 64 and results["steps"] == 8
-    assert 0 < results["epsilon"] <= 3.0 and results["delta"] == 1e-5
+    private = results["private"]
+    assert 0 < private["epsilon"] <= 3.0
+    assert private["delta_parts"]["accountant"] == 1e-5
+    assert private["delta"] == private["delta_parts"]["total"] > 1e-5
+    assert private["model"] == "checkpoint-0002.keras"
     assert results["noise_multiplier"] > 0
     assert results["flags"]["dataset"] == "mnist"
     # eval_every=2: only epoch 2 was evaluated.
-    tested = [h["epoch"] for h in results["history"] if "test_accuracy" in h]
+    tested = [h["epoch"] for h in private["history"] if "test_accuracy" in h]
     assert tested == [2]
-    assert 0 <= results["final_test_accuracy"] <= 1
-    assert [h["epsilon"] for h in results["history"]][0] < results["epsilon"]
+    assert 0 <= private["final_test_accuracy"] <= 1
+    assert [h["epsilon"] for h in private["history"]][0] < private["epsilon"]
     assert (run / "accuracy_epsilon.png").read_bytes()[:4] == b"\x89PNG"
     assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
     assert [p.name for p in run.glob("checkpoint-*.keras")] == ["checkpoint-0002.keras"]
@@ -432,14 +464,15 @@ def test_methods_and_samplings_run(tmp_path, overrides):
     assert results["completed"] and results["num_train_examples"] == 400
     assert results["steps"] == 8
     # Chance is 0.1 (sd 0.02 on 297 test images); 8 noisy steps get 0.27-0.8.
-    assert results["final_test_accuracy"] > 0.2
+    assert results["private"]["final_test_accuracy"] > 0.2
     saved = read_json(tmp_path / "results.json")
     if config.method == "nonprivate":
-        assert results["epsilon"] == math.inf == saved["epsilon"]
+        assert results["private"]["epsilon"] == math.inf == saved["private"]["epsilon"]
         assert results["noise_multiplier"] is None
         assert results["privacy_analysis"] == "none"
+        assert saved["private"]["delta"] is None
     else:
-        assert 0 < results["epsilon"] <= 3.0
+        assert 0 < results["private"]["epsilon"] <= 3.0
         assert results["privacy_analysis"] == (
             "once_per_epoch" if config.sampling == "shuffle" else "poisson")
         assert results["queries_per_step"] == (2 if config.method == "dpsam" else 1)
@@ -459,10 +492,14 @@ class _CrashAfterFirstEpoch(keras.callbacks.Callback):
 
 def test_resume_matches_an_uninterrupted_run(tmp_path):
     def config(name, **overrides):
-        return small_config(epochs=2, physical_batch_size=64,
+        return small_config(epochs=2, physical_batch_size=64, dp_seed=None,
                             model_dir=str(tmp_path / name), **overrides)
 
     straight = training.train(config("straight"))
+    # The same secret (batch sampling and noise) as the uninterrupted run.
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(tmp_path / "straight" / training.SECRET_FILE,
+                tmp_path / "resumed" / training.SECRET_FILE)
     with pytest.raises(_Interrupt):
         training.train(config("resumed"), extra_callbacks=[_CrashAfterFirstEpoch()])
     state = read_json(tmp_path / "resumed" / "state.json")
@@ -472,20 +509,33 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
         training.train(config("resumed", learning_rate=1.0))
     resumed = training.train(config("resumed", eval_every=2))
     assert resumed["steps"] == straight["steps"] == 30
-    assert resumed["epsilon"] == straight["epsilon"]
-    assert resumed["final_test_accuracy"] == straight["final_test_accuracy"]
+    assert resumed["private"]["epsilon"] == straight["private"]["epsilon"]
+    assert (resumed["private"]["final_test_accuracy"] ==
+            straight["private"]["final_test_accuracy"])
     # The epoch-1 record written before the crash is kept.
-    assert resumed["history"][0]["epsilon"] == straight["history"][0]["epsilon"]
-    assert resumed["history"][0]["loss"] == straight["history"][0]["loss"]
+    assert (resumed["private"]["history"][0]["epsilon"] ==
+            straight["private"]["history"][0]["epsilon"])
+    assert (resumed["non_private_diagnostics"]["history"][0]["loss"] ==
+            straight["non_private_diagnostics"]["history"][0]["loss"])
     a = keras.models.load_model(tmp_path / "straight" / "checkpoint-0002.keras")
     b = keras.models.load_model(tmp_path / "resumed" / "checkpoint-0002.keras")
     for x, y in zip(weights_of(a), weights_of(b)):
         np.testing.assert_array_equal(x, y)
     for x, y in zip(a.optimizer.variables, b.optimizer.variables):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    # A finished run is not trained again.
+    # A finished run is not trained again, and needs no secret.
+    (tmp_path / "resumed" / training.SECRET_FILE).unlink()
     again = training.train(config("resumed"))
     assert again["steps"] == 30 and again["completed"]
+
+
+def test_resume_without_the_secret_file_is_refused(tmp_path):
+    config = small_config(epochs=2, model_dir=str(tmp_path), dp_seed=None)
+    with pytest.raises(_Interrupt):
+        training.train(config, extra_callbacks=[_CrashAfterFirstEpoch()])
+    (tmp_path / training.SECRET_FILE).unlink()
+    with pytest.raises(ValueError, match=training.SECRET_FILE + ".*new --model_dir"):
+        training.train(config)
 
 
 # ---------------------------------------------------------------------------
@@ -494,7 +544,11 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
 
 
 def run_binary(*args, timeout=300):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    # PYTHONPATH: the binary imports this checkout's tf_dpsat, not an
+    # installed copy (the script's own directory comes first on sys.path).
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join(
+                   [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     return subprocess.run([sys.executable, str(BINARY), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -505,10 +559,134 @@ def test_binary_smoke_run_on_digits(tmp_path):
                         "--keras_verbose=2")
     assert result.returncode == 0, result.stderr[-3000:]
     results = read_json(tmp_path / "results.json")
-    assert results["completed"] and results["final_test_accuracy"] > 0.3
+    assert results["completed"] and results["private"]["final_test_accuracy"] > 0.3
     assert "Noise multiplier sigma" in result.stderr
     assert "Epsilon with Poisson sampling" in result.stderr
     assert "epsilon:" in result.stdout  # The Keras epoch line shows epsilon.
+
+
+def tree_bytes(root, skip=()):
+    """{relative path: bytes} of every file under root, .keras members unpacked."""
+    found = {}
+    for path in sorted(pathlib.Path(root).rglob("*")):
+        if not path.is_file() or path.name in skip:
+            continue
+        name = str(path.relative_to(root))
+        found[name] = path.read_bytes()
+        if path.suffix == ".keras":  # a zip: members may be compressed
+            with zipfile.ZipFile(path) as archive:
+                for member in archive.namelist():
+                    found[f"{name}:{member}"] = archive.read(member)
+    return found
+
+
+def secret_encodings(secret):
+    return [str(secret).encode(), f"{secret:x}".encode(), f"{secret:X}".encode(),
+            f"{secret:016x}".encode(), secret.to_bytes(8, "little"),
+            secret.to_bytes(8, "big")]
+
+
+def final_weights(model_dir):
+    model = keras.models.load_model(pathlib.Path(model_dir) / "checkpoint-0001.keras")
+    return weights_of(model)
+
+
+DIGITS_RUN = ("--dataset=digits", "--model=mlp", "--epochs=1", "--batch_size=100",
+              "--keras_verbose=2")
+
+
+def test_binary_draws_a_secret_per_run_and_keeps_it_out_of_every_output(tmp_path):
+    runs = [run_binary(*DIGITS_RUN, f"--model_dir={tmp_path / name}")
+            for name in ("a", "b")]
+    for result in runs:
+        assert result.returncode == 0, result.stderr[-3000:]
+    secret_paths = [tmp_path / name / training.SECRET_FILE for name in ("a", "b")]
+    secrets = [training._read_secret(str(path)) for path in secret_paths]
+    assert secrets[0] != secrets[1]
+    for path in secret_paths:
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert "NEVER PUBLISH" in path.read_text()
+    # Same command, same data: different batches and different weights.
+    config = small_config(batch_size=100)
+    dataset = training.load_data(config)
+    plan = training.make_plan(config, len(dataset.train_images))
+    first = [next(iter(training.train_batches(
+        config, plan, dataset.train_images, dataset.train_labels, secret=s)))[2]
+        for s in secrets]
+    assert not np.array_equal(*first)  # the Poisson samples (weight masks)
+    a, b = (final_weights(tmp_path / name) for name in ("a", "b"))
+    assert any(not np.array_equal(x, y) for x, y in zip(a, b))
+    # The secret is in no other file (checkpoint, state.json, results.json,
+    # TensorBoard, plot) and in no log line.
+    for secret, name, result in zip(secrets, ("a", "b"), runs):
+        files = tree_bytes(tmp_path / name, skip=(training.SECRET_FILE,))
+        assert {"results.json", "state.json", "checkpoint-0001.keras"} <= set(files)
+        assert any(n.startswith("tensorboard") for n in files)
+        for encoding in secret_encodings(secret):
+            for file_name, blob in files.items():
+                assert encoding not in blob, (file_name, encoding)
+            assert encoding.decode("latin-1") not in result.stdout + result.stderr
+
+
+def test_binary_dp_seed_reproduces_bitwise_and_is_not_published(tmp_path):
+    runs = [run_binary(*DIGITS_RUN, "--dp_seed=5", f"--model_dir={tmp_path / name}")
+            for name in ("c", "d")]
+    for result in runs:
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "guarantee holds only against those who do not know it" in (
+            " ".join(result.stderr.split()))
+    c, d = (final_weights(tmp_path / name) for name in ("c", "d"))
+    for x, y in zip(c, d):
+        np.testing.assert_array_equal(x, y)
+    assert not (tmp_path / "c" / training.SECRET_FILE).exists()
+    results = read_json(tmp_path / "c" / "results.json")
+    assert results["flags"]["dp_seed"] == "<redacted>"
+    assert read_json(tmp_path / "c" / "state.json")["config"]["dp_seed"] == 5
+    # The delta's parts: Poisson, 15 steps, 1 query, the MLP's parameters.
+    private = results["private"]
+    num_params = sum(w.size for w in c)
+    parts = private["delta_parts"]
+    assert parts["accountant"] == 1e-5
+    assert parts["noise_tail"] == accounting.sampler_tail_delta(
+        private["epsilon"], 15, 1, num_params)
+    # Overflow bound 1e-3 * delta, through the TV argument: (1 + e^eps) * 1e-8.
+    assert parts["padding_overflow"] == pytest.approx(
+        (1 + math.exp(private["epsilon"])) * 1e-8, rel=1e-12)
+    assert private["delta"] == parts["total"] == pytest.approx(
+        1e-5 + parts["noise_tail"] + parts["padding_overflow"], rel=1e-15)
+    assert accounting.format_delta_breakdown(parts) in " ".join(
+        results["privacy_statement"].split())
+
+
+def test_non_private_diagnostics_are_kept_apart_and_can_be_left_out(tmp_path, capsys):
+    kept = training.train(small_config(model_dir=str(tmp_path / "kept")))
+    assert set(kept["non_private_diagnostics"]["history"][0]) == {
+        "epoch", "loss", "accuracy", "grad_norm_clipped_fraction",
+        "nonfinite_gradients"}
+    assert "not private" in kept["non_private_diagnostics"]["note"].lower()
+    for entry in kept["private"]["history"]:
+        assert not set(entry) & set(accounting.NON_PRIVATE_DIAGNOSTICS)
+    capsys.readouterr()
+    omitted = training.train(small_config(
+        model_dir=str(tmp_path / "omitted"), record_train_diagnostics=False,
+        keras_verbose=2))
+    printed = capsys.readouterr().out
+    assert "test_accuracy:" in printed and "epsilon:" in printed
+    for name in accounting.NON_PRIVATE_DIAGNOSTICS:
+        assert f" {name}:" not in printed, name
+    saved = read_json(tmp_path / "omitted" / "results.json")
+    assert saved == json.loads(json.dumps(omitted))
+    assert "non_private_diagnostics" not in saved
+    assert saved["private"]["history"][0]["test_accuracy"] > 0
+    text = json.dumps(saved["private"]) + json.dumps(
+        read_json(tmp_path / "omitted" / "state.json"))
+    for name in accounting.NON_PRIVATE_DIAGNOSTICS:
+        assert f'"{name}"' not in text, name
+    tags = {value.tag for events in (tmp_path / "omitted").rglob("events.out.*")
+            for event in tf.compat.v1.train.summary_iterator(str(events))
+            for value in event.summary.value}
+    assert {"epoch_epsilon", "epoch_test_accuracy"} <= tags
+    assert not tags & {f"epoch_{n}" for n in accounting.NON_PRIVATE_DIAGNOSTICS}
 
 
 def test_binary_fails_fast_without_data(tmp_path):
@@ -543,6 +721,7 @@ def test_fashion_mnist_one_epoch_dpsat_reaches_75_percent(tmp_path):
     saved = read_json(tmp_path / "results.json")
     assert saved["num_train_examples"] == 60000 and saved["num_test_examples"] == 10000
     assert saved["steps"] == 234 and saved["completed"]
-    assert saved["epsilon"] <= 3.0 and saved["delta"] == 1e-5
-    assert saved["final_test_accuracy"] >= 0.75, saved["final_test_accuracy"]
-    assert saved["final_test_accuracy"] == results["final_test_accuracy"]
+    private = saved["private"]
+    assert private["epsilon"] <= 3.0 and private["delta_parts"]["accountant"] == 1e-5
+    assert private["final_test_accuracy"] >= 0.75, private["final_test_accuracy"]
+    assert private["final_test_accuracy"] == results["private"]["final_test_accuracy"]

@@ -21,9 +21,12 @@ twice per step (`queries_per_step=2`).
   `accountant="pld"` instead uses privacy loss distributions (tighter).
 * Each example once per epoch (fixed-size batches from a shuffled pass, the usual
   input pipeline): no amplification by sampling is claimed, so each epoch is one
-  unsubsampled Gaussian mechanism on every example. This is the conservative
-  analysis that tensorflow-privacy's `compute_dp_sgd_privacy_statement` also
-  reports. Amplification by shuffling is real but has no tight accountant here.
+  unsubsampled Gaussian mechanism on every example. Amplification by shuffling
+  is real but has no tight accountant here. Fixed-size batches only admit
+  replace-one neighbours (adding an example changes the batch size), and
+  replacing one example moves one clipped term by up to 2C: this analysis
+  uses sensitivity 2C, i.e. the effective noise multiplier sigma / 2
+  (`REPLACE_ONE_SENSITIVITY`).
 
 Queries per step: k noisy queries of sensitivity C on the same sample inside one
 step compose to exactly a Gaussian mechanism with noise multiplier sigma/sqrt(k)
@@ -37,14 +40,22 @@ gradient by up to 2C, so the effective noise multiplier halves (see
 tensorflow-privacy's `used_microbatching` and Ponomareva et al., "How to DP-fy
 ML", 2023, Sec. 5.6).
 
-All guarantees are example-level, add-or-remove-one adjacency, and cover every
-intermediate model, not only the final one.
+All guarantees are example-level (add/remove-one adjacency for Poisson sampling,
+replace-one for fixed-size batches) and cover every intermediate model, not only
+the final one. They do not cover the training diagnostics (`NON_PRIVATE_DIAGNOSTICS`).
+
+Extra delta: a run that differs from the analysed mechanism M with probability
+(total variation) at most eta is (epsilon, delta + (1 + e^epsilon) eta)-DP if M is
+(epsilon, delta)-DP (`total_variation_delta`). Two such events are counted: the
+noise sampler's truncated Gaussian tail (`sampler_tail_delta`) and the overflow
+of a padded Poisson batch (`padding_overflow_delta`).
 
 Command line (prints the statement; with --epsilon first the calibrated sigma):
 
   python -m tf_dpsat.accounting --num_examples=50000 --batch_size=256 \
       --epochs=30 (--noise_multiplier=1.1 | --epsilon=3) [--delta=1e-5] \
-      [--accountant=rdp|pld] [--num_microbatches=N] [--queries_per_step=K]
+      [--accountant=rdp|pld] [--num_microbatches=N] [--queries_per_step=K] \
+      [--num_params=P]
 """
 
 import argparse
@@ -81,12 +92,29 @@ PLD_VALUE_DISCRETIZATION_INTERVAL: float = 1e-4
 
 ACCOUNTANTS: tuple = ("rdp", "pld")
 
-# The statement warns when the two analyses differ by more than this factor.
-_DIVERGENCE_WARNING_RATIO = 1.5
 # Calibration: bisection tolerance (under the promised 1e-3, leaving room for
 # rounding the result up to 6 significant digits) and search bounds.
 _CALIBRATION_RTOL = 9e-4
 _MIN_SIGMA, _MAX_SIGMA = 1e-4, 1e6
+# Replace-one adjacency (fixed-size batches): replacing one example moves one
+# clipped term by up to this many clip norms (its old and new gradient, each of
+# norm <= C, in opposite directions).
+REPLACE_ONE_SENSITIVITY = 2.0
+# Per pair of normals, the probability that the noise sampler's radius
+# sqrt(-2 ln u1) is truncated relative to the ideal Gaussian: u1 is a float64
+# uniform >= 2^-65 built from two 32-bit Philox words (tf_dpsat.clipping).
+SAMPLER_TAIL_PROBABILITY = 2.0**-64
+# What the DP model logs beside epsilon that is an exact function of private
+# training batches, with no noise: these carry no privacy guarantee.
+NON_PRIVATE_DIAGNOSTICS: tuple = (
+    "loss", "accuracy", "grad_norm_clipped_fraction", "nonfinite_gradients")
+NON_PRIVATE_NOTE = (
+    "Not private: the training-batch loss and accuracy, "
+    "grad_norm_clipped_fraction and nonfinite_gradients are exact functions of "
+    "the private training batches with no noise (a NaN canary example shows in "
+    "nonfinite_gradients: certain membership inference). They carry no DP "
+    "guarantee; do not publish them.")
+
 # Step counts within this distance of an integer are that integer: it absorbs the
 # float error in epochs * num_examples / batch_size (e.g. 0.1 * 5000 / 50).
 _INTEGER_SLACK = 1e-9
@@ -205,9 +233,13 @@ def compute_epsilon_once_per_epoch(*, noise_multiplier: float, epochs: float,
     This is the analysis for fixed-size batches cut from a shuffled pass over the
     data: amplification by sampling does not apply, so each (possibly partial)
     epoch is one Gaussian mechanism on every example, and epochs compose.
+    Adjacency is replace-one (sensitivity 2C, `REPLACE_ONE_SENSITIVITY`), so the
+    analysis uses noise_multiplier / 2. That also covers microbatches: replacing
+    one example moves its microbatch's clipped mean by at most 2C as well.
 
     Args:
-      noise_multiplier: Noise standard deviation over the clip norm, per query.
+      noise_multiplier: Noise standard deviation over the clip norm C, per
+        query (the optimizer's sigma, without any microbatching adjustment).
       epochs: Number of epochs; a partial epoch counts as a whole one.
       delta: Target delta.
       queries_per_step: Noisy gradient queries on the same batch per step.
@@ -225,9 +257,13 @@ def compute_epsilon_once_per_epoch(*, noise_multiplier: float, epochs: float,
     delta = validation.check_delta(delta)
     k = validation.check_int("queries_per_step", queries_per_step, 1)
     _check_accountant(accountant)
-    participations = math.ceil(epochs - _INTEGER_SLACK)
-    return _epsilon(_step_noise_multiplier(sigma, k), 1.0, participations, delta,
-                    accountant)
+    return _epsilon(_step_noise_multiplier(sigma / REPLACE_ONE_SENSITIVITY, k), 1.0,
+                    _participations(epochs), delta, accountant)
+
+
+def _participations(epochs: float) -> int:
+    """Passes over the data in `epochs` epochs; a started pass counts."""
+    return math.ceil(epochs - _INTEGER_SLACK)
 
 
 def poisson_steps(*, num_examples: int, batch_size: int, epochs: float) -> int:
@@ -352,6 +388,149 @@ def calibrate_noise_multiplier(*, target_epsilon: float,
                            guess=coarse, factor=1.005)
 
 
+def calibrate_noise_multiplier_once_per_epoch(
+        *, target_epsilon: float, epochs: float, delta: float = 1e-5,
+        queries_per_step: int = 1, accountant: str = "rdp") -> float:
+    """Smallest noise multiplier whose once-per-epoch epsilon is <= target.
+
+    The calibration for fixed-size shuffled batches, under replace-one
+    adjacency (sensitivity 2C): twice the sigma that an unsubsampled Gaussian
+    of sensitivity C needs over ceil(epochs) compositions.
+
+    Args:
+      target_epsilon: The privacy budget.
+      epochs: Number of epochs; a partial epoch counts as a whole one.
+      delta: Target delta.
+      queries_per_step: Noisy gradient queries on the same batch per step.
+      accountant: "rdp" or "pld".
+
+    Returns:
+      The optimizer's noise multiplier (per query), with
+      `compute_epsilon_once_per_epoch(...) <= target_epsilon`.
+
+    Raises:
+      ValueError: If an argument is out of range or the target needs sigma > 1e6.
+      TypeError: If an argument has the wrong type.
+    """
+    epochs = validation.check_positive("epochs", epochs)
+    # Scaling by the sensitivity is exact in floating point (a power of two),
+    # so the returned sigma fits exactly when the sensitivity-C one does.
+    return REPLACE_ONE_SENSITIVITY * calibrate_noise_multiplier(
+        target_epsilon=target_epsilon, sampling_probability=1.0,
+        steps=_participations(epochs), delta=delta,
+        queries_per_step=queries_per_step, accountant=accountant)
+
+
+# ---------------------------------------------------------------- extra delta
+def total_variation_delta(epsilon: float, eta: float) -> float:
+    """Delta added by running a mechanism within total variation eta of M.
+
+    If M is (epsilon, delta)-DP and the mechanism actually run, on every input,
+    is within total variation eta of M, it is (epsilon, delta + (1 + e^epsilon)
+    eta)-DP: P[M'(D) in S] <= P[M(D) in S] + eta <= e^epsilon P[M(D') in S] +
+    delta + eta <= e^epsilon (P[M'(D') in S] + eta) + delta + eta.
+
+    Args:
+      epsilon: The run's epsilon (inf gives inf for any eta > 0).
+      eta: The total variation bound, in [0, 1].
+
+    Returns:
+      (1 + e^epsilon) * eta (inf if that overflows).
+
+    Raises:
+      ValueError: If an argument is out of range.
+    """
+    eta = validation.check_non_negative("eta", eta)
+    if eta > 1:
+        raise ValueError(f"Expected eta={eta} <= 1 (a probability).")
+    if eta == 0:
+        return 0.0
+    if epsilon == math.inf:  # No noise: no guarantee to add to.
+        return math.inf
+    epsilon = validation.check_non_negative("epsilon", epsilon)
+    try:
+        return (1.0 + math.exp(epsilon)) * eta
+    except OverflowError:
+        return math.inf
+
+
+def sampler_tail_delta(epsilon: float, steps: int, queries_per_step: int,
+                       num_params: int) -> float:
+    """Delta added by the noise sampler's truncated Gaussian tail.
+
+    The sampler turns two 32-bit Philox words per pair of normals into a
+    float64 uniform u1 >= 2^-65 and the radius sqrt(-2 ln u1), so each pair's
+    radius is truncated with probability at most 2^-64 relative to the ideal
+    Gaussian. A run draws steps * queries_per_step * ceil(num_params / 2)
+    pairs; by the union bound it is within total variation
+    eta = steps * queries_per_step * ceil(num_params / 2) * 2^-64 of the ideal
+    mechanism, which costs (1 + e^epsilon) * eta (`total_variation_delta`).
+
+    Args:
+      epsilon: The run's epsilon.
+      steps: Noisy steps of the run.
+      queries_per_step: Noisy queries per step.
+      num_params: Noise coordinates drawn per query: the model's trainable
+        parameters (times the replicas when each replica draws its own share).
+
+    Returns:
+      (1 + e^epsilon) * steps * queries_per_step * ceil(num_params / 2) * 2^-64.
+
+    Raises:
+      ValueError: If an argument is out of range.
+    """
+    pairs = (validation.check_int("steps", steps, 0)
+             * validation.check_int("queries_per_step", queries_per_step, 1)
+             * math.ceil(validation.check_int("num_params", num_params, 1) / 2))
+    return total_variation_delta(epsilon, min(1.0, pairs * SAMPLER_TAIL_PROBABILITY))
+
+
+def padding_overflow_delta(epsilon: float, overflow_probability: float) -> float:
+    """Delta added by a padded Poisson batch that may overflow (and stop the run).
+
+    Args:
+      epsilon: The run's epsilon.
+      overflow_probability: Bound on the probability that any batch of the run
+        exceeds the padded size (`tf_dpsat.data.padded_batch_size`); 0 without
+        padding.
+
+    Returns:
+      (1 + e^epsilon) * overflow_probability (`total_variation_delta`).
+    """
+    return total_variation_delta(epsilon, overflow_probability)
+
+
+def delta_breakdown(*, epsilon: float, delta: float, steps: int,
+                    queries_per_step: int, num_params: int,
+                    overflow_probability: float = 0.0) -> dict:
+    """The parts of a run's delta and their sum.
+
+    Args:
+      epsilon: The run's epsilon (of the analysis that applies).
+      delta: The accountant's delta.
+      steps, queries_per_step, num_params: As for `sampler_tail_delta`.
+      overflow_probability: As for `padding_overflow_delta`.
+
+    Returns:
+      {"accountant": delta, "noise_tail": ..., "padding_overflow": ...,
+      "total": their sum}.
+    """
+    parts = {
+        "accountant": validation.check_delta(delta),
+        "noise_tail": sampler_tail_delta(epsilon, steps, queries_per_step,
+                                         num_params),
+        "padding_overflow": padding_overflow_delta(epsilon, overflow_probability),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def format_delta_breakdown(parts: dict) -> str:
+    """`accountant + noise tail + padding overflow = total`, in one line."""
+    return (f"{parts['accountant']:.6g} + {parts['noise_tail']:.3g} + "
+            f"{parts['padding_overflow']:.3g} = {parts['total']:.6g}")
+
+
 # ------------------------------------------------------------------ statement
 def _fill(text: str) -> str:
     return textwrap.fill(" ".join(text.split()), width=80)
@@ -360,13 +539,18 @@ def _fill(text: str) -> str:
 def privacy_statement(*, num_examples: int, batch_size: int,
                       noise_multiplier: float, epochs: float,
                       delta: float = 1e-5, num_microbatches: Optional[int] = None,
-                      queries_per_step: int = 1, accountant: str = "rdp") -> str:
+                      queries_per_step: int = 1, accountant: str = "rdp",
+                      num_params: Optional[int] = None,
+                      overflow_probability: float = 0.0) -> str:
     """A plain-text report of the example-level DP guarantee of a training run.
 
     Like tensorflow-privacy's `compute_dp_sgd_privacy_statement`: epsilon under
     Poisson sampling with q = batch_size / num_examples for
     ceil(epochs * num_examples / batch_size) steps, and under "each example once
-    per epoch" for ceil(epochs) epochs, saying which applies to which pipeline.
+    per epoch" for ceil(epochs) epochs, saying which applies to which pipeline
+    and under which adjacency (add/remove-one for Poisson sampling, replace-one
+    with sensitivity 2C for fixed-size batches), the parts of the total delta
+    (with `num_params`), and which logged values are not private.
 
     Args:
       num_examples: Training set size.
@@ -378,6 +562,10 @@ def privacy_statement(*, num_examples: int, batch_size: int,
       num_microbatches: Microbatches per batch, or None for per-example clipping.
       queries_per_step: Noisy gradient queries on the same batch per step.
       accountant: "rdp" or "pld".
+      num_params: Noise coordinates per query (`sampler_tail_delta`); given,
+        the statement adds the total delta of each analysis.
+      overflow_probability: Bound on a padded Poisson batch overflowing
+        (`padding_overflow_delta`); counted for the Poisson analysis only.
 
     Returns:
       The statement, paragraphs separated by blank lines, ending in a newline.
@@ -398,9 +586,11 @@ def privacy_statement(*, num_examples: int, batch_size: int,
     eps_poisson = compute_epsilon(
         noise_multiplier=sigma, sampling_probability=q, steps=steps, delta=delta,
         queries_per_step=k, accountant=accountant)
+    # Replace-one adjacency bounds a microbatch's change by 2C as well: the
+    # optimizer's sigma, not the microbatch-adjusted one.
     eps_epoch = compute_epsilon_once_per_epoch(
-        noise_multiplier=sigma, epochs=epochs, delta=delta, queries_per_step=k,
-        accountant=accountant)
+        noise_multiplier=noise_multiplier, epochs=epochs, delta=delta,
+        queries_per_step=k, accountant=accountant)
 
     microbatched = uses_microbatching(batch_size, num_microbatches)
     paragraphs = [_fill(f"""
@@ -414,7 +604,7 @@ def privacy_statement(*, num_examples: int, batch_size: int,
         paragraphs.append(_fill(f"""
             Microbatches hold {batch_size / num_microbatches:g} examples each, so one
             example can move its microbatch's clipped gradient by twice the clip norm:
-            the analysis uses the effective noise multiplier
+            the Poisson analysis uses the effective noise multiplier
             {noise_multiplier:.10g} / 2 = {sigma:.10g}."""))
     if k > 1:
         paragraphs.append(_fill(f"""
@@ -425,24 +615,44 @@ def privacy_statement(*, num_examples: int, batch_size: int,
         The guarantee covers every intermediate model (all checkpoints), not only
         the final one."""))
     paragraphs.append(
-        _fill(f"""Example-level DP, add-or-remove-one adjacency, delta = {delta:g},
+        _fill(f"""Example-level DP, delta = {delta:g} (accountant),
               {accountant.upper()} accounting:""")
         + f"\n    {'Epsilon with Poisson sampling (*):':48}{eps_poisson:10.3f}"
         + f"\n    {'Epsilon with each example once per epoch (**):':48}"
         + f"{eps_epoch:10.3f}")
     paragraphs.append(_fill("""
-        (*) Applies only if every step forms its batch by including each example
-        independently with probability q (variable batch size)."""))
+        (*) Add/remove-one adjacency. Applies only if every step forms its batch by
+        including each example independently with probability q (variable batch
+        size)."""))
     paragraphs.append(_fill("""
-        (**) Applies to fixed-size batches from a shuffled pass over the data (the
-        usual input pipeline), or any order in which each example is used at most
-        once per epoch. No amplification by sampling is claimed."""))
-    if eps_epoch > _DIVERGENCE_WARNING_RATIO * eps_poisson:
-        paragraphs.append(_fill(f"""
-            WARNING: the two analyses differ by a factor of
-            {eps_epoch / eps_poisson:.1f}. Report the Poisson value only if the
-            batches really were Poisson-sampled; for shuffled fixed-size batches
-            it is not a proven guarantee."""))
+        (**) Replace-one adjacency (sensitivity 2C): replacing one example moves
+        one clipped term by up to twice the clip norm, so the analysis uses
+        noise multiplier sigma / 2. Applies to fixed-size batches from a shuffled
+        pass over the data (the usual input pipeline), or any order in which each
+        example is used at most once per epoch. No amplification by sampling is
+        claimed."""))
+    if num_params is not None:
+        totals = [
+            (label, delta_breakdown(epsilon=eps, delta=delta, steps=steps,
+                                    queries_per_step=k, num_params=num_params,
+                                    overflow_probability=overflow))
+            for label, eps, overflow in (("(*)", eps_poisson, overflow_probability),
+                                         ("(**)", eps_epoch, 0.0))]
+        paragraphs.append(
+            _fill(f"""Total delta = accountant delta + noise sampler tail
+                  ({num_params} noise coordinates per query) + padding overflow
+                  (Poisson batches only); each extra term is (1 + e^epsilon) times
+                  the probability of its event:""")
+            + "".join(f"\n    {label:5}{format_delta_breakdown(parts)}"
+                      for label, parts in totals))
+    # Always: the shuffle analysis's sensitivity 2C alone makes it roughly 2x
+    # (up to 4x) the Poisson value, even when the batch is the whole dataset.
+    paragraphs.append(_fill(f"""
+        WARNING: the two analyses differ by a factor of
+        {eps_epoch / eps_poisson:.1f}. Report the Poisson value only if the
+        batches really were Poisson-sampled; for shuffled fixed-size batches it
+        is not a proven guarantee."""))
+    paragraphs.append(_fill(NON_PRIVATE_NOTE))
     return "\n\n".join(paragraphs) + "\n"
 
 
@@ -464,6 +674,9 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--accountant", choices=ACCOUNTANTS, default="rdp")
     parser.add_argument("--num_microbatches", type=int, default=None)
     parser.add_argument("--queries_per_step", type=int, default=1)
+    parser.add_argument("--num_params", type=int, default=None,
+                        help="trainable parameters: adds the total delta "
+                             "(accountant + noise sampler tail)")
     return parser.parse_args(argv)
 
 
@@ -496,8 +709,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             num_examples=args.num_examples, batch_size=args.batch_size,
             noise_multiplier=sigma, epochs=args.epochs, delta=args.delta,
             num_microbatches=args.num_microbatches,
-            queries_per_step=args.queries_per_step, accountant=args.accountant),
-              end="")
+            queries_per_step=args.queries_per_step, accountant=args.accountant,
+            num_params=args.num_params), end="")
     except (ValueError, TypeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -17,6 +17,11 @@ The callback reads these attributes of `model.optimizer`: `noise_multiplier`,
 `queries_per_step`, `iterations`, `expected_batch_size`, `num_microbatches`, and
 calls `set_step_budget(max_steps)` if present. List it before a TensorBoard or
 CSVLogger callback so they see `epsilon` in the epoch logs.
+
+Epsilon covers the noisy steps only. The other epoch logs of a DP model, the
+training-batch `loss` and `accuracy`, `grad_norm_clipped_fraction` and
+`nonfinite_gradients` (`tf_dpsat.accounting.NON_PRIVATE_DIAGNOSTICS`), are exact
+functions of the private batches and carry no privacy guarantee.
 """
 
 import dataclasses
@@ -42,7 +47,8 @@ _MAX_BUDGET_STEPS = 2**40
 class _Setup:
     """What epsilon depends on besides the step count (a cache key)."""
 
-    noise_multiplier: float  # Per query, after the microbatching adjustment.
+    # Per query; for "poisson" after the microbatching adjustment.
+    noise_multiplier: float
     queries_per_step: int
     sampling_probability: float
     steps_per_epoch: int  # Steps in one pass over the data ("shuffle").
@@ -92,7 +98,8 @@ class PrivacyCallback(keras.callbacks.Callback):
             sampling: "poisson" if each batch includes each example independently
                 with probability q = batch_size / num_examples; "shuffle" for
                 fixed-size batches from shuffled passes over the data (each example
-                at most once per epoch, no amplification; a pass is taken to be
+                at most once per epoch, no amplification, replace-one adjacency
+                with sensitivity 2C; a pass is taken to be
                 floor(num_examples / batch_size) steps, which is exact with
                 drop_remainder=True and conservative otherwise).
             batch_size: (Expected) examples per logical step, counting every
@@ -211,9 +218,12 @@ class PrivacyCallback(keras.callbacks.Callback):
                     "probability: pass batch_size= to PrivacyCallback or set "
                     "expected_batch_size on the optimizer.")
             batch_size = self._check_batch_size(batch_size)
-        sigma = accounting.effective_noise_multiplier(
-            float(self._attribute("noise_multiplier")), batch_size=batch_size,
-            num_microbatches=num_microbatches)
+        sigma = float(self._attribute("noise_multiplier"))
+        if self.sampling == "poisson":
+            # Add/remove-one: microbatches of > 1 example double the
+            # sensitivity. The shuffle analysis (replace-one) always uses 2C.
+            sigma = accounting.effective_noise_multiplier(
+                sigma, batch_size=batch_size, num_microbatches=num_microbatches)
         return _Setup(
             noise_multiplier=sigma,
             queries_per_step=validation.check_int(

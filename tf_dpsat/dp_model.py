@@ -11,6 +11,11 @@ Besides the compiled metrics, training logs report
 `grad_norm_clipped_fraction` (the share of examples whose gradient norm
 exceeded the clip norm, the number to watch when tuning C) and
 `nonfinite_gradients` (examples dropped for a NaN/Inf gradient).
+
+These two and the training loss and accuracy are NOT private: they are exact
+functions of the private batches, without noise (one NaN canary example shows
+in `nonfinite_gradients`). Keep them out of anything published beside epsilon
+(`tf_dpsat.accounting.NON_PRIVATE_DIAGNOSTICS`).
 """
 
 import keras

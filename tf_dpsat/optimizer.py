@@ -266,6 +266,51 @@ def _compiled_loss_value(model, y_true, y_pred, sample_weight):
     return total
 
 
+# Noise keys are int64 seeds of the stateless sampler: [0, 2**63).
+_NOISE_KEY_LIMIT = 2**63
+
+
+def _random_noise_key() -> int:
+    """A fresh key from OS entropy, uniform on [0, 2**63)."""
+    return int.from_bytes(os.urandom(8), "little") >> 1
+
+
+def _check_noise_key(key) -> int:
+    if isinstance(key, bool) or not isinstance(key, int):
+        raise TypeError(f"Expected the noise key to be an int in [0, 2**63), "
+                        f"got {type(key).__name__}.")
+    if not 0 <= key < _NOISE_KEY_LIMIT:
+        # The value itself stays out of the message: it may be a secret.
+        raise ValueError("Expected the noise key in [0, 2**63); pass e.g. "
+                         "int.from_bytes(os.urandom(8), 'little') >> 1.")
+    return key
+
+
+class _SecretKey:
+    """Holds the noise key's `tf.Variable` out of every saved state.
+
+    Deliberately not a `tf.Module`/Trackable nor a Keras variable: an
+    optimizer attribute of this type is invisible to Keras's variable
+    tracking (`optimizer.variables`, `.keras`, `.weights.h5`) and to
+    `tf.train.Checkpoint`, while traced functions still capture the variable.
+    Whoever reads a saved optimizer thus cannot recompute its noise.
+    """
+
+    __slots__ = ("variable",)
+
+    def __init__(self, key: int):
+        self.variable = tf.Variable(
+            _check_noise_key(key), dtype=tf.int64, trainable=False,
+            name="noise_key",
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+    def set(self, key: int) -> None:
+        self.variable.assign(_check_noise_key(key))
+
+    def __repr__(self) -> str:  # Never print the key.
+        return "<secret noise key>"
+
+
 @keras.saving.register_keras_serializable(package="tf_dpsat")
 class DPSATKeras(keras.optimizers.Optimizer):
     """Differentially private sharpness-aware training (DP-SAT) for Keras 3.
@@ -301,8 +346,15 @@ class DPSATKeras(keras.optimizers.Optimizer):
       gradient_accumulation_steps: k >= 1 physical batches form one logical
         step: their clipped sums are accumulated, then noise is added and the
         update applied once. The DP-SAT perturbation is the same for all k.
-      seed: integer seed of the noise; None draws fresh entropy. The seed is
-        an optimizer variable, saved and restored with the optimizer.
+      seed: None (default) takes the noise key from OS entropy
+        (`os.urandom`). The key is secret: no saved file (`.keras`,
+        `.weights.h5`, `tf.train.Checkpoint`) and no `get_config()` holds it,
+        so a loaded optimizer draws fresh noise. An integer seed in
+        [0, 2**63) is the reproducible opt-in: it is the key and is kept in
+        `get_config()`, so save/load resumes bitwise. Whoever knows the seed
+        can recompute each step's noise and subtract it from a released
+        checkpoint; the privacy guarantee then holds only against those who
+        do not know it. `set_noise_key` sets a secret key afterwards.
       direction: "gradient" (DP-SAT) or "momentum" (the authors'
         DPSATMomentum variant: the direction is the last update reversed,
         w_{t-1} - w_t).
@@ -421,13 +473,13 @@ class DPSATKeras(keras.optimizers.Optimizer):
         # The slices the last traced step cut its batch into (see
         # `batch_slices`), for reports; None before the first step.
         self.traced_batch_slices = None
-        if seed is None:
-            seed = int.from_bytes(os.urandom(8), "little") >> 1
+        # A tf.Variable, so that traced steps (XLA included) read it and
+        # set_noise_key can change it after tracing; inside a plain holder,
+        # so that neither Keras nor TensorFlow checkpointing tracks or saves it.
+        self._noise_key = _SecretKey(
+            _random_noise_key() if seed is None else seed)
         with keras.name_scope(self.name, caller=self):
-            # Variables, so that save/load restores them and XLA reads them.
-            self._noise_seed = keras.Variable(
-                seed, name="noise_seed", dtype="int64", trainable=False,
-                aggregation="only_first_replica")
+            # A variable, so that save/load restores it and XLA reads it.
             self._step_budget = keras.Variable(
                 -1, name="step_budget", dtype="int64", trainable=False,
                 aggregation="only_first_replica")
@@ -474,6 +526,23 @@ class DPSATKeras(keras.optimizers.Optimizer):
         if max_steps < 0:
             raise ValueError(f"Expected max_steps={max_steps} >= 0.")
         self._step_budget.assign(max_steps)
+
+    def set_noise_key(self, key: int) -> None:
+        """Sets the secret key of the noise, before or after tracing.
+
+        Each step's noise is a function of (key, `iterations`, query,
+        replica). The key is never saved or serialized: set it again after
+        loading a model to continue a run's noise stream (a training binary
+        keeps it in a private file of its own).
+
+        Args:
+          key: an int in [0, 2**63).
+
+        Raises:
+          TypeError: `key` is not an int.
+          ValueError: `key` is outside [0, 2**63).
+        """
+        self._noise_key.set(key)
 
     # ------------------------------------------------------- base update
 
@@ -879,11 +948,11 @@ class DPSATKeras(keras.optimizers.Optimizer):
     def _noise_stream(self, query: int):
         """The seed and stream of this step's noise for one query, replica.
 
-        They depend only on the optimizer's seed, the step, the query's
+        They depend only on the optimizer's noise key, the step, the query's
         index within the step and the replica, never on the data: (noise
-        seed, step) is the seed, query * 2^16 + replica the stream.
+        key, step) is the seed, query * 2^16 + replica the stream.
         """
-        seed = tf.stack([tf.convert_to_tensor(self._noise_seed.value),
+        seed = tf.stack([tf.convert_to_tensor(self._noise_key.variable),
                          tf.cast(self._iterations, tf.int64)])
         if _num_replicas() > 2**16:  # streams of two queries must not meet
             raise ValueError("Expected at most 2^16 replicas, got "

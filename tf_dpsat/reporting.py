@@ -18,8 +18,8 @@ from typing import Any, Dict, List, Sequence
 from tf_dpsat import training
 
 # Flags that do not change what is trained (those a resumed run may change,
-# and the seed): they may differ between repeats.
-_NON_TRAINING_FLAGS = training.RESUMABLE_FIELDS | {"seed"}
+# and the seeds): they may differ between repeats.
+_NON_TRAINING_FLAGS = training.RESUMABLE_FIELDS | {"seed", "dp_seed"}
 # Flags that name the method being compared; they label groups.
 _METHOD_FLAGS = ("method", "rho", "direction")
 # Flags without effect on non-private training.
@@ -41,7 +41,7 @@ def load_run(model_dir: str) -> Dict[str, Any]:
       ValueError: for a run that has not finished (its numbers would bias a
         comparison).
     """
-    path = os.path.join(model_dir, "results.json")
+    path = os.path.join(model_dir, training.RESULTS_FILE)
     with open(path) as f:
         results = json.load(f)
     if not results.get("completed"):
@@ -91,7 +91,9 @@ def summarize_runs(model_dirs: Sequence[str]) -> Dict[str, Any]:
     Returns:
       A JSON-serialisable dict: "experiment" (the shared flags), "runs" (one
       entry per run: directory, method label, seed, final and best test
-      accuracy, epsilon, sigma, steps, wall time) and "methods" (per label:
+      accuracy, epsilon, total delta, sigma, steps, wall time; only the
+      private outputs of each results.json, never its non-private
+      diagnostics) and "methods" (per label:
       number of runs, seeds, and mean/std/min/max of final and best test
       accuracy; std is the sample standard deviation, 0 for a single run).
 
@@ -109,19 +111,20 @@ def summarize_runs(model_dirs: Sequence[str]) -> Dict[str, Any]:
                if len({f[name] for f in private}) > 1]
     entries = []
     for model_dir, run in zip(dirs, runs):
-        flags = run["flags"]
+        flags, private = run["flags"], run["private"]
         entries.append({
             "model_dir": model_dir,
             "method": _label(flags, varying),
             "seed": flags["seed"],
-            "final_test_accuracy": run["final_test_accuracy"],
-            "best_test_accuracy": run["best_test_accuracy"],
-            "epsilon": run["epsilon"],
+            "final_test_accuracy": private["final_test_accuracy"],
+            "best_test_accuracy": private["best_test_accuracy"],
+            "epsilon": private["epsilon"],
+            "delta": private["delta"],
             "noise_multiplier": run["noise_multiplier"],
             "steps": run["steps"],
             "wall_time_s": run["wall_time_s"],
             "history": [{"epoch": h["epoch"], "test_accuracy": h["test_accuracy"]}
-                        for h in run["history"]
+                        for h in private["history"]
                         if h.get("test_accuracy") is not None],
         })
     methods = {}

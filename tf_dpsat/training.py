@@ -16,18 +16,42 @@ Sampling and accounting
   training examples independently with probability q = batch_size / N, for
   round(N / batch_size) steps per epoch. Batches are padded with zero-weight
   rows to one static size (`tf_dpsat.data.padded_batch_size`, chosen so that
-  any overflow during the whole run has probability <= 1e-6; an overflow
-  raises, it never drops an example), and the optimizer divides by the
-  expected batch size. The Poisson-subsampled Gaussian analysis applies.
+  any overflow during the whole run has probability <= 1e-3 * delta; an
+  overflow raises, it never drops an example, and its probability is added to
+  the reported delta), and the optimizer divides by the expected batch size.
+  The Poisson-subsampled Gaussian analysis applies, add/remove-one adjacency.
 * `sampling="shuffle"`: fixed-size batches from a shuffled pass per epoch
   (floor(N / batch_size) steps, the remainder dropped). Only the "each example
   once per epoch" analysis (no amplification by sampling) is proven for it,
-  so sigma is calibrated to that analysis, which needs far more noise.
+  under replace-one adjacency (sensitivity 2C), so sigma is calibrated to that
+  analysis, which needs far more noise.
 
-Epoch e always consumes logical steps [e * S, (e + 1) * S) of one seeded
-sample sequence, so a resumed run sees exactly the batches an uninterrupted
-run sees, and, with the optimizer state restored from the checkpoint, ends
-with bitwise the same weights and the same epsilon.
+Secrets
+-------
+`--seed` seeds the weight initialisation only: it is data-independent and may
+be published. The batch sampling (and shuffle order) and the noise come from a
+secret drawn per run from OS entropy. With a `model_dir` it is kept in
+`model_dir/PRIVATE-dp-secret.key` (mode 0600, created atomically, read on
+resume; never publish it) and in memory only otherwise. No checkpoint,
+state.json, results.json, log or TensorBoard file holds it, so a released run
+cannot be replayed on a neighbouring dataset. `--dp_seed=N` opts into
+reproducible sampling and noise derived from N; the guarantee then holds only
+against those who do not know N.
+
+Epoch e always consumes logical steps [e * S, (e + 1) * S) of one sample
+sequence keyed by the secret, so a resumed run sees exactly the batches an
+uninterrupted run sees, and, with the optimizer state restored from the
+checkpoint and the noise key from the secret, ends with bitwise the same
+weights and the same epsilon.
+
+Outputs
+-------
+results.json keeps the DP outputs (model, test metrics, epsilon, delta and its
+parts) in its "private" section, apart from "non_private_diagnostics": the
+training-batch loss and accuracy, `grad_norm_clipped_fraction` and
+`nonfinite_gradients`, exact functions of the private batches without any
+guarantee. `--norecord_train_diagnostics` keeps those out of results.json,
+TensorBoard and the printed per-epoch log.
 
 `physical_batch_size` bounds memory: each (padded) logical batch is cut, in
 order, into k = padded / physical physical batches that the optimizer
@@ -69,12 +93,17 @@ __all__ = [
     "METHODS",
     "RunPlan",
     "SAMPLINGS",
+    "SECRET_FILE",
     "TrainConfig",
     "build_model",
     "config_from_flags",
     "define_flags",
+    "delta_parts",
     "load_data",
     "make_plan",
+    "new_secret",
+    "privacy_report",
+    "run_secret",
     "split_logical_batches",
     "test_batches",
     "train",
@@ -87,25 +116,50 @@ JIT_CHOICES: Tuple[str, ...] = ("auto", "true", "false")
 DIRECTIONS: Tuple[str, ...] = ("gradient", "momentum")
 
 # Allowed probability that some Poisson batch of the run exceeds the padded
-# size (the run would then stop with an error; see tf_dpsat.data).
-OVERFLOW_PROBABILITY = 1e-6
+# size, as a fraction of delta: the run would then stop with an error (see
+# tf_dpsat.data), an event outside the analysis whose probability is added to
+# the reported delta (tf_dpsat.accounting.padding_overflow_delta).
+OVERFLOW_DELTA_FRACTION = 1e-3
 
 RESULTS_FILE = "results.json"
 STATE_FILE = "state.json"
 PLOT_FILE = "accuracy_epsilon.png"
 TENSORBOARD_DIR = "tensorboard"
 _CHECKPOINT_PATTERN = "checkpoint-{:04d}.keras"
+# The run's secret (sampling and noise). The name says what it is, so that
+# nobody publishes it with the rest of a model_dir by mistake.
+SECRET_FILE = "PRIVATE-dp-secret.key"
+_SECRET_HEADER = """\
+# PRIVATE - NEVER PUBLISH, UPLOAD OR SHARE THIS FILE.
+# The secret of this run's batch sampling and differential-privacy noise
+# (tf_dpsat.training). With it and the run's checkpoints anyone can replay the
+# sampling and subtract the noise, which voids the privacy guarantee. It is only
+# needed to resume the run; delete it once the run is finished.
+"""
 
 # Fields that may change between a run and its resumption: they do not change
 # what is trained (only where data is read from, how often it is evaluated,
 # the compiler, and the console output).
 RESUMABLE_FIELDS = frozenset({
     "data_dir", "raw_data_dir", "download", "model_dir", "eval_every",
-    "eval_batch_size", "jit_compile", "keras_verbose",
+    "eval_batch_size", "jit_compile", "keras_verbose", "record_train_diagnostics",
 })
 
-# Purposes of the seeds derived from TrainConfig.seed.
+# Test-set metrics: post-processing of the private model on public data.
+_PRIVATE_METRICS: Tuple[str, ...] = ("test_loss", "test_accuracy")
+_PRIVATE_HISTORY_KEYS: Tuple[str, ...] = (
+    "epoch", "steps", "epsilon", "wall_time_s") + _PRIVATE_METRICS
+_PRIVATE_NOTE = (
+    "Covered by the (epsilon, delta) guarantee (none for method=nonprivate): the "
+    "model (every checkpoint) and what is computed from it and the test set.")
+# What results.json shows for a set --dp_seed.
+_REDACTED = "<redacted>"
+
+# Purposes of the seeds derived from TrainConfig.seed (_SEED_MODEL) and from
+# the run's secret (the others).
 _SEED_MODEL, _SEED_SAMPLING, _SEED_NOISE = 0, 1, 2
+# Seeds and secrets are int64 keys of stateless RNGs.
+_SEED_LIMIT = 2**63
 
 
 # --------------------------------------------------------------------------
@@ -141,7 +195,11 @@ class TrainConfig:
       physical_batch_size: Examples per forward/backward pass; None processes
         a whole (padded) logical batch at once.
       jit_compile: "auto", "true" or "false" (XLA compilation).
-      seed: Seed of the weights, the batch sampling and the noise.
+      seed: Seed of the weight initialisation only (public).
+      dp_seed: None (default) draws the secret of the batch sampling and the
+        noise from OS entropy (kept in `model_dir/PRIVATE-dp-secret.key`).
+        An int in [0, 2**63) derives them from it instead, for reproducible
+        runs: the guarantee then holds only against those who do not know it.
       eval_every: Evaluate on the test set every this many epochs (and
         always after the last one).
       eval_batch_size: Batch size of evaluation.
@@ -155,6 +213,10 @@ class TrainConfig:
         writes nothing and cannot resume.
       keras_verbose: Keras fit verbosity: 0 silent, 1 progress bar, 2 one
         line per epoch.
+      record_train_diagnostics: Record the non-private training diagnostics
+        (training-batch loss and accuracy, `grad_norm_clipped_fraction`,
+        `nonfinite_gradients`) in results.json, TensorBoard and the printed
+        per-epoch log. They are exact functions of the private batches.
     """
 
     dataset: str = "cifar10"
@@ -182,6 +244,8 @@ class TrainConfig:
     download: bool = True
     model_dir: Optional[str] = None
     keras_verbose: int = 1
+    dp_seed: Optional[int] = None
+    record_train_diagnostics: bool = True
 
     def __post_init__(self):
         try:
@@ -210,10 +274,16 @@ class TrainConfig:
             check.check_int(name, getattr(self, name))
         for name in ("physical_batch_size", "max_train_examples"):
             check.check_int(name, getattr(self, name), allow_none=True)
-        if check.check_int("seed", self.seed, minimum=0) >= 2**63:
+        if check.check_int("seed", self.seed, minimum=0) >= _SEED_LIMIT:
             raise ValueError(f"Expected seed={self.seed} < 2**63.")
-        if not isinstance(self.download, bool):
-            raise ValueError(f"Expected download={self.download!r} to be a bool.")
+        if self.dp_seed is not None and check.check_int(
+                "dp_seed", self.dp_seed, minimum=0) >= _SEED_LIMIT:
+            # Not echoed: it seeds the noise.
+            raise ValueError("Expected dp_seed < 2**63.")
+        for name in ("download", "record_train_diagnostics"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Expected {name}={getattr(self, name)!r} to be "
+                                 "a bool.")
         if check.check_int("keras_verbose", self.keras_verbose, minimum=0) > 2:
             raise ValueError(f"Expected keras_verbose={self.keras_verbose} "
                              "to be 0, 1 or 2.")
@@ -269,7 +339,16 @@ _FLAG_HELP = {
     "physical_batch_size": "Examples per forward/backward pass (memory); a "
                            "logical batch becomes several accumulated passes.",
     "jit_compile": "XLA compilation: auto, true or false.",
-    "seed": "Seed of weights, batch sampling and noise.",
+    "seed": "Seed of the weight initialisation only (public; batch sampling "
+            "and noise come from a secret, see --dp_seed).",
+    "dp_seed": "Unset (default): batch sampling and noise come from a secret "
+               f"drawn from OS entropy, kept in <model_dir>/{SECRET_FILE} "
+               "(never publish it). Set: derive them from this number instead "
+               "(reproducible; private only against those who do not know it).",
+    "record_train_diagnostics": "Record training-batch loss/accuracy, "
+                                "grad_norm_clipped_fraction and "
+                                "nonfinite_gradients (NOT private) in "
+                                "results.json, TensorBoard and the epoch log.",
     "eval_every": "Evaluate on the test set every N epochs (and after the last).",
     "eval_batch_size": "Evaluation batch size.",
     "max_train_examples": "Use only the first N training examples (smoke runs).",
@@ -295,9 +374,9 @@ _ENUM_FLAGS = {
 _FLOAT_FLAGS = ("epsilon", "delta", "noise_multiplier", "learning_rate", "momentum",
                 "l2_norm_clip", "rho")
 _INT_FLAGS = ("epochs", "batch_size", "physical_batch_size", "seed", "eval_every",
-              "eval_batch_size", "max_train_examples", "keras_verbose")
+              "eval_batch_size", "max_train_examples", "keras_verbose", "dp_seed")
 _STRING_FLAGS = ("data_dir", "raw_data_dir", "model_dir")
-_BOOL_FLAGS = ("download",)
+_BOOL_FLAGS = ("download", "record_train_diagnostics")
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -357,6 +436,8 @@ class RunPlan:
       queries_per_step: Noisy queries per step.
       epsilon: Epsilon after the whole run (inf when non-private).
       privacy_analysis: "poisson", "once_per_epoch" or "none".
+      overflow_probability: Bound on the probability that a padded Poisson
+        batch of the run overflows (0 for shuffled batches).
     """
 
     num_examples: int
@@ -370,6 +451,14 @@ class RunPlan:
     queries_per_step: int
     epsilon: float
     privacy_analysis: str
+    overflow_probability: float = 0.0
+
+    @property
+    def adjacency(self) -> Optional[str]:
+        """The neighbouring relation the guarantee is stated for."""
+        return {"poisson": "add/remove-one",
+                "once_per_epoch": "replace-one (sensitivity 2C)"}.get(
+                    self.privacy_analysis)
 
 
 def _steps_per_epoch(config: TrainConfig, num_examples: int) -> int:
@@ -384,10 +473,11 @@ def _calibrated_sigma(config: TrainConfig, q: float, total_steps: int) -> float:
         return accounting.calibrate_noise_multiplier(
             target_epsilon=config.epsilon, sampling_probability=q, steps=total_steps,
             delta=config.delta, queries_per_step=config.queries_per_step)
-    # Once per epoch: each epoch is one unsubsampled Gaussian mechanism.
-    return accounting.calibrate_noise_multiplier(
-        target_epsilon=config.epsilon, sampling_probability=1.0, steps=config.epochs,
-        delta=config.delta, queries_per_step=config.queries_per_step)
+    # Once per epoch: each epoch is one unsubsampled Gaussian mechanism, under
+    # replace-one adjacency (sensitivity 2C).
+    return accounting.calibrate_noise_multiplier_once_per_epoch(
+        target_epsilon=config.epsilon, epochs=config.epochs, delta=config.delta,
+        queries_per_step=config.queries_per_step)
 
 
 def _planned_epsilon(config: TrainConfig, sigma: float, q: float, total_steps: int) -> float:
@@ -400,13 +490,19 @@ def _planned_epsilon(config: TrainConfig, sigma: float, q: float, total_steps: i
         queries_per_step=config.queries_per_step)
 
 
+def _overflow_probability(config: TrainConfig) -> float:
+    """The padding's overflow bound: 0 without padding (shuffle)."""
+    return OVERFLOW_DELTA_FRACTION * config.delta if config.sampling == "poisson" else 0.0
+
+
 def _batch_layout(config: TrainConfig, num_examples: int, total_steps: int) -> Tuple[int, int]:
     """(logical rows per step, physical rows per pass)."""
     physical = config.physical_batch_size
     if config.sampling == "poisson":
         logical = data.padded_batch_size(
             config.batch_size, num_examples, total_steps,
-            failure_probability=OVERFLOW_PROBABILITY, multiple_of=physical or 1)
+            failure_probability=_overflow_probability(config),
+            multiple_of=physical or 1)
         return logical, physical or logical
     if physical is not None and config.batch_size % physical:
         raise ValueError(
@@ -455,18 +551,41 @@ def make_plan(config: TrainConfig, num_examples: int) -> RunPlan:
     analysis = "poisson" if config.sampling == "poisson" else "once_per_epoch"
     return RunPlan(num_examples, steps_per_epoch, total_steps, q, logical, physical,
                    accumulation, float(sigma), config.queries_per_step, epsilon,
-                   analysis)
+                   analysis, _overflow_probability(config))
 
 
-def privacy_report(config: TrainConfig, plan: RunPlan) -> str:
+def delta_parts(config: TrainConfig, plan: RunPlan, num_params: int) -> Optional[Dict[str, float]]:
+    """The run's delta: the accountant's, the noise sampler's tail, the padding's
+    overflow, and their total (`tf_dpsat.accounting.delta_breakdown`).
+
+    Args:
+      config: The run's configuration.
+      plan: Its plan; the extra terms use its whole-run epsilon and steps.
+      num_params: Trainable parameters (noise coordinates per query).
+
+    Returns:
+      The parts and "total"; None for non-private runs.
+    """
+    if not config.private:
+        return None
+    return accounting.delta_breakdown(
+        epsilon=plan.epsilon, delta=config.delta, steps=plan.total_steps,
+        queries_per_step=plan.queries_per_step, num_params=num_params,
+        overflow_probability=plan.overflow_probability)
+
+
+def privacy_report(config: TrainConfig, plan: RunPlan,
+                   num_params: Optional[int] = None) -> str:
     """The privacy statement of a run, saying which analysis applies.
 
     Args:
       config: The run's configuration.
       plan: Its plan.
+      num_params: The model's trainable parameters; given, the report adds the
+        run's total delta (`delta_parts`).
 
     Returns:
-      Plain text (empty statement for non-private runs).
+      Plain text (a one-paragraph statement for non-private runs).
     """
     if not config.private:
         return ("Non-private training (method='nonprivate'): no clipping, no noise, "
@@ -480,13 +599,21 @@ def privacy_report(config: TrainConfig, plan: RunPlan) -> str:
         noise_multiplier=plan.noise_multiplier, epochs=epochs, delta=config.delta,
         queries_per_step=plan.queries_per_step)
     if config.sampling == "poisson":
-        which = (f"This run samples batches by Poisson sampling: the (*) value "
-                 f"applies; epsilon = {plan.epsilon:.4f} after all {plan.total_steps} "
-                 "steps.")
+        which = (f"This run samples batches by Poisson sampling ({plan.adjacency} "
+                 f"adjacency): the (*) value applies; epsilon = {plan.epsilon:.4f} "
+                 f"after all {plan.total_steps} steps.")
     else:
-        which = (f"This run uses fixed-size shuffled batches: only the (**) value is "
-                 f"a proven guarantee; epsilon = {plan.epsilon:.4f} after "
-                 f"{config.epochs} epochs.")
+        which = (f"This run uses fixed-size shuffled batches ({plan.adjacency} "
+                 f"adjacency): only the (**) value is a proven guarantee; epsilon "
+                 f"= {plan.epsilon:.4f} after {config.epochs} epochs.")
+    if num_params is not None:
+        which += ("\nThis run's delta = accountant + noise sampler tail + padding "
+                  "overflow = " + accounting.format_delta_breakdown(
+                      delta_parts(config, plan, num_params)) + ".")
+    if config.dp_seed is not None:
+        which += ("\n--dp_seed is set: the batch sampling and the noise are "
+                  "derived from it, so the guarantee holds only against those "
+                  "who do not know it.")
     return statement + "\n" + which + "\n"
 
 
@@ -526,6 +653,93 @@ def _derived_seed(seed: int, purpose: int) -> int:
     return int(state[0] >> np.uint64(1))
 
 
+# --------------------------------------------------------------------------
+# The run's secret: the root of its batch sampling and noise.
+# --------------------------------------------------------------------------
+
+
+def new_secret() -> int:
+    """A fresh secret from OS entropy, uniform on [0, 2**63)."""
+    return int.from_bytes(os.urandom(8), "little") >> 1
+
+
+def _parse_secret(text: str, path: str) -> int:
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
+    try:
+        (value,) = lines
+        secret = int(value, 16)
+    except ValueError:
+        secret = -1
+    if not 0 <= secret < _SEED_LIMIT:
+        raise ValueError(
+            f"{path} is not a secret written by tf_dpsat (expected comment lines "
+            "and one hexadecimal number below 2**63). Restore the original file "
+            "to resume the run, or start it again in a new --model_dir.")
+    return secret
+
+
+def _read_secret(path: str) -> int:
+    with open(path) as f:
+        return _parse_secret(f.read(), path)
+
+
+def _create_secret(path: str) -> int:
+    """Creates `path` (mode 0600) with a fresh secret unless it exists; reads it.
+
+    Atomic: the secret is written and synced under a temporary name, then
+    hard-linked to `path`, which fails if another process created it first;
+    a reader never sees a partial file, and an existing secret is never
+    replaced.
+    """
+    temporary = f"{path}.{os.getpid()}.tmp"
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(descriptor, "w") as f:
+            f.write(f"{_SECRET_HEADER}{new_secret():016x}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass  # Another process won the race: use its secret.
+    finally:
+        os.remove(temporary)
+    return _read_secret(path)
+
+
+def run_secret(config: TrainConfig, resuming: bool = False) -> int:
+    """The secret of a run's batch sampling and noise; never log or save it.
+
+    Args:
+      config: The run's configuration.
+      resuming: Whether `config.model_dir` holds a started run.
+
+    Returns:
+      `config.dp_seed` if set; else the secret in `model_dir/SECRET_FILE`,
+      created from OS entropy on the first run; else (no model_dir) a fresh
+      secret that lives in memory only.
+
+    Raises:
+      ValueError: A started run whose secret file is missing or corrupt: the
+        run cannot resume bitwise without it.
+    """
+    if config.dp_seed is not None:
+        return config.dp_seed
+    if config.model_dir is None:
+        return new_secret()
+    path = os.path.join(config.model_dir, SECRET_FILE)
+    if resuming and not os.path.exists(path):
+        raise ValueError(
+            f"{config.model_dir!r} holds a started run but not its {SECRET_FILE}, "
+            "the secret of its batch sampling and noise, so it cannot resume "
+            "bitwise. Restore the file, or train in a new --model_dir.")
+    if os.path.exists(path):
+        return _read_secret(path)
+    os.makedirs(config.model_dir, exist_ok=True)
+    return _create_secret(path)
+
+
 def split_logical_batches(dataset: tf.data.Dataset, parts: int) -> tf.data.Dataset:
     """Cuts every batch of `(x, y, w)` into `parts` consecutive equal batches.
 
@@ -550,14 +764,16 @@ def split_logical_batches(dataset: tf.data.Dataset, parts: int) -> tf.data.Datas
 
 
 def train_batches(config: TrainConfig, plan: RunPlan, images: Any, labels: Any, *,
-                  start_epoch: int = 0) -> tf.data.Dataset:
+                  secret: int, start_epoch: int = 0) -> tf.data.Dataset:
     """The physical training batches from `start_epoch` to the end of the run.
 
     Args:
-      config: The run's configuration (dataset name, sampling, seed).
+      config: The run's configuration (dataset name, sampling).
       plan: Its plan.
       images: uint8 training images.
       labels: Training labels.
+      secret: The run's secret (`run_secret`): the sampling (Poisson or
+        shuffle order) is keyed by it, never by the public `config.seed`.
       start_epoch: First epoch to produce (resuming).
 
     Returns:
@@ -566,7 +782,7 @@ def train_batches(config: TrainConfig, plan: RunPlan, images: Any, labels: Any, 
       logical steps per epoch. Padding rows have weight 0.
     """
     preprocess = functools.partial(data.normalize, name=config.dataset)
-    seed = _derived_seed(config.seed, _SEED_SAMPLING)
+    seed = _derived_seed(secret, _SEED_SAMPLING)
     if config.sampling == "poisson":
         logical = data.poisson_dataset(
             images, labels, expected_batch_size=config.batch_size,
@@ -602,14 +818,22 @@ def _make_optimizer(config: TrainConfig, plan: RunPlan) -> keras.optimizers.Opti
         return keras.optimizers.SGD(config.learning_rate, momentum=config.momentum,
                                     gradient_accumulation_steps=accumulation)
     cls = DPSAMKeras if config.method == "dpsam" else DPSATKeras
+    # seed=None: nothing that get_config() or a checkpoint holds determines
+    # the noise; _set_noise_key then sets the key from the run's secret.
     kwargs = dict(l2_norm_clip=config.l2_norm_clip,
                   noise_multiplier=plan.noise_multiplier, rho=config.effective_rho,
                   expected_batch_size=config.batch_size,
-                  gradient_accumulation_steps=plan.accumulation_steps,
-                  seed=_derived_seed(config.seed, _SEED_NOISE))
+                  gradient_accumulation_steps=plan.accumulation_steps, seed=None)
     if config.method != "dpsam":
         kwargs["direction"] = config.direction
     return cls(config.learning_rate, config.momentum, **kwargs)
+
+
+def _set_noise_key(model: keras.Model, secret: Optional[int]) -> None:
+    """Keys the DP optimizer's noise by the run's secret (None: keep its own
+    fresh OS-entropy key)."""
+    if secret is not None and isinstance(model.optimizer, DPSATKeras):
+        model.optimizer.set_noise_key(_derived_seed(secret, _SEED_NOISE))
 
 
 def _jit(config: TrainConfig):
@@ -630,7 +854,7 @@ def _compile(model: keras.Model, optimizer: keras.optimizers.Optimizer,
 
 
 def build_model(config: TrainConfig, plan: RunPlan, image_shape: Tuple[int, ...],
-                num_classes: int) -> keras.Model:
+                num_classes: int, *, secret: Optional[int] = None) -> keras.Model:
     """Builds and compiles the configured network and optimizer.
 
     Args:
@@ -638,6 +862,8 @@ def build_model(config: TrainConfig, plan: RunPlan, image_shape: Tuple[int, ...]
       plan: Its plan (sigma, accumulation).
       image_shape: `(H, W, C)`.
       num_classes: Number of classes.
+      secret: The run's secret (`run_secret`), which keys the noise; None
+        leaves the optimizer's fresh OS-entropy key.
 
     Returns:
       A compiled model: a DP model with `DPSATKeras`/`DPSAMKeras`, or a plain
@@ -650,6 +876,7 @@ def build_model(config: TrainConfig, plan: RunPlan, image_shape: Tuple[int, ...]
                                  seed=_derived_seed(config.seed, _SEED_MODEL))
     model = make_private(network) if config.private else network
     _compile(model, _make_optimizer(config, plan), config)
+    _set_noise_key(model, secret)
     return model
 
 
@@ -691,13 +918,15 @@ def _check_resumable(config: TrainConfig, state: Dict[str, Any]) -> None:
             "privacy ledger. Use a new --model_dir, or the original flags.")
 
 
-def _restore(config: TrainConfig, state: Dict[str, Any]) -> keras.Model:
+def _restore(config: TrainConfig, state: Dict[str, Any],
+             secret: Optional[int]) -> keras.Model:
     path = os.path.join(config.model_dir, state["checkpoint"])
     restored = keras.models.load_model(path)
     # Recompile (same loss, metrics and jit setting as a fresh run) around the
-    # restored optimizer, whose variables hold the step count, momentum, the
-    # DP-SAT direction and the noise seed.
+    # restored optimizer, whose variables hold the step count, momentum and
+    # the DP-SAT direction; the noise key is not saved: set it from the secret.
     _compile(restored, restored.optimizer, config)
+    _set_noise_key(restored, secret)
     return restored
 
 
@@ -739,6 +968,23 @@ class _Evaluate(keras.callbacks.Callback):
             logs["test_accuracy"] = float(result["accuracy"])
 
 
+class _DropNonPrivateLogs(keras.callbacks.Callback):
+    """Removes the non-private training diagnostics from the batch and epoch
+    logs. First in the callback list: Keras hands every later callback (the
+    recorder, TensorBoard, History, the progress bar) the same dict."""
+
+    def _drop(self, logs):
+        for key in accounting.NON_PRIVATE_DIAGNOSTICS:
+            if logs is not None:
+                logs.pop(key, None)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._drop(logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._drop(logs)
+
+
 class _Recorder(keras.callbacks.Callback):
     """Per epoch: history, checkpoint, state.json, results.json and the plot."""
 
@@ -754,8 +1000,11 @@ class _Run:
     """The mutable state of one `train` call."""
 
     def __init__(self, config: TrainConfig, plan: RunPlan, statement: str,
-                 dataset: data.Dataset, state: Optional[Dict[str, Any]]):
+                 dataset: data.Dataset, state: Optional[Dict[str, Any]],
+                 deltas: Optional[Dict[str, float]]):
         self.config, self.plan, self.statement = config, plan, statement
+        self.deltas = deltas
+        self.checkpoint = state["checkpoint"] if state else None
         self.num_test = len(dataset.test_images)
         self.history: List[Dict[str, Any]] = list(state["history"]) if state else []
         self.epochs_done = int(state["epochs_done"]) if state else 0
@@ -776,8 +1025,7 @@ class _Run:
         self.last_epsilon = epsilon
         entry = {"epoch": epoch + 1, "steps": self.steps, "epsilon": epsilon,
                  "wall_time_s": round(self.wall_time(), 3)}
-        for key in ("loss", "accuracy", "test_loss", "test_accuracy",
-                    "grad_norm_clipped_fraction", "nonfinite_gradients"):
+        for key in _PRIVATE_METRICS + accounting.NON_PRIVATE_DIAGNOSTICS:
             if key in logs:
                 entry[key] = float(logs[key])
         self.history.append(entry)
@@ -789,6 +1037,7 @@ class _Run:
         model_dir = self.config.model_dir
         name = _CHECKPOINT_PATTERN.format(self.epochs_done)
         model.save(os.path.join(model_dir, name))
+        self.checkpoint = name
         # state.json names the checkpoint: it is replaced only after the new
         # checkpoint is complete, so a crash at any point leaves a consistent pair.
         _write_json(os.path.join(model_dir, STATE_FILE), {
@@ -809,8 +1058,9 @@ class _Run:
         best = max(evaluated, key=lambda h: h["test_accuracy"], default=None)
         final = evaluated[-1] if evaluated else None
         config, plan = self.config, self.plan
-        return {
-            "completed": completed,
+        private = {
+            "note": _PRIVATE_NOTE,
+            "model": self.checkpoint,
             "final_test_accuracy": final["test_accuracy"] if final else None,
             "final_test_loss": final["test_loss"] if final else None,
             "final_evaluated_epoch": final["epoch"] if final else None,
@@ -819,7 +1069,18 @@ class _Run:
             "epsilon": self.last_epsilon,
             "target_epsilon": (config.epsilon if config.private and
                                config.noise_multiplier is None else None),
-            "delta": config.delta if config.private else None,
+            "delta": self.deltas["total"] if self.deltas else None,
+            "delta_parts": self.deltas,
+            "adjacency": plan.adjacency,
+            "history": [{k: h[k] for k in _PRIVATE_HISTORY_KEYS if k in h}
+                        for h in self.history],
+        }
+        flags = dataclasses.asdict(config)
+        if flags["dp_seed"] is not None:  # The noise's seed: never published.
+            flags["dp_seed"] = _REDACTED
+        results = {
+            "completed": completed,
+            "private": private,
             "noise_multiplier": plan.noise_multiplier,
             "privacy_analysis": plan.privacy_analysis,
             "queries_per_step": plan.queries_per_step,
@@ -828,6 +1089,7 @@ class _Run:
             "steps_per_epoch": plan.steps_per_epoch,
             "epochs_completed": self.epochs_done,
             "sampling_probability": plan.sampling_probability,
+            "padding_overflow_probability": plan.overflow_probability,
             "num_train_examples": plan.num_examples,
             "num_test_examples": self.num_test,
             "logical_batch_rows": plan.logical_batch_size,
@@ -835,12 +1097,20 @@ class _Run:
             "gradient_accumulation_steps": plan.accumulation_steps,
             "wall_time_s": round(self.wall_time(), 3),
             "privacy_statement": self.statement,
-            "flags": dataclasses.asdict(config),
-            "history": self.history,
+            "flags": flags,
             "versions": {"tf_dpsat": __version__, "tensorflow": tf.__version__,
                          "keras": keras.__version__,
                          "python": platform.python_version()},
         }
+        if config.record_train_diagnostics:
+            results["non_private_diagnostics"] = {
+                "note": accounting.NON_PRIVATE_NOTE,
+                "history": [
+                    {"epoch": h["epoch"], **{k: h[k] for k in
+                                             accounting.NON_PRIVATE_DIAGNOSTICS
+                                             if k in h}}
+                    for h in self.history]}
+        return results
 
     def write_outputs(self, completed: bool) -> Dict[str, Any]:
         results = self.results(completed)
@@ -860,6 +1130,8 @@ def _callbacks(config: TrainConfig, plan: RunPlan, run: _Run,
                test_data: tf.data.Dataset,
                extra: Sequence[keras.callbacks.Callback]) -> list:
     callbacks = []
+    if not config.record_train_diagnostics:
+        callbacks.append(_DropNonPrivateLogs())  # First: see _DropNonPrivateLogs.
     if config.private:
         # First, so later callbacks (and the progress bar) see "epsilon".
         callbacks.append(PrivacyCallback(
@@ -896,6 +1168,11 @@ def _log_plan(config: TrainConfig, plan: RunPlan, statement: str) -> None:
         plan.steps_per_epoch, plan.logical_batch_size, config.sampling,
         config.batch_size, plan.accumulation_steps, plan.physical_batch_size)
     logging.info("Privacy statement:\n%s", statement)
+    if config.record_train_diagnostics:
+        logging.warning("Recording the non-private training diagnostics (%s); "
+                        "--norecord_train_diagnostics keeps them out of "
+                        "results.json, TensorBoard and the epoch log.",
+                        ", ".join(accounting.NON_PRIVATE_DIAGNOSTICS))
 
 
 def train(config: TrainConfig,
@@ -908,15 +1185,22 @@ def train(config: TrainConfig,
         checkpoint at each epoch end before these see it).
 
     Returns:
-      The results dict also written to `model_dir/results.json`: final and
-      best test accuracy, epsilon spent (inf without privacy), delta, sigma,
-      steps, wall time, the flags and the per-epoch history.
+      The results dict also written to `model_dir/results.json`. Its
+      "private" section holds what the guarantee covers: the model's
+      checkpoint, final and best test accuracy, epsilon spent (inf without
+      privacy), the total delta and its parts, and the per-epoch epsilon and
+      test metrics. "non_private_diagnostics" (only with
+      `record_train_diagnostics`) holds the per-epoch training-batch loss and
+      accuracy and clipping statistics, which are NOT private. The rest:
+      sigma, steps, the plan, wall time, the statement, the flags (a set
+      `dp_seed` redacted) and versions.
 
     Raises:
       tf_dpsat.data.DatasetNotAvailableError: The data is not available
         offline (the message names --raw_data_dir and --data_dir).
-      ValueError: An inconsistent configuration, or a `model_dir` holding a
-        run with different settings.
+      ValueError: An inconsistent configuration, a `model_dir` holding a
+        run with different settings, or an unfinished run whose secret file
+        (`SECRET_FILE`) is missing or corrupt.
     """
     keras.utils.set_random_seed(config.seed)
     state = _read_state(config.model_dir)
@@ -924,37 +1208,48 @@ def train(config: TrainConfig,
         _check_resumable(config, state)
     dataset = load_data(config)
     plan = make_plan(config, len(dataset.train_images))
-    statement = privacy_report(config, plan)
-    _log_plan(config, plan, statement)
     if config.model_dir is not None:
         os.makedirs(config.model_dir, exist_ok=True)
-    run = _Run(config, plan, statement, dataset, state)
+    finished = state is not None and state["epochs_done"] >= config.epochs
+    # A finished run draws no more batches or noise: it needs no secret (so
+    # its file may be deleted once the run is done).
+    secret = None if finished else run_secret(config, resuming=state is not None)
+    if state is not None:
+        model = _restore(config, state, secret)
+    else:
+        model = build_model(config, plan, dataset.image_shape, dataset.num_classes,
+                            secret=secret)
+    num_params = int(sum(np.prod(v.shape) for v in model.trainable_variables))
+    statement = privacy_report(config, plan, num_params)
+    _log_plan(config, plan, statement)
+    run = _Run(config, plan, statement, dataset, state,
+               delta_parts(config, plan, num_params))
     if run.epochs_done < config.epochs:
         if state is not None:
             logging.info("Resuming from %s after epoch %d (%d steps).",
                          state["checkpoint"], run.epochs_done, run.steps)
-            model = _restore(config, state)
-        else:
-            model = build_model(config, plan, dataset.image_shape, dataset.num_classes)
-        _fit(model, config, plan, dataset, run, extra_callbacks)
+        _fit(model, config, plan, dataset, run, extra_callbacks, secret)
     else:
         logging.info("%s already holds all %d epochs; nothing to train.",
                      config.model_dir, config.epochs)
     results = run.write_outputs(completed=run.epochs_done >= config.epochs)
-    logging.info("Final test accuracy %s, epsilon %.4f after %d steps (%.1f s).",
-                 results["final_test_accuracy"], results["epsilon"], results["steps"],
+    private = results["private"]
+    logging.info("Final test accuracy %s, epsilon %.4f, delta %.6g after %d steps "
+                 "(%.1f s).", private["final_test_accuracy"], private["epsilon"],
+                 private["delta"] or math.nan, results["steps"],
                  results["wall_time_s"])
     return results
 
 
 def _fit(model: keras.Model, config: TrainConfig, plan: RunPlan, dataset: data.Dataset,
-         run: _Run, extra_callbacks: Sequence[keras.callbacks.Callback]) -> None:
+         run: _Run, extra_callbacks: Sequence[keras.callbacks.Callback],
+         secret: int) -> None:
     if config.private:
         # The optimizer refuses any noisy step beyond the plan, whose epsilon
         # is the calibrated one (<= --epsilon): the ledger cannot overrun.
         model.optimizer.set_step_budget(plan.total_steps)
     batches = train_batches(config, plan, dataset.train_images, dataset.train_labels,
-                            start_epoch=run.epochs_done)
+                            secret=secret, start_epoch=run.epochs_done)
     test_data = test_batches(config, dataset.test_images, dataset.test_labels)
     model.fit(batches, epochs=config.epochs, initial_epoch=run.epochs_done,
               steps_per_epoch=plan.steps_per_epoch * plan.accumulation_steps,
