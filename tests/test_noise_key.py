@@ -202,3 +202,34 @@ def test_mirrored_strategy_keeps_the_key_secret_and_settable(
                    for name, _ in tf.train.list_variables(prefix))
     model.save(tmp_path / "m.keras")
     assert_key_absent((tmp_path / "m.keras").read_bytes(), KEY, "m.keras")
+
+
+def _built_optimizer(**kwargs):
+    model = tf_dpsat.make_private(keras.Sequential([
+        keras.Input((3,)), keras.layers.Dense(2)]))
+    optimizer = tf_dpsat.DPSATKeras(noise_multiplier=1.0, **kwargs)
+    optimizer.build(model.trainable_variables)
+    return optimizer
+
+
+def test_legacy_state_with_a_saved_key_loads_without_it():
+    # tf_dpsat 0.1 saved `noise_seed` just before `step_budget`. Its file
+    # must restore iterations and every slot, and leave the key alone.
+    optimizer = _built_optimizer(momentum=0.9, rho=0.05)
+    values = [np.full(tuple(v.shape), 10 + i, dtype=v.dtype)
+              for i, v in enumerate(optimizer.variables)]
+    legacy = optimizer.variables.index(optimizer._step_budget)
+    stored = values[:legacy] + [np.array(123456789, np.int64)] + values[legacy:]
+    optimizer.load_own_variables({str(i): v for i, v in enumerate(stored)})
+    for variable, value in zip(optimizer.variables, values):
+        np.testing.assert_array_equal(np.asarray(variable.numpy()), value)
+    assert int(optimizer.iterations.numpy()) == 10
+
+
+def test_state_of_another_setup_is_refused_not_skipped():
+    # Keras alone would warn, load nothing and restart iterations at 0.
+    saved = _built_optimizer(momentum=0.9, rho=0.05)
+    other = _built_optimizer(momentum=0.0, rho=0.0)
+    store = {str(i): v.numpy() for i, v in enumerate(saved.variables)}
+    with pytest.raises(ValueError, match="restart `iterations`"):
+        other.load_own_variables(store)

@@ -544,6 +544,42 @@ class DPSATKeras(keras.optimizers.Optimizer):
         """
         self._noise_key.set(key)
 
+    def load_own_variables(self, store):
+        """Restores the saved state, or refuses one that does not fit.
+
+        Keras's own loader only warns and loads nothing when the saved and
+        built variables differ in number; `iterations` would then restart at
+        0 and a privacy accountant reading it would undercount epsilon. A
+        file saved before the noise key left the saved state (it held one
+        more variable, `noise_seed`, just before `step_budget`) loads
+        without it: the key is secret now, and the optimizer keeps the one
+        it has.
+
+        Raises:
+          ValueError: the saved state belongs to another optimizer setup.
+        """
+        if not self.built:  # Keras's loader explains an unbuilt optimizer.
+            return super().load_own_variables(store)
+        saved, built = len(store.keys()), len(self.variables)
+        if saved == built + 1:
+            legacy = self.variables.index(self._step_budget)
+            store = {str(i): store[str(i if i < legacy else i + 1)]
+                     for i in range(built)}
+            logging.warning("%s: the saved optimizer state holds a noise key "
+                            "(tf_dpsat before 0.2); it was not loaded, the "
+                            "noise continues from this optimizer's own key.",
+                            self.name)
+        elif saved != built:
+            raise ValueError(
+                f"The saved state of optimizer '{self.name}' has {saved} "
+                f"variables where this {type(self).__name__} has {built}: it "
+                "was saved with other settings (momentum, rho, "
+                "gradient_accumulation_steps). Loading nothing would restart "
+                "`iterations`, and with it the privacy accounting, at 0; "
+                "load it with the optimizer configuration it was saved with.")
+        for i, variable in enumerate(self.variables):
+            variable.assign(store[str(i)])
+
     # ------------------------------------------------------- base update
 
     def apply(self, grads, trainable_variables=None):
