@@ -168,6 +168,20 @@ def test_poisson_is_deterministic_and_resumable():
     assert not np.array_equal(full[0][1], full[1][1])
 
 
+def test_default_sampling_key_is_secret_and_fresh():
+    # No seed: each dataset draws its key from OS entropy, so two of them
+    # sample different batches (12 steps of ~50 of 500 examples: identical
+    # samples by chance have probability far below 1e-100).
+    images, labels = _index_data(500)
+    make = functools.partial(data.poisson_dataset, images, labels, expected_batch_size=50,
+                             steps=12, padded_size=100)
+    a, b = _collect(make()), _collect(make())
+    assert any(not np.array_equal(u[1], v[1]) for u, v in zip(a, b))
+    first = [_collect(data.shuffle_dataset(images, labels, batch_size=50))
+             for _ in range(2)]
+    assert any(not np.array_equal(u[1], v[1]) for u, v in zip(*first))
+
+
 def test_poisson_overflow_raises_with_clear_message():
     images, labels = _index_data(100)
     # q = 0.9 with a cap of 90: P(Binomial(100, 0.9) > 90) ~ 0.45 per step, so

@@ -69,6 +69,8 @@ import scipy.stats
 import tensorflow as tf
 from absl import logging
 
+from tf_dpsat import noise
+
 __all__ = [
     "DATASETS",
     "DEBIAN_FASHION_MNIST_DIR",
@@ -583,7 +585,7 @@ def _check_sampling_args(expected_batch_size: int, num_examples: int, steps: int
 
 
 def poisson_dataset(images: Any, labels: Any, *, expected_batch_size: int, steps: int,
-                    padded_size: int, seed: int, start_step: int = 0,
+                    padded_size: int, seed: Optional[int] = None, start_step: int = 0,
                     preprocess: Optional[Preprocess] = None) -> tf.data.Dataset:
     """Poisson-sampled batches, padded to one static shape, for DP training.
 
@@ -599,7 +601,11 @@ def poisson_dataset(images: Any, labels: Any, *, expected_batch_size: int, steps
       steps: Total number of steps of the run; the dataset yields steps
         ``start_step .. steps - 1``.
       padded_size: Static batch size, e.g. from :func:`padded_batch_size`.
-      seed: Integer seed (``0 <= seed < 2**63``).
+      seed: The sampling key (``0 <= seed < 2**63``). Privacy amplification by
+        subsampling assumes nobody knows the batches, so the key must be
+        secret: ``None`` (default) draws one from OS entropy
+        (:func:`tf_dpsat.noise.secret_key`). Pass a key only to resume a
+        run (keep it as private as the data) or, knowingly, to reproduce one.
       start_step: First step to yield, for resuming.
       preprocess: Maps a uint8 ``(padded_size, H, W, C)`` batch to float32,
         e.g. ``functools.partial(normalize, name="cifar10")``. ``None`` casts
@@ -620,7 +626,7 @@ def poisson_dataset(images: Any, labels: Any, *, expected_batch_size: int, steps
     """
     num_examples = _check_arrays(images, labels)
     _check_sampling_args(expected_batch_size, num_examples, steps)
-    _check_seed(seed)
+    seed = noise.secret_key() if seed is None else _check_seed(seed)
     if int(padded_size) != padded_size or padded_size < expected_batch_size:
         raise ValueError(f"padded_size must be an integer >= expected_batch_size "
                          f"({expected_batch_size}), got {padded_size}; use padded_batch_size().")
@@ -699,9 +705,10 @@ def _check_arrays(images: Any, labels: Any) -> int:
     return n_images
 
 
-def _check_seed(seed: int) -> None:
+def _check_seed(seed: int) -> int:
     if int(seed) != seed or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an integer in [0, 2**63), got {seed}.")
+    return int(seed)
 
 
 # --------------------------------------------------------------------------
@@ -709,7 +716,8 @@ def _check_seed(seed: int) -> None:
 # --------------------------------------------------------------------------
 
 
-def shuffle_dataset(images: Any, labels: Any, *, batch_size: int, seed: int, epoch: int = 0,
+def shuffle_dataset(images: Any, labels: Any, *, batch_size: int,
+                    seed: Optional[int] = None, epoch: int = 0,
                     drop_remainder: bool = True,
                     preprocess: Optional[Preprocess] = None) -> tf.data.Dataset:
     """One epoch of shuffled fixed-size batches (non-private baselines).
@@ -721,7 +729,10 @@ def shuffle_dataset(images: Any, labels: Any, *, batch_size: int, seed: int, epo
       images: ``(N, H, W, C)`` array or tensor.
       labels: ``(N, ...)`` labels.
       batch_size: Examples per batch.
-      seed: Integer seed (``0 <= seed < 2**63``).
+      seed: The shuffling key (``0 <= seed < 2**63``); ``None`` (default)
+        draws a secret one from OS entropy. For DP training keep it secret,
+        like the noise; to shuffle every epoch of a run alike, pass the same
+        key to each epoch's call.
       epoch: Epoch number selecting the permutation.
       drop_remainder: Drop the last partial batch, keeping shapes static.
         With False the last batch is smaller and the batch dimension is None.
@@ -734,7 +745,7 @@ def shuffle_dataset(images: Any, labels: Any, *, batch_size: int, seed: int, epo
       ValueError: Bad arguments.
     """
     num_examples = _check_arrays(images, labels)
-    _check_seed(seed)
+    seed = noise.secret_key() if seed is None else _check_seed(seed)
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
     if drop_remainder and batch_size > num_examples:

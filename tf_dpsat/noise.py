@@ -36,6 +36,7 @@ differential privacy", CCS 2012); see the README's privacy model.
 """
 
 import math
+import os
 from typing import Sequence
 
 import tensorflow as tf
@@ -49,6 +50,15 @@ MAX_RADIUS = math.sqrt(130.0 * math.log(2.0))
 # Upper bound on the probability, under the ideal Gaussian, that one pair of
 # samples falls beyond the sampler's support (see the module docstring).
 TAIL_MASS_PER_PAIR = 2.0**-64
+
+
+def secret_key() -> int:
+    """A fresh secret from OS entropy, uniform on [0, 2**63).
+
+    The default key of everything the guarantee relies on (the noise, the
+    batch sampling): never derived from a seed anyone could know.
+    """
+    return int.from_bytes(os.urandom(8), "little") >> 1
 
 
 def normals_from_bits(bits: tf.Tensor) -> tf.Tensor:

@@ -40,7 +40,6 @@ References:
 """
 
 import math
-import os
 import warnings
 from typing import Any, Optional
 
@@ -270,11 +269,6 @@ def _compiled_loss_value(model, y_true, y_pred, sample_weight):
 _NOISE_KEY_LIMIT = 2**63
 
 
-def _random_noise_key() -> int:
-    """A fresh key from OS entropy, uniform on [0, 2**63)."""
-    return int.from_bytes(os.urandom(8), "little") >> 1
-
-
 def _check_noise_key(key) -> int:
     if isinstance(key, bool) or not isinstance(key, int):
         raise TypeError(f"Expected the noise key to be an int in [0, 2**63), "
@@ -282,7 +276,7 @@ def _check_noise_key(key) -> int:
     if not 0 <= key < _NOISE_KEY_LIMIT:
         # The value itself stays out of the message: it may be a secret.
         raise ValueError("Expected the noise key in [0, 2**63); pass e.g. "
-                         "int.from_bytes(os.urandom(8), 'little') >> 1.")
+                         "tf_dpsat.noise.secret_key().")
     return key
 
 
@@ -477,7 +471,7 @@ class DPSATKeras(keras.optimizers.Optimizer):
         # set_noise_key can change it after tracing; inside a plain holder,
         # so that neither Keras nor TensorFlow checkpointing tracks or saves it.
         self._noise_key = _SecretKey(
-            _random_noise_key() if seed is None else seed)
+            noise.secret_key() if seed is None else seed)
         with keras.name_scope(self.name, caller=self):
             # A variable, so that save/load restores it and XLA reads it.
             self._step_budget = keras.Variable(

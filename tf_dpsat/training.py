@@ -81,6 +81,7 @@ from absl import logging
 from tf_dpsat import accounting
 from tf_dpsat import data
 from tf_dpsat import models
+from tf_dpsat import noise
 from tf_dpsat import validation
 from tf_dpsat.callbacks import PrivacyCallback
 from tf_dpsat.dp_model import make_private
@@ -101,7 +102,6 @@ __all__ = [
     "delta_parts",
     "load_data",
     "make_plan",
-    "new_secret",
     "privacy_report",
     "run_secret",
     "split_logical_batches",
@@ -658,11 +658,6 @@ def _derived_seed(seed: int, purpose: int) -> int:
 # --------------------------------------------------------------------------
 
 
-def new_secret() -> int:
-    """A fresh secret from OS entropy, uniform on [0, 2**63)."""
-    return int.from_bytes(os.urandom(8), "little") >> 1
-
-
 def _parse_secret(text: str, path: str) -> int:
     lines = [line.strip() for line in text.splitlines()
              if line.strip() and not line.lstrip().startswith("#")]
@@ -696,7 +691,7 @@ def _create_secret(path: str) -> int:
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(descriptor, "w") as f:
-            f.write(f"{_SECRET_HEADER}{new_secret():016x}\n")
+            f.write(f"{_SECRET_HEADER}{noise.secret_key():016x}\n")
             f.flush()
             os.fsync(f.fileno())
         try:
@@ -727,7 +722,7 @@ def run_secret(config: TrainConfig, resuming: bool = False) -> int:
     if config.dp_seed is not None:
         return config.dp_seed
     if config.model_dir is None:
-        return new_secret()
+        return noise.secret_key()
     path = os.path.join(config.model_dir, SECRET_FILE)
     if resuming and not os.path.exists(path):
         raise ValueError(
