@@ -827,7 +827,7 @@ class DPSATKeras(keras.optimizers.Optimizer):
             with StatelessScope(state_mapping=mapping,
                                 collect_losses=True) as scope:
                 y_pred, records = fast_clipping.forward(model, variables, x,
-                                                         tape)
+                                                         tape, mapping)
         if scope.losses:
             raise fast_clipping.Unsupported("data-dependent add_loss terms")
         loss = None
