@@ -80,8 +80,12 @@ def test_shuffle_sampling_uses_replace_one_sensitivity_2c():
     # whether or not microbatches (of 4 examples) already double it.
     expected = accounting.compute_epsilon(
         noise_multiplier=SIGMA / 2, sampling_probability=1.0, steps=2)
-    for optimizer in (_optimizer(), _optimizer(num_microbatches=4)):
-        callback = PrivacyCallback(NUM_EXAMPLES, sampling="shuffle")
+    # Microbatches take no expected_batch_size: the batch comes from the
+    # callback.
+    for optimizer in (_optimizer(), _optimizer(num_microbatches=4,
+                                               expected_batch_size=None)):
+        callback = PrivacyCallback(NUM_EXAMPLES, sampling="shuffle",
+                                   batch_size=BATCH)
         callback.set_model(_model(optimizer))
         assert callback.epsilon_at(5) == pytest.approx(expected, rel=1e-12)
 

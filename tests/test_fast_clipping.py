@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import dp_reference
 import tf_dpsat
 from tf_dpsat import fast_clipping
 from tf_dpsat import models
@@ -352,3 +353,168 @@ def test_xla_compiles_the_fast_step_once(tmp_path):
     subprocess.run([sys.executable, "-c", _XLA_STEPS_SCRIPT], env=env,
                    check=True, capture_output=True, timeout=300)
     assert len(list(cache.iterdir())) == 1
+
+
+# ------------------------------------------- exact or refused (public API)
+
+def _one_step(build, clipping, x, y, clip):
+    """Weight changes of one DP-SGD step with lr 1 and no noise.
+
+    -lr * clipped sum / divisor, through `make_private`, `compile` and
+    `train_on_batch` only.
+    """
+    model = tf_dpsat.make_private(build())
+    model.compile(optimizer=tf_dpsat.DPSATKeras(
+        learning_rate=1.0, momentum=0.0, l2_norm_clip=clip,
+        noise_multiplier=0.0, rho=0.0, seed=0, clipping=clipping), loss=XENT)
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    model.train_on_batch(x, y)
+    return [v.numpy() - b for b, v in zip(before, model.trainable_variables)]
+
+
+def _assert_exact(build, x, y, paths=("auto",)):
+    """Each of `paths` changes the weights as the vectorized path does.
+
+    The clip norm is the median per-example norm, so clipping binds on
+    some examples only: a wrong norm or a misplaced gradient shows.
+    """
+    model = build()
+    clip = dp_reference.median_norm(model, x, y, XENT)
+    expected = _one_step(build, "vectorized", x, y, clip)
+    assert min(np.abs(e).max() for e in expected) > 1e-4  # every one moves
+    for path in paths:
+        got = _one_step(build, path, x, y, clip)
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected):
+            np.testing.assert_allclose(g, e, atol=1e-5, err_msg=path)
+
+
+def _functional(body, input_shape=(5,), seed=0):
+    """A functional model: Input -> body(tensor) -> Dense(3)."""
+    def build():
+        keras.utils.set_random_seed(seed)
+        inputs = keras.Input(input_shape)
+        return keras.Model(inputs, keras.layers.Dense(3)(body(inputs)))
+    return build
+
+
+def _kernel_in_lambda(inputs):
+    dense = keras.layers.Dense(5)
+    return keras.layers.Lambda(lambda t: t @ dense.kernel)(dense(inputs))
+
+
+def _kernel_in_op(inputs):
+    # The graph holds the variable itself (not a constant copy of it).
+    dense = keras.layers.Dense(5, activation="tanh")
+    return keras.ops.matmul(dense(inputs), dense.kernel)
+
+
+def _tied_embedding(inputs):
+    # An output projection tied to the embedding table.
+    embedding = keras.layers.Embedding(6, 4)
+    h = keras.layers.Flatten()(embedding(inputs))
+    h = keras.layers.Dense(4)(h)
+    return keras.layers.Lambda(lambda t: t @ keras.ops.transpose(
+        embedding.embeddings))(h)
+
+
+TIED_CASES = {
+    "kernel_in_lambda": (_functional(_kernel_in_lambda), (5,), "float32"),
+    "kernel_in_keras_op": (_functional(_kernel_in_op), (5,), "float32"),
+    "tied_embedding": (_functional(_tied_embedding, (3,)), (3,), "int32"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TIED_CASES))
+def test_weight_used_outside_its_layer_falls_back_or_refuses(case):
+    # The fast rules see a layer's weights only inside the layer; a use
+    # elsewhere (here 72-93% of the gradient before the check) must send
+    # "auto" to the exact vectorized path and make "fast" refuse.
+    build, shape, dtype = TIED_CASES[case]
+    rng = np.random.default_rng(0)
+    if dtype == "int32":
+        x = rng.integers(0, 6, (8, *shape)).astype(dtype)
+    else:
+        x, _ = _images(8, shape)
+    y = rng.integers(0, 3, 8)
+    _assert_exact(build, x, y)
+    with pytest.raises(fast_clipping.Unsupported, match="outside their own"):
+        model = build()
+        with tf.GradientTape() as tape:
+            fast_clipping.forward(model, model.trainable_variables,
+                                  tf.constant(x), tape)
+    with pytest.raises(ValueError, match="clipping='fast' cannot handle.*"
+                                         "outside their own layer"):
+        _one_step(build, "fast", x, y, 1.0)
+
+
+def _frozen(build, *names):
+    """`build` with the named variables (layer index, attribute) frozen."""
+    def frozen():
+        model = build()
+        rng = np.random.default_rng(3)
+        for index, attr in names:
+            variable = getattr(model.layers[index], attr)
+            # Values away from the initialisation (ones, zeros), so that a
+            # gradient given to the wrong variable shows.
+            variable.assign(rng.uniform(0.5, 2.0, variable.shape))
+            variable.trainable = False
+        return model
+    return frozen
+
+
+FROZEN_CASES = {
+    "dense_kernel": (_frozen(LAYER_CASES["dense"][0], (0, "kernel")), (5,)),
+    "dense_bias": (_frozen(LAYER_CASES["dense"][0], (1, "bias")), (5,)),
+    "dense_sequence_kernel": (_frozen(LAYER_CASES["dense_sequence_ghost"][0],
+                                      (1, "kernel")), (2, 40)),
+    "conv2d_kernel": (_frozen(LAYER_CASES["conv2d_same_strided"][0],
+                              (0, "kernel")), (7, 7, 2)),
+    "conv2d_ghost_bias": (_frozen(LAYER_CASES["conv2d_ghost"][0],
+                                  (0, "bias")), (4, 4, 16)),
+    "depthwise_kernel": (_frozen(_seq(
+        lambda: keras.layers.DepthwiseConv2D(3, padding="same"),
+        lambda: keras.layers.Flatten(), lambda: keras.layers.Dense(3),
+        input_shape=(5, 5, 3)), (0, "kernel")), (5, 5, 3)),
+    "layer_norm_gamma": (_frozen(LAYER_CASES["layer_norm"][0],
+                                 (1, "gamma")), (4, 5)),
+    "layer_norm_beta": (_frozen(LAYER_CASES["layer_norm"][0],
+                                (1, "beta")), (4, 5)),
+    "group_norm_gamma": (_frozen(LAYER_CASES["group_norm_affine"][0],
+                                 (1, "gamma")), (5, 5, 2)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FROZEN_CASES))
+def test_partly_frozen_layer_is_exact(case):
+    # Norms and sums cover the trainable variables only, matched to them
+    # by identity: a frozen kernel used to crash (bias given the kernel's
+    # sum), a frozen gamma gave beta gamma's gradient (error 0.46).
+    build, shape = FROZEN_CASES[case]
+    x, y = _images(12, shape)
+    fast_clipping.check_supported(build())  # the fast path applies
+    _assert_exact(build, x, y, paths=("auto", "fast"))
+
+
+def test_raw_keras_op_in_a_functional_model():
+    # Bare keras.ops calls are operations of the graph, not layers; they
+    # used to raise AttributeError. They are followed exactly.
+    build = _functional(lambda t: keras.ops.tanh(keras.layers.Dense(4)(t)))
+    x, y = _images(8, (5,))
+    _assert_exact(build, x, y, paths=("auto", "fast"))
+
+
+def test_interpretation_failure_falls_back(monkeypatch):
+    # Whatever the layer-by-layer interpretation trips on becomes
+    # Unsupported: "auto" falls back, "fast" says why.
+    build = LAYER_CASES["dense"][0]
+    x, y = _images(8, (5,))
+
+    def broken(*args, **kwargs):
+        raise AttributeError("no such node attribute")
+
+    monkeypatch.setattr(fast_clipping, "run_layers", broken)
+    _assert_exact(build, x, y)
+    with pytest.raises(ValueError, match="interpretation failed.*"
+                                         "no such node attribute"):
+        _one_step(build, "fast", x, y, 1.0)

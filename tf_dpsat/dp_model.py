@@ -16,6 +16,10 @@ These two and the training loss and accuracy are NOT private: they are exact
 functions of the private batches, without noise (one NaN canary example shows
 in `nonfinite_gradients`). Keep them out of anything published beside epsilon
 (`tf_dpsat.accounting.NON_PRIVATE_DIAGNOSTICS`).
+
+Before its first training step a DP model is probed once for layers that mix
+examples across the batch (`tf_dpsat.batch_independence`), which would void
+the privacy guarantee; such a model is refused.
 """
 
 import keras
@@ -26,6 +30,8 @@ from keras.src.models.model import functional_init_arguments
 from keras.src.trainers.data_adapters import data_adapter_utils
 from tensorflow.python.ops import gen_resource_variable_ops
 from tensorflow.python.ops import resource_variable_ops
+
+from tf_dpsat import batch_independence
 
 _DP_METRIC_NAMES = ("grad_norm_clipped_fraction", "nonfinite_gradients")
 
@@ -75,6 +81,12 @@ class _PrivateTrainStep:
         # Created before the model is built (Keras locks a built layer's
         # state) and outside the traced train step.
         self._dp_stats = _DPStats()
+
+    def make_train_function(self, force=False):
+        # Keras builds the train function eagerly before the first step: the
+        # place to probe the model (once) before any weight can change.
+        batch_independence.check(self)
+        return super().make_train_function(force)
 
     def train_step(self, data):
         optimizer = self.optimizer

@@ -27,8 +27,12 @@ Bu et al. 2023), so no second backward pass is needed.
 
 Models are interpreted layer by layer (Sequential and functional graphs,
 nested too); a model with any trainable layer outside these rules, a shared
-layer, masking, or data-dependent `add_loss` terms raises `Unsupported`, and
-the optimizer falls back to the exact vectorized path.
+layer, a weight used outside its own layer (tied weights, a `Lambda` or
+`keras.ops` call reading a layer's kernel), masking, data-dependent
+`add_loss` terms, or anything else the interpreter cannot follow raises
+`Unsupported`, and the optimizer falls back to the exact vectorized path.
+Each rule computes norms and sums for its layer's trainable variables only,
+matched by identity, so partly frozen layers are exact too.
 
 References:
   Goodfellow. "Efficient Per-Example Gradient Computations". arXiv:1510.01799.
@@ -40,8 +44,9 @@ References:
   Model at Small Cost" (book-keeping). ICML 2023.
 """
 
+import contextlib
 import dataclasses
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import keras
 import tensorflow as tf
@@ -60,7 +65,9 @@ class _Record:
     """What one layer call contributes: its rule, variables and tensors."""
     rule: "_Rule"
     layer: Any
-    variables: List[Any]   # the layer's trainable Keras variables, in order
+    # The layer's trainable Keras variables by their role in the rule
+    # ("kernel", "bias", ...); a frozen variable has no entry.
+    variables: Dict[str, Any]
     z: tf.Tensor           # the tensor whose gradient d the rule needs
     saved: dict            # tensors saved by the forward pass (inputs, ...)
 
@@ -109,16 +116,24 @@ def _gram(u: tf.Tensor) -> tf.Tensor:
 class _Rule:
     """Per-layer fast rule: forward pass, per-unit squared norms, sums."""
 
+    def roles(self, layer) -> Dict[str, Any]:
+        """The layer's variables by role; None for one the layer lacks."""
+        raise NotImplementedError
+
     def forward(self, layer, x, saved, watch):
         """Returns (z, output); calls watch(z) before z is used further."""
         raise NotImplementedError
 
     def sq_norms(self, record, d, layout):
-        """Per-unit squared gradient norms [units] and a cache for `sums`."""
+        """Per-unit squared gradient norms [units] and a cache for `sums`.
+
+        Only the record's (trainable) variables count: a frozen variable's
+        gradient is neither clipped nor released.
+        """
         raise NotImplementedError
 
     def sums(self, record, d, cache, factors, layout, keep):
-        """sum_u factor_u dL_u/dV for each of the record's variables.
+        """{role: sum_u factor_u dL_u/dV} for each of the record's variables.
 
         `d` and the per-unit tensors of `cache` arrive with dropped units
         zeroed; a rule that reads saved inputs masks them with
@@ -131,6 +146,9 @@ class _Rule:
 
 class _DenseRule(_Rule):
     """keras.layers.Dense on inputs of any rank."""
+
+    def roles(self, layer):
+        return {"kernel": layer.kernel, "bias": layer.bias}
 
     def forward(self, layer, x, saved, watch):
         x = tf.cast(x, layer.compute_dtype)
@@ -145,43 +163,50 @@ class _DenseRule(_Rule):
         a = _group(record.saved["a"], layout)
         d = _group(d, layout)
         positions, d_in, d_out = a.shape[1], a.shape[2], d.shape[2]
-        cache = {}
+        trainable = record.variables
+        terms, cache = [], {}
         if positions == 1:
             d_sq = clipping.sum_of_squares(d, [1, 2])
-            sq = clipping.sum_of_squares(a, [1, 2]) * d_sq
-            if record.layer.bias is not None:  # the bias gradient is d itself
+            if "kernel" in trainable:
+                terms.append(clipping.sum_of_squares(a, [1, 2]) * d_sq)
+            if "bias" in trainable:  # the bias gradient is d itself
                 cache["bias"] = d[:, 0]
-                sq += d_sq
-            return sq, cache
-        if _ghost_is_cheaper(positions, d_in, d_out):
-            sq = tf.reduce_sum(_gram(a) * _gram(d), [1, 2])
-        else:
+                terms.append(d_sq)
+            return tf.add_n(terms), cache
+        if "kernel" in trainable and _ghost_is_cheaper(positions, d_in, d_out):
+            terms.append(tf.reduce_sum(_gram(a) * _gram(d), [1, 2]))
+        elif "kernel" in trainable:
             per_unit = tf.einsum("mpi,mpo->mio", a, d)
             cache["kernel"] = per_unit
-            sq = clipping.sum_of_squares(per_unit, [1, 2])
-        if record.layer.bias is not None:
+            terms.append(clipping.sum_of_squares(per_unit, [1, 2]))
+        if "bias" in trainable:
             bias = tf.reduce_sum(d, 1)
             cache["bias"] = bias
-            sq += clipping.sum_of_squares(bias, 1)
-        return sq, cache
+            terms.append(clipping.sum_of_squares(bias, 1))
+        return tf.add_n(terms), cache
 
     def sums(self, record, d, cache, factors, layout, keep):
-        if "kernel" in cache:
-            kernel = tf.einsum("m,mio->io", factors, cache["kernel"])
-        elif layout.size == 1 and len(d.shape) == 2:  # one row per unit
-            a = _mask_examples(record.saved["a"], keep, layout)
-            kernel = tf.matmul(a, d * factors[:, None], transpose_a=True)
-        else:
-            a = _group(_mask_examples(record.saved["a"], keep, layout), layout)
-            kernel = tf.einsum("mpi,mpo->io", a, _group(d, layout)
-                               * factors[:, None, None])
-        grads = [kernel]
-        if record.layer.bias is not None:
+        grads = {}
+        if "kernel" in record.variables:
+            grads["kernel"] = self._kernel_sum(record, d, cache, factors,
+                                               layout, keep)
+        if "bias" in record.variables:
             # A matrix-vector product: ~0.06 ms less per layer than the
             # equivalent einsum at batch 256 (oneDNN's einsum setup).
-            grads.append(tf.linalg.matvec(cache["bias"], factors,
-                                          transpose_a=True))
+            grads["bias"] = tf.linalg.matvec(cache["bias"], factors,
+                                             transpose_a=True)
         return grads
+
+    @staticmethod
+    def _kernel_sum(record, d, cache, factors, layout, keep):
+        if "kernel" in cache:
+            return tf.einsum("m,mio->io", factors, cache["kernel"])
+        if layout.size == 1 and len(d.shape) == 2:  # one row per unit
+            a = _mask_examples(record.saved["a"], keep, layout)
+            return tf.matmul(a, d * factors[:, None], transpose_a=True)
+        a = _group(_mask_examples(record.saved["a"], keep, layout), layout)
+        return tf.einsum("mpi,mpo->io", a, _group(d, layout)
+                         * factors[:, None, None])
 
 
 # ---------------------------------------------------------------------- Conv
@@ -235,6 +260,10 @@ class _ConvRule(_Rule):
 
     def __init__(self, depthwise: bool = False):
         self.depthwise = depthwise
+
+    def roles(self, layer):
+        return {"kernel": layer.kernel,
+                "bias": layer.bias if layer.use_bias else None}
 
     def _geometry(self, layer):
         """(kernel size, strides, dilation) as 2-D tuples."""
@@ -323,46 +352,56 @@ class _ConvRule(_Rule):
     def sq_norms(self, record, d, layout):
         layer = record.layer
         grouped_d = _group(d, layout)
-        cache = {}
-        if self._use_ghost(layer, grouped_d.shape[1], grouped_d.shape[2]):
+        terms, cache = [], {}
+        kernel = "kernel" in record.variables
+        if kernel and self._use_ghost(layer, grouped_d.shape[1],
+                                      grouped_d.shape[2]):
             shifts = _shifted_inputs(record.saved["a"], *self._geometry(layer),
                                      layer.padding)
             gram = tf.add_n([_gram(_group(s, layout)) for s in shifts])
-            sq = tf.reduce_sum(gram * _gram(grouped_d), [1, 2])
-        else:
+            terms.append(tf.reduce_sum(gram * _gram(grouped_d), [1, 2]))
+        elif kernel:
             per_unit = self._per_unit_kernel(record, d, layout)
             cache["kernel"] = per_unit
-            sq = clipping.sum_of_squares(
-                tf.reshape(per_unit, [layout.units, -1]), 1)
-        if layer.use_bias:
+            terms.append(clipping.sum_of_squares(
+                tf.reshape(per_unit, [layout.units, -1]), 1))
+        if "bias" in record.variables:
             bias = tf.reduce_sum(grouped_d, 1)
             cache["bias"] = bias
-            sq += clipping.sum_of_squares(bias, 1)
-        return sq, cache
+            terms.append(clipping.sum_of_squares(bias, 1))
+        return tf.add_n(terms), cache
 
     def sums(self, record, d, cache, factors, layout, keep):
-        layer = record.layer
-        if "kernel" in cache:
-            kernel = tf.tensordot(factors, cache["kernel"], 1)
-        else:  # ghost norms: one ordinary filter gradient of the scaled d
-            a = _mask_examples(record.saved["a"], keep, layout)
-            d = d * tf.reshape(_per_example(factors, d, layout),
-                               [-1] + [1] * (len(d.shape) - 1))
-            d = d[:, None] if layer.rank == 1 else d
-            (kh, kw), _, _ = self._geometry(layer)
-            kernel = tf.reshape(self._filter_gradient(
-                layer, a, d, [kh, kw, *layer.kernel.shape[-2:]]),
-                layer.kernel.shape)
-        grads = [kernel]
-        if layer.use_bias:
-            grads.append(tf.tensordot(factors, cache["bias"], 1))
+        grads = {}
+        if "kernel" in record.variables:
+            grads["kernel"] = self._kernel_sum(record, d, cache, factors,
+                                               layout, keep)
+        if "bias" in record.variables:
+            grads["bias"] = tf.tensordot(factors, cache["bias"], 1)
         return grads
+
+    def _kernel_sum(self, record, d, cache, factors, layout, keep):
+        if "kernel" in cache:
+            return tf.tensordot(factors, cache["kernel"], 1)
+        # Ghost norms: one ordinary filter gradient of the scaled d.
+        layer = record.layer
+        a = _mask_examples(record.saved["a"], keep, layout)
+        d = d * tf.reshape(_per_example(factors, d, layout),
+                           [-1] + [1] * (len(d.shape) - 1))
+        d = d[:, None] if layer.rank == 1 else d
+        (kh, kw), _, _ = self._geometry(layer)
+        return tf.reshape(self._filter_gradient(
+            layer, a, d, [kh, kw, *layer.kernel.shape[-2:]]),
+            layer.kernel.shape)
 
 
 # ----------------------------------------------------------------- Embedding
 
 class _EmbeddingRule(_Rule):
     """keras.layers.Embedding (without mask_zero)."""
+
+    def roles(self, layer):
+        return {"embeddings": layer.embeddings}
 
     def forward(self, layer, x, saved, watch):
         ids = tf.cast(x, "int32")
@@ -383,9 +422,9 @@ class _EmbeddingRule(_Rule):
         ids = tf.reshape(record.saved["ids"], [layout.units, -1])
         d = _group(d, layout) * factors[:, None, None]
         table = record.layer.embeddings
-        return [tf.math.unsorted_segment_sum(
+        return {"embeddings": tf.math.unsorted_segment_sum(
             tf.reshape(d, [-1, d.shape[-1]]), tf.reshape(ids, [-1]),
-            table.shape[0])]
+            table.shape[0])}
 
 
 # ------------------------------------------------------------- normalization
@@ -398,6 +437,10 @@ class _AffineNormRule(_Rule):
 
     def _param_shape(self, layer, rank):
         raise NotImplementedError
+
+    def roles(self, layer):
+        return {"gamma": getattr(layer, "gamma", None),
+                "beta": getattr(layer, "beta", None)}
 
     def forward(self, layer, x, saved, watch):
         x = tf.cast(x, "float32")
@@ -413,29 +456,28 @@ class _AffineNormRule(_Rule):
         return z, tf.cast(z, layer.compute_dtype)
 
     def _per_unit(self, record, d, layout):
-        """Per-unit gamma and beta gradients, each [units, *param.shape]."""
-        layer = record.layer
-        shape = self._param_shape(layer, len(d.shape))
+        """{role: [units, *param.shape]}: the per-unit gradients of the
+        record's trainable gamma and beta."""
+        shape = self._param_shape(record.layer, len(d.shape))
         keep = [i for i, s in enumerate(shape) if s != 1 and i > 0]
         perm = [0] + [i for i in range(1, len(shape)) if i not in keep] + keep
         param = [d.shape[i] for i in keep]
-        out = []
-        for name, t in (("gamma", record.saved["xhat"] * d), ("beta", d)):
-            if getattr(layer, name, None) is None:
-                continue
+        out = {}
+        for name, variable in record.variables.items():
+            t = record.saved["xhat"] * d if name == "gamma" else d
             t = tf.reshape(tf.transpose(t, perm), [layout.units, -1, *param])
-            out.append(tf.reshape(tf.reduce_sum(t, 1),
-                                  [layout.units, *getattr(layer, name).shape]))
+            out[name] = tf.reshape(tf.reduce_sum(t, 1),
+                                   [layout.units, *variable.shape])
         return out
 
     def sq_norms(self, record, d, layout):
         per_unit = self._per_unit(record, d, layout)
         sq = tf.add_n([clipping.sum_of_squares(
-            tf.reshape(g, [layout.units, -1]), 1) for g in per_unit])
-        return sq, {"per_unit": per_unit}
+            tf.reshape(g, [layout.units, -1]), 1) for g in per_unit.values()])
+        return sq, per_unit
 
     def sums(self, record, d, cache, factors, layout, keep):
-        return [tf.tensordot(factors, g, 1) for g in cache["per_unit"]]
+        return {name: tf.tensordot(factors, g, 1) for name, g in cache.items()}
 
 
 class _LayerNormRule(_AffineNormRule):
@@ -503,35 +545,75 @@ def _rule_for(layer) -> Optional[_Rule]:
 
 
 def _has_trainable_weights(layer) -> bool:
-    return bool(layer.trainable_weights)
+    # A functional graph also holds bare operations (`keras.ops` calls),
+    # which have no weights of their own; a variable they read is a weight
+    # used outside its layer, which `forward` detects.
+    return bool(getattr(layer, "trainable_weights", None))
+
+
+def run_layers(model, x, call_for: Callable):
+    """Runs a Sequential or functional model one operation at a time.
+
+    Args:
+      model: a `keras.Sequential` or functional model.
+      x: its inputs.
+      call_for: maps each operation of the model (layer or `keras.ops` node)
+        to the callable that computes it in its place.
+
+    Returns:
+      The model's outputs.
+
+    Raises:
+      Unsupported: for a subclassed model, whose call() cannot be followed
+        operation by operation.
+    """
+    if isinstance(model, keras.Sequential):
+        for layer in model.layers:
+            x = call_for(layer)(x)
+        return x
+    if isinstance(model, keras_functional.Functional):
+        inputs = model._standardize_inputs(x)
+        outputs = model._run_through_graph(inputs, operation_fn=call_for)
+        return keras_functional.unpack_singleton(outputs)
+    raise Unsupported(
+        f"subclassed model {type(model).__name__} (its call() cannot be "
+        "traced layer by layer)")
+
+
+def is_graph_model(layer) -> bool:
+    """Whether `run_layers` can follow `layer` operation by operation."""
+    return isinstance(layer, (keras.Sequential, keras_functional.Functional))
+
+
+def training_call(operation) -> Callable:
+    """`operation` as a functional model calls it in training mode."""
+    return keras_functional.operation_fn(operation, training=True)
 
 
 class _Interpreter:
-    """Runs a model layer by layer, recording what the fast rules need."""
+    """Runs a model layer by layer, recording what the fast rules need.
 
-    def __init__(self, trainable_ids: set, tape: tf.GradientTape):
+    Each rule reads its layer's trainable variables from copies made for
+    that call alone and cut off from the gradient (`tf.stop_gradient`); the
+    rest of the model reads the step's values. The model's outputs then
+    depend on a step value only through a use outside the owning layer,
+    which no rule accounts for; `forward` checks that there is none.
+    """
+
+    def __init__(self, variables: list, mapping: list, tape: tf.GradientTape):
         self.records: List[_Record] = []
         self._tape = tape
-        self._trainable_ids = trainable_ids
+        self._mapping = mapping
+        self._trainable_ids = {id(v) for v in variables}
         self._seen_variables: set = set()
 
     def run(self, model, x):
-        if isinstance(model, keras.Sequential):
-            for layer in model.layers:
-                x = self._call(layer)(x)
-            return x
-        if isinstance(model, keras_functional.Functional):
-            inputs = model._standardize_inputs(x)
-            outputs = model._run_through_graph(inputs, operation_fn=self._call)
-            return keras_functional.unpack_singleton(outputs)
-        raise Unsupported(
-            f"subclassed model {type(model).__name__} (its call() cannot be "
-            "traced layer by layer)")
+        return run_layers(model, x, self._call)
 
     def _call(self, layer) -> Callable:
         if not _has_trainable_weights(layer):
-            return keras_functional.operation_fn(layer, training=True)
-        if isinstance(layer, (keras.Sequential, keras_functional.Functional)):
+            return training_call(layer)
+        if is_graph_model(layer):
             def call_model(x, **kwargs):
                 if kwargs.get("mask") is not None:
                     raise Unsupported(f"masked input to model '{layer.name}'")
@@ -541,24 +623,50 @@ class _Interpreter:
         if rule is None:
             raise Unsupported(f"no fast rule for layer '{layer.name}' "
                               f"({type(layer).__name__})")
-        variables = [v for v in layer.trainable_weights
-                     if id(v) in self._trainable_ids]
-        for v in variables:
+        variables = self._trainable_roles(layer, rule)
+        for v in variables.values():
             if id(v) in self._seen_variables:
                 raise Unsupported(f"layer '{layer.name}' is shared (called "
                                   "more than once)")
             self._seen_variables.add(id(v))
+        own = {id(v) for v in variables.values()}
+        # The whole step's mapping (perturbed weights, dropout seeds): nested
+        # stateless scopes do not fall back to the enclosing one.
+        mapping = [(v, tf.stop_gradient(value) if id(v) in own else value)
+                   for v, value in self._mapping]
 
         def call(x, **kwargs):
             if kwargs.get("mask") is not None or getattr(x, "_keras_mask",
                                                          None) is not None:
                 raise Unsupported(f"masked input to layer '{layer.name}'")
             saved = {}
-            z, out = rule.forward(layer, x, saved, self._tape.watch)
-            self.records.append(_Record(rule, layer, variables, z, saved))
+            with keras.StatelessScope(state_mapping=mapping,
+                                      collect_losses=True) as scope:
+                z, out = rule.forward(layer, x, saved, self._tape.watch)
+            if scope.losses:
+                raise Unsupported(f"layer '{layer.name}' adds losses")
+            if variables:
+                self.records.append(_Record(rule, layer, variables, z, saved))
             return out
 
         return call
+
+    def _trainable_roles(self, layer, rule) -> Dict[str, Any]:
+        """The layer's trainable variables by role, matched by identity.
+
+        Matching by position would hand one variable's gradient to another
+        as soon as a layer is partly frozen (a frozen kernel, a frozen
+        gamma), since `trainable_weights` then skips it.
+        """
+        roles = {name: v for name, v in rule.roles(layer).items()
+                 if v is not None and id(v) in self._trainable_ids}
+        known = {id(v) for v in roles.values()}
+        unknown = [v.path for v in layer.trainable_weights
+                   if id(v) in self._trainable_ids and id(v) not in known]
+        if unknown:
+            raise Unsupported(f"layer '{layer.name}' has trainable variables "
+                              f"its fast rule does not cover: {unknown}")
+        return roles
 
 
 def check_supported(model) -> None:
@@ -571,7 +679,7 @@ def check_supported(model) -> None:
     def visit(layer):
         if not _has_trainable_weights(layer):
             return
-        if isinstance(layer, (keras.Sequential, keras_functional.Functional)):
+        if is_graph_model(layer):
             for sub in layer.layers:
                 visit(sub)
             return
@@ -579,22 +687,66 @@ def check_supported(model) -> None:
             raise Unsupported(f"no fast rule for layer '{layer.name}' "
                               f"({type(layer).__name__})")
 
-    if not isinstance(model, (keras.Sequential, keras_functional.Functional)):
+    if not is_graph_model(model):
         raise Unsupported(f"subclassed model {type(model).__name__}")
     for layer in model.layers:
         visit(layer)
 
 
-def forward(model, variables, x, tape: tf.GradientTape):
+def forward(model, variables, x, tape: tf.GradientTape, mapping=None):
     """Runs `model` on `x`, returning (outputs, records).
 
     Call it inside the `keras.StatelessScope` that maps the variables to the
     point where gradients are taken, and inside `tape`, which is made to
     watch each recorded z (and nothing else: no weight gradient is needed).
+
+    Args:
+      model: a Sequential or functional model.
+      variables: the trainable variables whose gradients are wanted.
+      x: the model's inputs.
+      tape: the tape of the step's backward pass.
+      mapping: the enclosing scope's `state_mapping`, (variable, value)
+        pairs, which must map each of `variables` to the step's value. None
+        (no enclosing scope) runs in a scope of its own that maps
+        `variables` to their current values.
+
+    Raises:
+      Unsupported: for anything the rules do not cover exactly: a layer
+        without a rule, a shared layer, a variable read outside its own
+        layer (tied weights, a `Lambda` or `keras.ops` call reading a
+        kernel), masks, or a model the interpreter cannot follow.
     """
-    interpreter = _Interpreter({id(v) for v in variables}, tape)
-    outputs = interpreter.run(model, x)
-    covered = {id(v) for r in interpreter.records for v in r.variables}
+    scope = contextlib.nullcontext()
+    if mapping is None:
+        mapping = [(v, tf.convert_to_tensor(v.value)) for v in variables]
+        scope = keras.StatelessScope(state_mapping=mapping)
+    values = {id(v): value for v, value in mapping}
+    params = [values[id(v)] for v in variables]
+    interpreter = _Interpreter(variables, mapping, tape)
+    with scope, tf.GradientTape(watch_accessed_variables=False) as uses:
+        uses.watch(params)
+        try:
+            outputs = interpreter.run(model, x)
+        except (AttributeError, KeyError, NotImplementedError,
+                TypeError) as error:
+            # Keras internals the interpreter relies on (functional graph
+            # nodes, layer attributes) may not hold for every model.
+            raise Unsupported(f"the layer-by-layer interpretation failed "
+                              f"({type(error).__name__}: {error})") from error
+    # A trace-time, data-independent check: each rule computed its layer
+    # from copies cut off from `params`, so any remaining path from the
+    # outputs to a parameter is a use outside its layer, whose gradient the
+    # rules would silently drop.
+    targets = [t for t in tf.nest.flatten(outputs) if t.dtype.is_floating]
+    reached = uses.gradient(targets, params,
+                            unconnected_gradients=tf.UnconnectedGradients.NONE)
+    shared = [v.path for v, g in zip(variables, reached) if g is not None]
+    if shared:
+        raise Unsupported(f"variables used outside their own layer (tied "
+                          f"weights, or read by a Lambda or keras.ops call): "
+                          f"{shared}")
+    covered = {id(v) for r in interpreter.records
+               for v in r.variables.values()}
     missing = [v.path for v in variables if id(v) not in covered]
     if missing:
         raise Unsupported(f"variables used outside the fast rules: {missing}")
@@ -624,10 +776,10 @@ def clipped_sums(records, deltas, caches, factors, keep, variables, layout):
     by_id = {}
     for record, d, cache in zip(records, deltas, caches):
         d = _mask_examples(tf.cast(d, tf.float32), keep, layout)
-        cache = {k: ([_mask_units(t, keep) for t in v] if isinstance(v, list)
-                     else _mask_units(v, keep)) for k, v in cache.items()}
+        cache = {k: _mask_units(v, keep) for k, v in cache.items()}
         grads = record.rule.sums(record, d, cache, factors, layout, keep)
-        for v, g in zip(record.variables, grads):
+        for name, g in grads.items():
+            v = record.variables[name]
             by_id[id(v)] = tf.cast(g, v.dtype)
     return [by_id[id(v)] for v in variables]
 

@@ -49,6 +49,7 @@ from absl import logging
 from keras.src.backend.common.stateless_scope import StatelessScope
 from keras.src.losses import losses as keras_losses
 
+from tf_dpsat import batch_independence
 from tf_dpsat import clipping
 from tf_dpsat import fast_clipping
 from tf_dpsat import noise
@@ -681,6 +682,9 @@ class DPSATKeras(keras.optimizers.Optimizer):
                 "statistics mix examples, so per-example clipping no longer "
                 "bounds any example's influence. Replace it with "
                 "keras.layers.GroupNormalization or LayerNormalization.")
+        # A no-op after the DP model's own check (before its first step);
+        # here for steps that reach the optimizer another way.
+        batch_independence.check(model)
         if model._compile_loss is None:
             raise ValueError("The DP model was compiled without a loss; pass "
                              "`loss=` to `model.compile`.")
@@ -921,7 +925,7 @@ class DPSATKeras(keras.optimizers.Optimizer):
             with StatelessScope(state_mapping=mapping,
                                 collect_losses=True) as scope:
                 y_pred, records = fast_clipping.forward(model, variables, x,
-                                                         tape)
+                                                         tape, mapping)
         if scope.losses:
             raise fast_clipping.Unsupported("data-dependent add_loss terms")
         loss = None

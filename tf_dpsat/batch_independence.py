@@ -1,0 +1,211 @@
+"""Refuses models whose layers mix examples across the batch.
+
+The privacy of DP-SGD (and of DP-SAT) rests on one fact: each example acts
+on the update only through its own gradient, clipped to norm C, so adding or
+removing an example moves the clipped sum by at most C, and Gaussian noise of
+standard deviation sigma * C hides that move. It holds only while example j's
+gradient does not depend on example i. A layer that mixes examples breaks it
+without any error: batch statistics (BatchNormalization in training mode),
+`x - mean(x, axis=0)` in a `Lambda`, attention across the batch axis.
+Removing one example then changes every other example's clipped gradient as
+well, the clipped sum moves by more than C, and the noise no longer covers
+it: per-example clipping bounds nothing.
+
+Layers with weights are interpreted by the clipping paths, but a weightless
+layer (a `Lambda`, a `keras.ops` call in a functional graph, a custom layer)
+can compute anything, and no structural rule can tell. So this module tests
+it, once per model before its first private step: on random inputs built
+from the model's input specs (never from data), it runs the model in
+training mode twice, the second time with example 0 replaced, and checks
+that no layer's output for the other examples changed. Both passes run in a
+fresh `keras.StatelessScope`, which starts from the same dropout seed states
+(so dropout masks are the same) and keeps every update (seeds, statistics)
+out of the model, so the probe changes no state.
+
+A model it cannot build inputs for (no input specs, as for a subclassed
+model; string, sparse or ragged inputs; a fixed batch size of 1), that fails
+on such inputs, or whose passes differ without any change to the inputs
+(randomness outside Keras's seed generators) is not probed, and a warning
+says so.
+"""
+
+import weakref
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from tf_dpsat import fast_clipping
+
+# Examples per probe batch: example 0 is perturbed, 1.. are watched.
+_BATCH = 3
+# Size of an input dimension the model leaves unknown (a sequence length).
+_UNKNOWN_DIM = 8
+# Models already probed (passed or skipped with a warning).
+_PROBED = weakref.WeakSet()
+
+
+def check(model) -> None:
+    """Raises ValueError if a layer of `model` mixes examples across the batch.
+
+    The probe runs once per model (eagerly, also when called while a step is
+    traced); later calls return at once.
+
+    Args:
+      model: the DP model about to be trained.
+
+    Raises:
+      ValueError: naming the first layer (or operation) whose output for
+        one example depends on another example of the batch.
+    """
+    if model in _PROBED:
+        return
+    with tf.init_scope():  # eager even inside a traced train step
+        _probe(model)
+    _PROBED.add(model)
+
+
+def _probe(model) -> None:
+    inputs = _probe_inputs(model)
+    if isinstance(inputs, str):
+        return _skip(model, inputs)
+    reference, perturbed = inputs
+    try:
+        first = _run(model, reference)
+        again = _run(model, reference)
+        changed = _run(model, perturbed)
+    except Exception as error:  # pylint: disable=broad-except
+        # Inputs built from specs alone may be invalid for the model (ids
+        # beyond a table, sizes a layer rejects); training may still work,
+        # so say that the model went unchecked instead of failing here.
+        return _skip(model, f"it fails on the probe inputs ({error})")
+    if any(_differs(a, b, rows_from=0, batch=0)
+           for (_, a), (_, b) in zip(first, again)):
+        return _skip(model, "two passes on the same inputs differ (randomness "
+                     "outside Keras's seed generators)")
+    for (operation, a), (_, b) in zip(first, changed):
+        if _differs(a, b, rows_from=1, batch=_batch_size(reference)):
+            raise ValueError(_mixing_message(operation))
+
+
+def _skip(model, reason: str) -> None:
+    logging.warning(
+        "Model '%s' was not checked for layers that mix examples across the "
+        "batch: %s. Such a layer would void the privacy guarantee; make "
+        "sure the model has none.", model.name, reason)
+
+
+def _mixing_message(operation) -> str:
+    kind = "Layer" if isinstance(operation, keras.layers.Layer) else "Operation"
+    return (
+        f"{kind} '{operation.name}' ({type(operation).__name__}) mixes "
+        "examples across the batch: in training mode its output for one "
+        "example changed when only another example of the batch changed "
+        "(probed on random inputs). Each example's gradient then depends on "
+        "the other examples, so per-example clipping no longer bounds any "
+        "example's influence and the noise does not give the stated "
+        "privacy. Remove it, or make it act on each example alone: reduce "
+        "over an example's own axes, never axis 0, and normalise with "
+        "keras.layers.GroupNormalization or LayerNormalization instead of "
+        "batch statistics.")
+
+
+def _input_specs(model):
+    """The model's input KerasTensors, in the structure its call takes."""
+    if isinstance(model, keras.Sequential):
+        return model.inputs[0]
+    return model.input
+
+
+def _probe_inputs(model):
+    """(reference, perturbed) input structures, or why there are none.
+
+    Example 0 differs between the two; every other example is the same.
+    """
+    try:
+        specs = _input_specs(model)
+    except (AttributeError, IndexError, ValueError):
+        return "it has no input specs (build it with keras.Input)"
+    rng = np.random.default_rng(0)
+    reference, perturbed = [], []
+    for spec in tf.nest.flatten(specs):
+        batch = spec.shape[0] if spec.shape[0] is not None else _BATCH
+        if batch < 2 or getattr(spec, "sparse", False) or getattr(
+                spec, "ragged", False):
+            return f"input '{spec.name}' cannot hold a probe batch"
+        shape = (batch,) + tuple(_UNKNOWN_DIM if d is None else d
+                                 for d in spec.shape[1:])
+        dtype = tf.as_dtype(spec.dtype)
+        if dtype.is_floating:
+            a = rng.normal(size=shape)
+            b = a.copy()
+            b[0] = 3.0 * rng.normal(size=shape[1:]) + 1.0
+        elif dtype.is_integer or dtype.is_bool:
+            # 0 and 1 are valid ids for any embedding table.
+            a = rng.integers(0, 2, size=shape)
+            b = a.copy()
+            b[0] = 1 - a[0]
+        else:
+            return f"input '{spec.name}' has dtype {spec.dtype}"
+        reference.append(tf.constant(a.astype(dtype.as_numpy_dtype)))
+        perturbed.append(tf.constant(b.astype(dtype.as_numpy_dtype)))
+    return (tf.nest.pack_sequence_as(specs, reference),
+            tf.nest.pack_sequence_as(specs, perturbed))
+
+
+def _run(model, x) -> list:
+    """[(operation, output)] of every operation, the model's outputs last.
+
+    Nested Sequential and functional models are followed inside, so the
+    innermost culprit is named.
+    """
+    recorded = []
+
+    def call_for(operation):
+        if fast_clipping.is_graph_model(operation):
+            return lambda x, **kwargs: fast_clipping.run_layers(operation, x,
+                                                                call_for)
+        call = fast_clipping.training_call(operation)
+
+        def record(*args, **kwargs):
+            out = call(*args, **kwargs)
+            recorded.append((operation, out))
+            return out
+        return record
+
+    with keras.StatelessScope():
+        if fast_clipping.is_graph_model(model):
+            outputs = fast_clipping.run_layers(model, x, call_for)
+        else:
+            outputs = model(x, training=True)
+    return recorded + [(model, outputs)]
+
+
+def _batch_size(x) -> int:
+    return int(tf.nest.flatten(x)[0].shape[0])
+
+
+def _differs(a, b, rows_from: int, batch: int) -> bool:
+    """Whether outputs a and b differ in their rows from `rows_from` on.
+
+    A tensor without `batch` rows is compared whole: a value shared by all
+    examples must not depend on example 0 either.
+    """
+    a, b = tf.nest.flatten(a), tf.nest.flatten(b)
+    if len(a) != len(b):
+        return True
+    for s, t in zip(a, b):
+        if not tf.is_tensor(s):
+            continue
+        s, t = np.asarray(s), np.asarray(t)
+        if s.shape != t.shape:
+            return True
+        if s.ndim and s.shape[0] == batch:
+            s, t = s[rows_from:], t[rows_from:]
+        if np.issubdtype(s.dtype, np.floating):
+            if not np.allclose(s, t, rtol=1e-5, atol=1e-6, equal_nan=True):
+                return True
+        elif not np.array_equal(s, t):
+            return True
+    return False
