@@ -22,11 +22,13 @@ fresh `keras.StatelessScope`, which starts from the same dropout seed states
 (so dropout masks are the same) and keeps every update (seeds, statistics)
 out of the model, so the probe changes no state.
 
-A model it cannot build inputs for (no input specs, as for a subclassed
-model; string, sparse or ragged inputs; a fixed batch size of 1), that fails
-on such inputs, or whose passes differ without any change to the inputs
-(randomness outside Keras's seed generators) is not probed, and a warning
-says so.
+A subclassed model has no input specs; it is probed at its first private
+step instead, on random inputs shaped like that step's batch (its outputs
+only: its layers cannot be followed one by one). A model it cannot build
+inputs for (string, sparse or ragged inputs; a fixed batch size of 1), that
+fails on such inputs, or whose passes differ without any change to the
+inputs (randomness outside Keras's seed generators) is not probed, and a
+warning says so.
 """
 
 import weakref
@@ -46,7 +48,7 @@ _UNKNOWN_DIM = 8
 _PROBED = weakref.WeakSet()
 
 
-def check(model) -> None:
+def check(model, like=None) -> None:
     """Raises ValueError if a layer of `model` mixes examples across the batch.
 
     The probe runs once per model (eagerly, also when called while a step is
@@ -54,6 +56,11 @@ def check(model) -> None:
 
     Args:
       model: the DP model about to be trained.
+      like: a batch of the model's inputs (tensors, symbolic or not), whose
+        structure, shapes and dtypes stand in for the input specs a
+        subclassed model lacks; its values are never read. Without specs
+        and without `like`, the call decides nothing and a later call
+        probes.
 
     Raises:
       ValueError: naming the first layer (or operation) whose output for
@@ -61,13 +68,17 @@ def check(model) -> None:
     """
     if model in _PROBED:
         return
+    specs = _input_specs(model)
+    if specs is None and like is None:
+        return  # Probed at the first step, where a batch gives the shapes.
     with tf.init_scope():  # eager even inside a traced train step
-        _probe(model)
+        _probe(model, like if specs is None else specs,
+               fixed_batch=specs is not None)
     _PROBED.add(model)
 
 
-def _probe(model) -> None:
-    inputs = _probe_inputs(model)
+def _probe(model, specs, fixed_batch: bool) -> None:
+    inputs = _probe_inputs(specs, fixed_batch)
     if isinstance(inputs, str):
         return _skip(model, inputs)
     reference, perturbed = inputs
@@ -112,28 +123,34 @@ def _mixing_message(operation) -> str:
 
 
 def _input_specs(model):
-    """The model's input KerasTensors, in the structure its call takes."""
-    if isinstance(model, keras.Sequential):
-        return model.inputs[0]
-    return model.input
+    """The model's input KerasTensors, in the structure its call takes.
+
+    None for a model without them (a subclassed model).
+    """
+    try:
+        if isinstance(model, keras.Sequential):
+            return model.inputs[0]
+        return model.input
+    except (AttributeError, IndexError, ValueError, TypeError):
+        return None
 
 
-def _probe_inputs(model):
+def _probe_inputs(specs, fixed_batch: bool):
     """(reference, perturbed) input structures, or why there are none.
 
     Example 0 differs between the two; every other example is the same.
+    With `fixed_batch`, a static batch size of the specs is kept (a model
+    built for it may need it); otherwise the probe batch has _BATCH rows.
     """
-    try:
-        specs = _input_specs(model)
-    except (AttributeError, IndexError, ValueError):
-        return "it has no input specs (build it with keras.Input)"
     rng = np.random.default_rng(0)
     reference, perturbed = [], []
     for spec in tf.nest.flatten(specs):
-        batch = spec.shape[0] if spec.shape[0] is not None else _BATCH
+        batch = _BATCH
+        if fixed_batch and spec.shape[0] is not None:
+            batch = spec.shape[0]
         if batch < 2 or getattr(spec, "sparse", False) or getattr(
-                spec, "ragged", False):
-            return f"input '{spec.name}' cannot hold a probe batch"
+                spec, "ragged", False) or isinstance(spec, tf.RaggedTensor):
+            return f"input '{_name(spec)}' cannot hold a probe batch"
         shape = (batch,) + tuple(_UNKNOWN_DIM if d is None else d
                                  for d in spec.shape[1:])
         dtype = tf.as_dtype(spec.dtype)
@@ -147,11 +164,16 @@ def _probe_inputs(model):
             b = a.copy()
             b[0] = 1 - a[0]
         else:
-            return f"input '{spec.name}' has dtype {spec.dtype}"
+            return f"input '{_name(spec)}' has dtype {spec.dtype}"
         reference.append(tf.constant(a.astype(dtype.as_numpy_dtype)))
         perturbed.append(tf.constant(b.astype(dtype.as_numpy_dtype)))
     return (tf.nest.pack_sequence_as(specs, reference),
             tf.nest.pack_sequence_as(specs, perturbed))
+
+
+def _name(spec) -> str:
+    # An eager tensor (a batch of a step run eagerly) has no name.
+    return getattr(spec, "name", None) or "input"
 
 
 def _run(model, x) -> list:

@@ -653,7 +653,7 @@ class DPSATKeras(keras.optimizers.Optimizer):
           metric either). Every entry but "units" and "refused" is a
           function of the private batch: a non-private diagnostic.
         """
-        self._check_model(model)
+        self._check_model(model, x)
         variables = list(model.trainable_variables)
         if not self.built:
             with keras.name_scope(self.name, caller=self):
@@ -674,7 +674,7 @@ class DPSATKeras(keras.optimizers.Optimizer):
                                          regularization)
         return y_pred, stats
 
-    def _check_model(self, model):
+    def _check_model(self, model, x):
         bn = _find_batch_normalization(model)
         if bn is not None:
             raise ValueError(
@@ -682,9 +682,10 @@ class DPSATKeras(keras.optimizers.Optimizer):
                 "statistics mix examples, so per-example clipping no longer "
                 "bounds any example's influence. Replace it with "
                 "keras.layers.GroupNormalization or LayerNormalization.")
-        # A no-op after the DP model's own check (before its first step);
-        # here for steps that reach the optimizer another way.
-        batch_independence.check(model)
+        # A no-op after the DP model's own check (before its first step),
+        # except for a subclassed model, which has no input specs: its
+        # probe takes the shapes of this batch.
+        batch_independence.check(model, like=x)
         if model._compile_loss is None:
             raise ValueError("The DP model was compiled without a loss; pass "
                              "`loss=` to `model.compile`.")
