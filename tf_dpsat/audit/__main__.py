@@ -18,7 +18,8 @@ from typing import Optional, Sequence
 from tf_dpsat import audit
 
 
-def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
+    """The command line's argument parser (every option has help text)."""
     parser = argparse.ArgumentParser(
         prog="python -m tf_dpsat.audit",
         description="One-run empirical privacy audit (Steinke, Nasr and "
@@ -55,12 +56,12 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                              "entropy (and reported)")
     parser.add_argument("--output_json", default=None,
                         help="write the result to this JSON file")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the audit; returns the process exit status."""
-    args = _parse_args(argv)
+    args = parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from absl import logging  # After TF_CPP_MIN_LOG_LEVEL: quiet TF start-up.
     logging.set_verbosity(logging.INFO)
