@@ -366,6 +366,7 @@ def one_run_audit(*, epsilon: float = 2.0, delta: float = 1e-5,
     Raises:
       ValueError, TypeError: for arguments out of range.
     """
+    validation.check_int("canaries", canaries, minimum=1)
     if k_plus is None:
         k_plus = canaries // 10
     if k_minus is None:
