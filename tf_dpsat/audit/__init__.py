@@ -16,7 +16,7 @@ delta) form (Corollary 5.4 of arXiv:2305.08846v1, computed as in the paper's
 Appendix D) bounds the number of correct guesses of any auditor by a binomial
 tail plus a delta term; see `p_value`.
 
-Canaries (`CANARY` features): the audit model takes d + m inputs, the d image
+Canaries: the audit model takes d + m inputs, the d image
 pixels followed by m extra features that real examples leave at 0. Canary j
 is the scaled one-hot input s * e_{d+j} with the fixed label `CANARY_LABEL`,
 so only canary j ever moves row d+j of the first Dense kernel. Its rows start
@@ -43,8 +43,16 @@ Controls (`CONTROLS`), bugs the audit must catch:
   while its noise keeps the standard deviation sigma * C calibrated for the
   real clip norm C (noise_multiplier = sigma * C / 1e6): the bug of clipping
   being skipped. Canary gradients, `CANARY_GRADIENT_MARGIN` times C, then face
-  noise calibrated for C, so each canary's effective noise multiplier is
-  sigma / margin.
+  noise calibrated for C, so a canary's first update carries a noise
+  multiplier of sigma / margin (later ones less signal: an unclipped canary
+  is soon fitted and its gradient shrinks).
+
+Limits: r guesses, all right, give at most the bound of
+`max_epsilon_lower_bound` (4.17 for the default 100 + 100 guesses of 1000
+canaries at delta = 1e-5), so no control can refute a larger claim; and the
+delta term grows as 2 m delta, which must stay well below alpha (m = 1000 at
+delta = 1e-5 costs 0.02 of the 0.05), so more canaries need a smaller delta.
+Refuting epsilon = 8 would take about 9,000 correct guesses.
 
 Command line: `python -m tf_dpsat.audit --help`.
 """
@@ -52,7 +60,6 @@ Command line: `python -m tf_dpsat.audit --help`.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from typing import Any, Dict, Optional
