@@ -374,3 +374,46 @@ def test_steps_must_be_an_integer():
     with pytest.raises(TypeError, match="steps"):
         accounting.compute_epsilon(noise_multiplier=1.0, sampling_probability=0.1,
                                    steps=10.5)
+
+
+def test_smallest_target_epsilon_is_the_rdp_floor():
+    # min over orders of log(1 - 1/a) - log(delta a) / (a - 1): order 1024 at
+    # delta 1e-5 gives 0.003549..., rounded up to two digits.
+    assert accounting.smallest_target_epsilon(1e-5) == 0.0036
+    assert accounting.smallest_target_epsilon(1e-5, "pld") == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("target", [1e-6, 1e-3])
+def test_calibration_refuses_targets_below_the_floor(target):
+    with pytest.raises(ValueError, match=(
+            rf"Expected target epsilon={target:g} >= 0.0036, the smallest epsilon "
+            r"the RDP accountant calibrates at delta=1e-05; ask for epsilon >= "
+            r"0.0036")):
+        accountant_kwargs = dict(sampling_probability=256 / 60000, steps=235)
+        accounting.calibrate_noise_multiplier(target_epsilon=target,
+                                              **accountant_kwargs)
+
+
+def test_calibration_just_above_the_floor_is_within_target():
+    sigma = accounting.calibrate_noise_multiplier(
+        target_epsilon=0.01, sampling_probability=256 / 60000, steps=235)
+    assert 0 < accounting.compute_epsilon(
+        noise_multiplier=sigma, sampling_probability=256 / 60000, steps=235) <= 0.01
+
+
+def test_cli_tiny_epsilon_is_one_line_error(capsys):
+    assert accounting.main(["--num_examples=60000", "--batch_size=256",
+                            "--epochs=1", "--epsilon=1e-6"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (
+        "error: Expected target epsilon=1e-06 >= 0.0036, the smallest epsilon the "
+        "RDP accountant calibrates at delta=1e-05; ask for epsilon >= 0.0036 (or a "
+        "larger delta).\n")
+
+
+def test_statement_with_zero_poisson_epsilon_does_not_divide_by_zero():
+    # sigma 1e4: the RDP conversion's total-variation branch gives epsilon 0.
+    text = _flat(_statement(num_examples=60000, batch_size=256,
+                            noise_multiplier=1e4, epochs=1))
+    assert "Epsilon with Poisson sampling (*): 0.000" in text
+    assert "differ by epsilon 0" in text

@@ -340,6 +340,36 @@ def _smallest_sigma(fits: Callable[[float], bool], guess: float = 1.0,
     return rounded if fits(rounded) else hi
 
 
+def smallest_target_epsilon(delta: float = 1e-5, accountant: str = "rdp") -> float:
+    """The smallest target epsilon that calibration resolves.
+
+    RDP: as sigma grows, the converted epsilon falls to the floor
+    min over orders a of log(1 - 1/a) - log(delta * a) / (a - 1) (zero Renyi
+    divergence at `RDP_ORDERS`, about 0.0036 at delta 1e-5), then drops straight
+    to 0 once the total divergence is below delta^2. A target under the floor
+    would calibrate to that jump: a sigma in the thousands, fitted to no real
+    trade-off. PLD: the coarse calibration grid, 10 * the discretization
+    interval. The floor is rounded up to two significant digits.
+
+    Args:
+      delta: Target delta.
+      accountant: "rdp" or "pld".
+
+    Returns:
+      The smallest target epsilon `calibrate_noise_multiplier` accepts.
+
+    Raises:
+      ValueError: If an argument is out of range.
+    """
+    delta = validation.check_delta(delta)
+    if _check_accountant(accountant) == "pld":
+        return 10 * PLD_VALUE_DISCRETIZATION_INTERVAL
+    floor = min(math.log1p(-1 / a) - math.log(delta * a) / (a - 1)
+                for a in RDP_ORDERS if a > 1.01)
+    scale = 10.0 ** (1 - math.floor(math.log10(floor)))
+    return math.ceil(floor * scale) / scale
+
+
 def calibrate_noise_multiplier(*, target_epsilon: float,
                                sampling_probability: float, steps: int,
                                delta: float = 1e-5, queries_per_step: int = 1,
@@ -362,7 +392,8 @@ def calibrate_noise_multiplier(*, target_epsilon: float,
       The noise multiplier (per query, before any microbatching adjustment).
 
     Raises:
-      ValueError: If an argument is out of range or the target needs sigma > 1e6.
+      ValueError: If an argument is out of range, the target is below
+        `smallest_target_epsilon(delta, accountant)`, or it needs sigma > 1e6.
       TypeError: If an argument has the wrong type.
     """
     target = validation.check_positive("target_epsilon", target_epsilon)
@@ -370,7 +401,12 @@ def calibrate_noise_multiplier(*, target_epsilon: float,
     steps = validation.check_int("steps", steps, 1)
     delta = validation.check_delta(delta)
     k = validation.check_int("queries_per_step", queries_per_step, 1)
-    _check_accountant(accountant)
+    floor = smallest_target_epsilon(delta, accountant)
+    if target < floor:
+        raise ValueError(
+            f"Expected target epsilon={target:g} >= {floor:g}, the smallest "
+            f"epsilon the {accountant.upper()} accountant calibrates at "
+            f"delta={delta:g}; ask for epsilon >= {floor:g} (or a larger delta).")
 
     def fits_with(pld_interval: float) -> Callable[[float], bool]:
         def fits(sigma: float) -> bool:
@@ -647,9 +683,11 @@ def privacy_statement(*, num_examples: int, batch_size: int,
                       for label, parts in totals))
     # Always: the shuffle analysis's sensitivity 2C alone makes it roughly 2x
     # (up to 4x) the Poisson value, even when the batch is the whole dataset.
+    ratio = (f"a factor of {eps_epoch / eps_poisson:.1f}" if eps_poisson > 0
+             else "epsilon 0 (the RDP-to-DP conversion's total-variation bound) "
+                  f"against {eps_epoch:.3g}")
     paragraphs.append(_fill(f"""
-        WARNING: the two analyses differ by a factor of
-        {eps_epoch / eps_poisson:.1f}. Report the Poisson value only if the
+        WARNING: the two analyses differ by {ratio}. Report the Poisson value only if the
         batches really were Poisson-sampled; for shuffled fixed-size batches it
         is not a proven guarantee."""))
     paragraphs.append(_fill(NON_PRIVATE_NOTE))
