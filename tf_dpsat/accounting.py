@@ -320,7 +320,7 @@ def _smallest_sigma(fits: Callable[[float], bool], guess: float = 1.0,
     while not fits(hi):
         hi *= factor
         if hi > _MAX_SIGMA:
-            raise ValueError("Expected a target reachable with "
+            raise validation.UserError("Expected a target reachable with "
                              f"noise_multiplier <= {_MAX_SIGMA:g}.")
     lo = hi / factor
     while fits(lo):
@@ -403,7 +403,7 @@ def calibrate_noise_multiplier(*, target_epsilon: float,
     k = validation.check_int("queries_per_step", queries_per_step, 1)
     floor = smallest_target_epsilon(delta, accountant)
     if target < floor:
-        raise ValueError(
+        raise validation.UserError(
             f"Expected target epsilon={target:g} >= {floor:g}, the smallest "
             f"epsilon the {accountant.upper()} accountant calibrates at "
             f"delta={delta:g}; ask for epsilon >= {floor:g} (or a larger delta).")
