@@ -781,3 +781,10 @@ def test_binary_corrupt_idx_gz_is_one_line_error(tmp_path, corrupt):
     last = result.stderr.rstrip("\n").splitlines()[-1]
     assert last.startswith(f"error: {path}: not a complete gzip file (")
     assert last.endswith("); download it again or delete it.")
+
+
+def test_physical_batch_larger_than_batch_is_refused():
+    with pytest.raises(ValueError, match=(
+            r"Expected physical_batch_size=512 <= batch_size=256: it only splits a "
+            r"batch into passes to bound memory\. Lower it or leave it unset\.")):
+        training.TrainConfig(batch_size=256, physical_batch_size=512)

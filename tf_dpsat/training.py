@@ -274,6 +274,12 @@ class TrainConfig:
             check.check_int(name, getattr(self, name))
         for name in ("physical_batch_size", "max_train_examples"):
             check.check_int(name, getattr(self, name), allow_none=True)
+        if (self.physical_batch_size is not None
+                and self.physical_batch_size > self.batch_size):
+            raise validation.UserError(
+                f"Expected physical_batch_size={self.physical_batch_size} <= "
+                f"batch_size={self.batch_size}: it only splits a batch into "
+                "passes to bound memory. Lower it or leave it unset.")
         if check.check_int("seed", self.seed, minimum=0) >= _SEED_LIMIT:
             raise validation.UserError(f"Expected seed={self.seed} < 2**63.")
         if self.dp_seed is not None and check.check_int(
