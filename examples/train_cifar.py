@@ -30,6 +30,9 @@ except ImportError:  # Run from a source checkout without `pip install -e .`.
     from tf_dpsat import validation
 
 training.define_flags()
+# The flags are defined in tf_dpsat.training: make them this binary's key flags
+# so that --help lists them (not only --helpfull).
+flags.adopt_module_key_flags(training)
 
 # Exit status of a user error (a bad flag, a model_dir of another run, a
 # corrupt data file), printed as one `error: ...` line without a traceback.

@@ -788,3 +788,14 @@ def test_physical_batch_larger_than_batch_is_refused():
             r"Expected physical_batch_size=512 <= batch_size=256: it only splits a "
             r"batch into passes to bound memory\. Lower it or leave it unset\.")):
         training.TrainConfig(batch_size=256, physical_batch_size=512)
+
+
+def test_binary_help_lists_its_own_flags():
+    result = run_binary("--help")  # absl's --help exits with status 1.
+    # absl prints the main module's key flags under the script's path.
+    assert "examples/train_cifar.py:\n" in result.stdout
+    own = result.stdout.split("examples/train_cifar.py:\n", 1)[1]
+    for flag in ("--batch_size:", "--epsilon:", "--physical_batch_size:",
+                 "--model_dir:", "--dataset:"):
+        assert flag in own
+    assert "--tt_" not in result.stdout and "--xla_" not in result.stdout
