@@ -1,6 +1,7 @@
 """Tests for tf_dpsat.accounting against published epsilon values."""
 
 import math
+import os
 import subprocess
 import sys
 
@@ -417,3 +418,18 @@ def test_statement_with_zero_poisson_epsilon_does_not_divide_by_zero():
                             noise_multiplier=1e4, epochs=1))
     assert "Epsilon with Poisson sampling (*): 0.000" in text
     assert "differ by epsilon 0" in text
+
+
+def test_cli_runs_without_warnings_and_every_option_has_help():
+    env = dict(os.environ, PYTHONWARNINGS="default", TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run(
+        [sys.executable, "-m", "tf_dpsat.accounting", "--num_examples=60000",
+         "--batch_size=256", "--epochs=1", "--noise_multiplier=1.1"],
+        capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "RuntimeWarning" not in result.stderr, result.stderr[-2000:]
+    options = [action for action in accounting._parser()._actions
+               if action.option_strings]
+    assert len(options) == 11  # --help and the ten options.
+    assert all(action.help for action in options), [
+        action.option_strings for action in options if not action.help]

@@ -695,27 +695,47 @@ def privacy_statement(*, num_examples: int, batch_size: int,
 
 
 # ------------------------------------------------------------------------ CLI
-def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tf_dpsat.accounting",
         description="Privacy statement for DP-SGD / DP-SAT / DP-SAM training, or "
                     "the noise multiplier for a target epsilon.")
-    parser.add_argument("--num_examples", type=int, required=True)
-    parser.add_argument("--batch_size", type=int, required=True)
-    parser.add_argument("--epochs", type=float, required=True)
+    parser.add_argument("--num_examples", type=int, required=True,
+                        help="training set size N")
+    parser.add_argument("--batch_size", type=int, required=True,
+                        help="examples per step B (expected size under Poisson "
+                             "sampling), regardless of microbatching")
+    parser.add_argument("--epochs", type=float, required=True,
+                        help="epochs of training; each epoch is round(N / B) "
+                             "steps, as in the trainer (may be fractional)")
     goal = parser.add_mutually_exclusive_group(required=True)
-    goal.add_argument("--noise_multiplier", type=float)
+    goal.add_argument("--noise_multiplier", type=float,
+                      help="the optimizer's noise multiplier: print the "
+                           "statement for it")
     goal.add_argument("--epsilon", type=float,
                       help="target epsilon: calibrate the noise multiplier "
                            "(Poisson sampling analysis)")
-    parser.add_argument("--delta", type=float, default=1e-5)
-    parser.add_argument("--accountant", choices=ACCOUNTANTS, default="rdp")
-    parser.add_argument("--num_microbatches", type=int, default=None)
-    parser.add_argument("--queries_per_step", type=int, default=1)
+    parser.add_argument("--delta", type=float, default=1e-5,
+                        help="target delta (default: %(default)g)")
+    parser.add_argument("--accountant", choices=ACCOUNTANTS, default="rdp",
+                        help="rdp (Renyi DP) or pld (privacy loss distributions, "
+                             "tighter, slower); default: %(default)s")
+    parser.add_argument("--num_microbatches", type=int, default=None,
+                        help="microbatches per batch; more than one example per "
+                             "microbatch doubles the sensitivity (default: "
+                             "per-example clipping)")
+    parser.add_argument("--queries_per_step", type=int, default=1,
+                        help="noisy gradient queries on the same batch per step: "
+                             "1 for DP-SGD / DP-SAT, 2 for DP-SAM (default: "
+                             "%(default)s)")
     parser.add_argument("--num_params", type=int, default=None,
                         help="trainable parameters: adds the total delta "
                              "(accountant + noise sampler tail)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    return _parser().parse_args(argv)
 
 
 def _calibrate_for_cli(args: argparse.Namespace) -> float:
@@ -754,6 +774,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
