@@ -11,6 +11,10 @@ import pytest
 from tf_dpsat import accounting
 
 CIFAR_Q, CIFAR_STEPS = 256 / 50000, 5860  # 30 epochs of 50000 at batch 256.
+# The same run as the trainer counts it (and the statement and the CLI):
+# round(50000 / 256) = 195 steps per epoch, 30 epochs; tensorflow-privacy's
+# ceil(30 * 50000 / 256) = 5860 above.
+STATEMENT_STEPS = 5850
 TF_PRIVACY_SIGMA = 0.8976665  # tensorflow-privacy compute_noise(..., eps=3).
 
 
@@ -90,13 +94,23 @@ def test_calibration_with_two_queries_scales_by_sqrt2():
     assert two == pytest.approx(one * math.sqrt(2), rel=2e-3)
 
 
-def test_poisson_steps_round_up():
+def test_poisson_steps_are_the_trainers_round_n_over_b_per_epoch():
     assert accounting.poisson_steps(num_examples=50000, batch_size=256,
-                                    epochs=30) == CIFAR_STEPS
+                                    epochs=30) == STATEMENT_STEPS
+    # The case: the trainer runs 234, not ceil(60000 / 256) = 235.
+    assert accounting.poisson_steps(num_examples=60000, batch_size=256,
+                                    epochs=1) == 234
+    assert accounting.poisson_steps_per_epoch(num_examples=60000,
+                                              batch_size=256) == 234
     assert accounting.poisson_steps(num_examples=5000, batch_size=50,
                                     epochs=0.1) == 10  # Not 11 from float error.
     assert accounting.poisson_steps(num_examples=100, batch_size=30,
-                                    epochs=1) == 4
+                                    epochs=1) == 3
+    assert accounting.poisson_steps(num_examples=100, batch_size=40,
+                                    epochs=1) == 3  # 2.5 rounds half up.
+    # A started step counts: 1.5 epochs of 3 steps.
+    assert accounting.poisson_steps(num_examples=100, batch_size=30,
+                                    epochs=1.5) == 5
 
 
 def test_microbatching_halves_effective_sigma():
@@ -193,12 +207,14 @@ def test_statement_names_adjacency_total_delta_and_non_private_values():
     assert "(**) Replace-one adjacency (sensitivity 2C)" in text
     poisson = accounting.compute_epsilon(
         noise_multiplier=TF_PRIVACY_SIGMA, sampling_probability=CIFAR_Q,
-        steps=CIFAR_STEPS)
+        steps=STATEMENT_STEPS)
     parts = accounting.delta_breakdown(
-        epsilon=poisson, delta=1e-5, steps=CIFAR_STEPS, queries_per_step=1,
+        epsilon=poisson, delta=1e-5, steps=STATEMENT_STEPS, queries_per_step=1,
         num_params=1000, overflow_probability=1e-8)
-    # (1 + e^2.984) * 1e-8 = 2.08e-7 for the overflow term.
-    assert parts["padding_overflow"] == pytest.approx(2.077e-7, rel=1e-3)
+    # (1 + e^2.98) * 1e-8 = 2.07e-7 for the overflow term.
+    assert parts["padding_overflow"] == pytest.approx(
+        (1 + math.exp(poisson)) * 1e-8, rel=1e-12)
+    assert parts["padding_overflow"] == pytest.approx(2.07e-7, rel=5e-3)
     assert f"(*) {accounting.format_delta_breakdown(parts)}" in text
     for name in accounting.NON_PRIVATE_DIAGNOSTICS:
         assert name in text
@@ -220,8 +236,12 @@ def _flat(text):
 
 def test_statement_reports_both_analyses_and_warns():
     text = _flat(_statement())
-    assert "5860 steps" in text
-    assert "Poisson sampling (*):" in text and "2.984" in text
+    assert ("30 epochs = 5850 steps (round(num_examples / batch_size) per "
+            "epoch, as the trainer runs)") in text
+    poisson = accounting.compute_epsilon(
+        noise_multiplier=TF_PRIVACY_SIGMA, sampling_probability=CIFAR_Q,
+        steps=STATEMENT_STEPS)
+    assert f"Poisson sampling (*): {poisson:.3f}" in text
     shuffled = accounting.compute_epsilon_once_per_epoch(
         noise_multiplier=TF_PRIVACY_SIGMA, epochs=30)
     assert f"{shuffled:.3f}" in text
@@ -236,7 +256,7 @@ def test_statement_accounts_for_microbatching_and_queries():
     assert "0.44883325" in text  # sigma / 2
     halved_two_queries = accounting.compute_epsilon(
         noise_multiplier=TF_PRIVACY_SIGMA / 2, sampling_probability=CIFAR_Q,
-        steps=CIFAR_STEPS, queries_per_step=2)
+        steps=STATEMENT_STEPS, queries_per_step=2)
     assert f"{halved_two_queries:.3f}" in text
     assert "sqrt(2)" in text
 
@@ -286,7 +306,15 @@ def test_cli_calibration_with_microbatching_reports_optimizer_sigma(capsys):
     assert sigma == pytest.approx(2 * TF_PRIVACY_SIGMA, rel=5e-3)
     assert accounting.compute_epsilon(noise_multiplier=sigma / 2,
                                       sampling_probability=CIFAR_Q,
-                                      steps=CIFAR_STEPS) <= 3
+                                      steps=STATEMENT_STEPS) <= 3
+
+
+def test_cli_counts_the_trainers_steps(capsys):
+    assert accounting.main(["--num_examples=60000", "--batch_size=256",
+                            "--epochs=1", "--epsilon=3"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "with Poisson sampling over 234 steps" in out
+    assert "1 epochs = 234 steps (round(num_examples / batch_size) per epoch" in out
 
 
 def test_cli_reports_bad_input(capsys):

@@ -799,3 +799,16 @@ def test_binary_help_lists_its_own_flags():
                  "--model_dir:", "--dataset:"):
         assert flag in own
     assert "--tt_" not in result.stdout and "--xla_" not in result.stdout
+
+
+def test_report_counts_the_same_steps_as_the_plan_and_the_cli():
+    # 60000 / 256 = 234.375: the trainer, the report and
+    # `python -m tf_dpsat.accounting` all count round(N / B) = 234, not 235.
+    config = training.TrainConfig(dataset="digits", model="mlp", batch_size=256,
+                                  epochs=1, noise_multiplier=1.0)
+    plan = training.make_plan(config, 60000)
+    assert plan.total_steps == 234 == accounting.poisson_steps(
+        num_examples=60000, batch_size=256, epochs=1)
+    report = " ".join(training.privacy_report(config, plan).split())
+    assert ("1 epochs = 234 steps (round(num_examples / batch_size) per epoch, "
+            "as the trainer runs)") in report

@@ -469,8 +469,9 @@ class RunPlan:
 
 def _steps_per_epoch(config: TrainConfig, num_examples: int) -> int:
     if config.sampling == "poisson":
-        # round(N / B), half up, at least one step.
-        return max(1, int(math.floor(num_examples / config.batch_size + 0.5)))
+        # round(N / B), half up, at least one step: the accounting tool's rule.
+        return accounting.poisson_steps_per_epoch(
+            num_examples=num_examples, batch_size=config.batch_size)
     return num_examples // config.batch_size
 
 
@@ -597,13 +598,12 @@ def privacy_report(config: TrainConfig, plan: RunPlan,
     if not config.private:
         return ("Non-private training (method='nonprivate'): no clipping, no noise, "
                 "no privacy guarantee (epsilon = inf).\n")
-    # Epochs as "passes of q*N examples": ceil(epochs * N / B) is then exactly
-    # the Poisson step count of this run.
-    epochs = (plan.total_steps * config.batch_size / plan.num_examples
-              if config.sampling == "poisson" else float(config.epochs))
+    # accounting.poisson_steps counts the trainer's steps: the statement's
+    # Poisson step count is this run's.
     statement = accounting.privacy_statement(
         num_examples=plan.num_examples, batch_size=config.batch_size,
-        noise_multiplier=plan.noise_multiplier, epochs=epochs, delta=config.delta,
+        noise_multiplier=plan.noise_multiplier, epochs=float(config.epochs),
+        delta=config.delta,
         queries_per_step=plan.queries_per_step)
     if config.sampling == "poisson":
         which = (f"This run samples batches by Poisson sampling ({plan.adjacency} "
@@ -1165,9 +1165,11 @@ def _log_plan(config: TrainConfig, plan: RunPlan, statement: str) -> None:
         logging.info("Noise multiplier sigma = %.6g (%s), %s, delta=%g.",
                      plan.noise_multiplier, source, config.method, config.delta)
     logging.info(
-        "%d logical steps (%d per epoch); %d rows per logical step (%s, expected "
+        "%d logical steps (%d per epoch: %s); %d rows per logical step (%s, expected "
         "batch %d) in %d physical batch(es) of %d.", plan.total_steps,
-        plan.steps_per_epoch, plan.logical_batch_size, config.sampling,
+        plan.steps_per_epoch,
+        "round(N / batch_size)" if config.sampling == "poisson"
+        else "floor(N / batch_size)", plan.logical_batch_size, config.sampling,
         config.batch_size, plan.accumulation_steps, plan.physical_batch_size)
     logging.info("Privacy statement:\n%s", statement)
     if config.record_train_diagnostics:

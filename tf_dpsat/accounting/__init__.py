@@ -266,19 +266,35 @@ def _participations(epochs: float) -> int:
     return math.ceil(epochs - _INTEGER_SLACK)
 
 
-def poisson_steps(*, num_examples: int, batch_size: int, epochs: float) -> int:
-    """Steps for `epochs` epochs at q = batch_size / num_examples.
+def poisson_steps_per_epoch(*, num_examples: int, batch_size: int) -> int:
+    """Steps per epoch at q = batch_size / num_examples: round(N / B), half up.
 
-    Rounded up, ceil(epochs * num_examples / batch_size), like tensorflow-privacy:
-    a partial last step is a full noisy step.
+    The one rule of the library: the trainer runs this many Poisson steps per
+    epoch, so an epoch draws N examples in expectation (to within half a batch),
+    and the command line tool counts the same steps.
 
     Raises:
       ValueError: If an argument is out of range.
     """
     num_examples = validation.check_int("num_examples", num_examples, 1)
     batch_size = validation.check_int("batch_size", batch_size, 1)
+    return max(1, math.floor(num_examples / batch_size + 0.5))
+
+
+def poisson_steps(*, num_examples: int, batch_size: int, epochs: float) -> int:
+    """Steps for `epochs` epochs at q = batch_size / num_examples.
+
+    epochs * `poisson_steps_per_epoch` (round(N / B) per epoch, as the trainer
+    runs), rounded up for a fractional epoch: a partial last step is a full
+    noisy step.
+
+    Raises:
+      ValueError: If an argument is out of range.
+    """
+    per_epoch = poisson_steps_per_epoch(num_examples=num_examples,
+                                        batch_size=batch_size)
     epochs = validation.check_positive("epochs", epochs)
-    return max(1, math.ceil(epochs * num_examples / batch_size - _INTEGER_SLACK))
+    return max(1, math.ceil(epochs * per_epoch - _INTEGER_SLACK))
 
 
 def uses_microbatching(batch_size: float, num_microbatches: Optional[int]) -> bool:
@@ -581,8 +597,9 @@ def privacy_statement(*, num_examples: int, batch_size: int,
     """A plain-text report of the example-level DP guarantee of a training run.
 
     Like tensorflow-privacy's `compute_dp_sgd_privacy_statement`: epsilon under
-    Poisson sampling with q = batch_size / num_examples for
-    ceil(epochs * num_examples / batch_size) steps, and under "each example once
+    Poisson sampling with q = batch_size / num_examples for `poisson_steps`
+    (round(num_examples / batch_size) per epoch, the trainer's count; not
+    tensorflow-privacy's ceil(epochs * num_examples / batch_size)), and under "each example once
     per epoch" for ceil(epochs) epochs, saying which applies to which pipeline
     and under which adjacency (add/remove-one for Poisson sampling, replace-one
     with sensitivity 2C for fixed-size batches), the parts of the total delta
@@ -633,7 +650,8 @@ def privacy_statement(*, num_examples: int, batch_size: int,
         DP training over {num_examples} examples with {batch_size} examples per
         step (sampling probability q = {q:.4g}), noise multiplier
         {noise_multiplier:.10g}, {epochs:g} epochs = {steps} steps
-        (ceil(epochs * num_examples / batch_size)), {k} noisy gradient
+        (round(num_examples / batch_size) per epoch, as the trainer runs), {k}
+        noisy gradient
         quer{'y' if k == 1 else 'ies'} per step,
         {'with' if microbatched else 'without'} microbatching.""")]
     if microbatched:
