@@ -812,3 +812,12 @@ def test_report_counts_the_same_steps_as_the_plan_and_the_cli():
     report = " ".join(training.privacy_report(config, plan).split())
     assert ("1 epochs = 234 steps (round(num_examples / batch_size) per epoch, "
             "as the trainer runs)") in report
+
+
+def test_binary_epsilon_below_the_floor_is_one_line_error():
+    _assert_one_line_error(
+        run_binary("--dataset=digits", "--model=mlp", "--batch_size=100",
+                   "--epsilon=1e-6"),
+        "error: Expected target epsilon=1e-06 >= 0.0036, the smallest epsilon the "
+        "RDP accountant calibrates at delta=1e-05; ask for epsilon >= 0.0036 (or a "
+        "larger delta).")
