@@ -783,11 +783,25 @@ def test_binary_corrupt_idx_gz_is_one_line_error(tmp_path, corrupt):
     assert last.endswith("); download it again or delete it.")
 
 
-def test_physical_batch_larger_than_batch_is_refused():
+def test_physical_batch_larger_than_the_batch_is_refused():
+    # Poisson: 256 expected rows pad to 300 for 234 steps at this delta; a
+    # physical batch above that would only add padding rows.
+    config = training.TrainConfig(batch_size=256, physical_batch_size=512,
+                                  noise_multiplier=1.0)
+    padded = training.make_plan(
+        training.TrainConfig(batch_size=256, noise_multiplier=1.0), 60000
+    ).logical_batch_size
     with pytest.raises(ValueError, match=(
-            r"Expected physical_batch_size=512 <= batch_size=256: it only splits a "
-            r"batch into passes to bound memory\. Lower it or leave it unset\.")):
-        training.TrainConfig(batch_size=256, physical_batch_size=512)
+            rf"Expected physical_batch_size=512 <= {padded} rows, the padded "
+            r"Poisson batch for batch_size=256: it only splits a batch into passes "
+            r"to bound memory\. Lower it or leave it unset\.")):
+        training.make_plan(config, 60000)
+    with pytest.raises(ValueError, match=(
+            r"physical_batch_size=512 must divide batch_size=256 \(so it is at "
+            r"most batch_size\); pick a divisor or leave it unset\.")):
+        training.make_plan(training.TrainConfig(
+            batch_size=256, physical_batch_size=512, sampling="shuffle",
+            noise_multiplier=1.0), 60000)
 
 
 def test_binary_help_lists_its_own_flags():

@@ -274,12 +274,6 @@ class TrainConfig:
             check.check_int(name, getattr(self, name))
         for name in ("physical_batch_size", "max_train_examples"):
             check.check_int(name, getattr(self, name), allow_none=True)
-        if (self.physical_batch_size is not None
-                and self.physical_batch_size > self.batch_size):
-            raise validation.UserError(
-                f"Expected physical_batch_size={self.physical_batch_size} <= "
-                f"batch_size={self.batch_size}: it only splits a batch into "
-                "passes to bound memory. Lower it or leave it unset.")
         if check.check_int("seed", self.seed, minimum=0) >= _SEED_LIMIT:
             raise validation.UserError(f"Expected seed={self.seed} < 2**63.")
         if self.dp_seed is not None and check.check_int(
@@ -506,15 +500,23 @@ def _batch_layout(config: TrainConfig, num_examples: int, total_steps: int) -> T
     """(logical rows per step, physical rows per pass)."""
     physical = config.physical_batch_size
     if config.sampling == "poisson":
-        logical = data.padded_batch_size(
-            config.batch_size, num_examples, total_steps,
-            failure_probability=_overflow_probability(config),
-            multiple_of=physical or 1)
+        padded = functools.partial(
+            data.padded_batch_size, config.batch_size, num_examples, total_steps,
+            failure_probability=_overflow_probability(config))
+        if physical is not None and physical > padded():
+            # One pass would hold the whole batch plus extra padding rows.
+            raise validation.UserError(
+                f"Expected physical_batch_size={physical} <= {padded()} rows, the "
+                f"padded Poisson batch for batch_size={config.batch_size}: it "
+                "only splits a batch into passes to bound memory. Lower it or "
+                "leave it unset.")
+        logical = padded(multiple_of=physical or 1)
         return logical, physical or logical
     if physical is not None and config.batch_size % physical:
         raise validation.UserError(
             f"With sampling='shuffle', physical_batch_size={physical} must divide "
-            f"batch_size={config.batch_size}.")
+            f"batch_size={config.batch_size} (so it is at most batch_size); pick a "
+            "divisor or leave it unset.")
     return config.batch_size, physical or config.batch_size
 
 
