@@ -22,25 +22,40 @@ from absl import flags
 try:
     from tf_dpsat import data
     from tf_dpsat import training
+    from tf_dpsat import validation
 except ImportError:  # Run from a source checkout without `pip install -e .`.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from tf_dpsat import data
     from tf_dpsat import training
+    from tf_dpsat import validation
 
 training.define_flags()
+# The flags are defined in tf_dpsat.training: make them this binary's key flags
+# so that --help lists them (not only --helpfull).
+flags.adopt_module_key_flags(training)
+
+# Exit status of a user error (a bad flag, a model_dir of another run, a
+# corrupt data file), printed as one `error: ...` line without a traceback.
+USER_ERROR_STATUS = 2
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(USER_ERROR_STATUS)
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        _fail(f"Unexpected arguments: {' '.join(argv[1:])}; every option is a "
+              "--flag (see --help).")
     try:
         config = training.config_from_flags(flags.FLAGS)
-    except ValueError as error:
-        raise app.UsageError(str(error))
+    except ValueError as error:  # Flag values only: all user errors.
+        _fail(str(error))
     try:
         training.train(config)
-    except data.DatasetNotAvailableError as error:
-        sys.exit(f"error: {error}")
+    except (validation.UserError, data.DatasetNotAvailableError) as error:
+        _fail(str(error))
 
 
 if __name__ == "__main__":

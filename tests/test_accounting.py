@@ -1,6 +1,7 @@
 """Tests for tf_dpsat.accounting against published epsilon values."""
 
 import math
+import os
 import subprocess
 import sys
 
@@ -10,6 +11,10 @@ import pytest
 from tf_dpsat import accounting
 
 CIFAR_Q, CIFAR_STEPS = 256 / 50000, 5860  # 30 epochs of 50000 at batch 256.
+# The same run as the trainer counts it (and the statement and the CLI):
+# round(50000 / 256) = 195 steps per epoch, 30 epochs; tensorflow-privacy's
+# ceil(30 * 50000 / 256) = 5860 above.
+STATEMENT_STEPS = 5850
 TF_PRIVACY_SIGMA = 0.8976665  # tensorflow-privacy compute_noise(..., eps=3).
 
 
@@ -89,13 +94,23 @@ def test_calibration_with_two_queries_scales_by_sqrt2():
     assert two == pytest.approx(one * math.sqrt(2), rel=2e-3)
 
 
-def test_poisson_steps_round_up():
+def test_poisson_steps_are_the_trainers_round_n_over_b_per_epoch():
     assert accounting.poisson_steps(num_examples=50000, batch_size=256,
-                                    epochs=30) == CIFAR_STEPS
+                                    epochs=30) == STATEMENT_STEPS
+    # The issue's case: the trainer runs 234, not ceil(60000 / 256) = 235.
+    assert accounting.poisson_steps(num_examples=60000, batch_size=256,
+                                    epochs=1) == 234
+    assert accounting.poisson_steps_per_epoch(num_examples=60000,
+                                              batch_size=256) == 234
     assert accounting.poisson_steps(num_examples=5000, batch_size=50,
                                     epochs=0.1) == 10  # Not 11 from float error.
     assert accounting.poisson_steps(num_examples=100, batch_size=30,
-                                    epochs=1) == 4
+                                    epochs=1) == 3
+    assert accounting.poisson_steps(num_examples=100, batch_size=40,
+                                    epochs=1) == 3  # 2.5 rounds half up.
+    # A started step counts: 1.5 epochs of 3 steps.
+    assert accounting.poisson_steps(num_examples=100, batch_size=30,
+                                    epochs=1.5) == 5
 
 
 def test_microbatching_halves_effective_sigma():
@@ -192,12 +207,14 @@ def test_statement_names_adjacency_total_delta_and_non_private_values():
     assert "(**) Replace-one adjacency (sensitivity 2C)" in text
     poisson = accounting.compute_epsilon(
         noise_multiplier=TF_PRIVACY_SIGMA, sampling_probability=CIFAR_Q,
-        steps=CIFAR_STEPS)
+        steps=STATEMENT_STEPS)
     parts = accounting.delta_breakdown(
-        epsilon=poisson, delta=1e-5, steps=CIFAR_STEPS, queries_per_step=1,
+        epsilon=poisson, delta=1e-5, steps=STATEMENT_STEPS, queries_per_step=1,
         num_params=1000, overflow_probability=1e-8)
-    # (1 + e^2.984) * 1e-8 = 2.08e-7 for the overflow term.
-    assert parts["padding_overflow"] == pytest.approx(2.077e-7, rel=1e-3)
+    # (1 + e^2.98) * 1e-8 = 2.07e-7 for the overflow term.
+    assert parts["padding_overflow"] == pytest.approx(
+        (1 + math.exp(poisson)) * 1e-8, rel=1e-12)
+    assert parts["padding_overflow"] == pytest.approx(2.07e-7, rel=5e-3)
     assert f"(*) {accounting.format_delta_breakdown(parts)}" in text
     for name in accounting.NON_PRIVATE_DIAGNOSTICS:
         assert name in text
@@ -219,8 +236,12 @@ def _flat(text):
 
 def test_statement_reports_both_analyses_and_warns():
     text = _flat(_statement())
-    assert "5860 steps" in text
-    assert "Poisson sampling (*):" in text and "2.984" in text
+    assert ("30 epochs = 5850 steps (round(num_examples / batch_size) per "
+            "epoch, as the trainer runs)") in text
+    poisson = accounting.compute_epsilon(
+        noise_multiplier=TF_PRIVACY_SIGMA, sampling_probability=CIFAR_Q,
+        steps=STATEMENT_STEPS)
+    assert f"Poisson sampling (*): {poisson:.3f}" in text
     shuffled = accounting.compute_epsilon_once_per_epoch(
         noise_multiplier=TF_PRIVACY_SIGMA, epochs=30)
     assert f"{shuffled:.3f}" in text
@@ -235,7 +256,7 @@ def test_statement_accounts_for_microbatching_and_queries():
     assert "0.44883325" in text  # sigma / 2
     halved_two_queries = accounting.compute_epsilon(
         noise_multiplier=TF_PRIVACY_SIGMA / 2, sampling_probability=CIFAR_Q,
-        steps=CIFAR_STEPS, queries_per_step=2)
+        steps=STATEMENT_STEPS, queries_per_step=2)
     assert f"{halved_two_queries:.3f}" in text
     assert "sqrt(2)" in text
 
@@ -285,7 +306,15 @@ def test_cli_calibration_with_microbatching_reports_optimizer_sigma(capsys):
     assert sigma == pytest.approx(2 * TF_PRIVACY_SIGMA, rel=5e-3)
     assert accounting.compute_epsilon(noise_multiplier=sigma / 2,
                                       sampling_probability=CIFAR_Q,
-                                      steps=CIFAR_STEPS) <= 3
+                                      steps=STATEMENT_STEPS) <= 3
+
+
+def test_cli_counts_the_trainers_steps(capsys):
+    assert accounting.main(["--num_examples=60000", "--batch_size=256",
+                            "--epochs=1", "--epsilon=3"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "with Poisson sampling over 234 steps" in out
+    assert "1 epochs = 234 steps (round(num_examples / batch_size) per epoch" in out
 
 
 def test_cli_reports_bad_input(capsys):
@@ -374,3 +403,61 @@ def test_steps_must_be_an_integer():
     with pytest.raises(TypeError, match="steps"):
         accounting.compute_epsilon(noise_multiplier=1.0, sampling_probability=0.1,
                                    steps=10.5)
+
+
+def test_smallest_target_epsilon_is_the_rdp_floor():
+    # min over orders of log(1 - 1/a) - log(delta a) / (a - 1): order 1024 at
+    # delta 1e-5 gives 0.003549..., rounded up to two digits.
+    assert accounting.smallest_target_epsilon(1e-5) == 0.0036
+    assert accounting.smallest_target_epsilon(1e-5, "pld") == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("target", [1e-6, 1e-3])
+def test_calibration_refuses_targets_below_the_floor(target):
+    with pytest.raises(ValueError, match=(
+            rf"Expected target epsilon={target:g} >= 0.0036, the smallest epsilon "
+            r"the RDP accountant calibrates at delta=1e-05; ask for epsilon >= "
+            r"0.0036")):
+        accountant_kwargs = dict(sampling_probability=256 / 60000, steps=235)
+        accounting.calibrate_noise_multiplier(target_epsilon=target,
+                                              **accountant_kwargs)
+
+
+def test_calibration_just_above_the_floor_is_within_target():
+    sigma = accounting.calibrate_noise_multiplier(
+        target_epsilon=0.01, sampling_probability=256 / 60000, steps=235)
+    assert 0 < accounting.compute_epsilon(
+        noise_multiplier=sigma, sampling_probability=256 / 60000, steps=235) <= 0.01
+
+
+def test_cli_tiny_epsilon_is_one_line_error(capsys):
+    assert accounting.main(["--num_examples=60000", "--batch_size=256",
+                            "--epochs=1", "--epsilon=1e-6"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (
+        "error: Expected target epsilon=1e-06 >= 0.0036, the smallest epsilon the "
+        "RDP accountant calibrates at delta=1e-05; ask for epsilon >= 0.0036 (or a "
+        "larger delta).\n")
+
+
+def test_statement_with_zero_poisson_epsilon_does_not_divide_by_zero():
+    # sigma 1e4: the RDP conversion's total-variation branch gives epsilon 0.
+    text = _flat(_statement(num_examples=60000, batch_size=256,
+                            noise_multiplier=1e4, epochs=1))
+    assert "Epsilon with Poisson sampling (*): 0.000" in text
+    assert "differ by epsilon 0" in text
+
+
+def test_cli_runs_without_warnings_and_every_option_has_help():
+    env = dict(os.environ, PYTHONWARNINGS="default", TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run(
+        [sys.executable, "-m", "tf_dpsat.accounting", "--num_examples=60000",
+         "--batch_size=256", "--epochs=1", "--noise_multiplier=1.1"],
+        capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "RuntimeWarning" not in result.stderr, result.stderr[-2000:]
+    options = [action for action in accounting._parser()._actions
+               if action.option_strings]
+    assert len(options) == 11  # --help and the ten options.
+    assert all(action.help for action in options), [
+        action.option_strings for action in options if not action.help]

@@ -504,3 +504,16 @@ def test_reachable_on_real_local_sockets():
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="Unknown dataset"):
         data.load_dataset("imagenet")
+
+
+@pytest.mark.parametrize("content, cause", [
+    (gzip.compress(bytes(range(256)) * 4)[:100], "Compressed file ended before"),
+    (b"plain bytes", "Not a gzipped file"),
+])
+def test_read_idx_names_a_corrupt_gzip_file_and_the_fix(tmp_path, content, cause):
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(content)
+    with pytest.raises(data.validation.UserError) as error:
+        data.read_idx(str(path))
+    assert str(error.value).startswith(f"{path}: not a complete gzip file ({cause}")
+    assert str(error.value).endswith("); download it again or delete it.")

@@ -2,6 +2,7 @@
 
 import contextlib
 import math
+import os
 import warnings
 
 import keras
@@ -998,3 +999,25 @@ def test_refused_step_updates_no_metric():
                             "nonfinite_gradients"}
     for key, value in logs[0].items():
         assert logs[1][key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_negative_sample_weight_is_refused():
+    x, y = make_data("dense", n=8)
+    sw = np.ones(8, np.float32)
+    sw[3] = -1.0
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"Expected sample weights >= 0: a negative weight "
+                             r"flips the gradient of its example\. Pass weights >= 0"):
+        fit_private(dense_model, x, y, sample_weight=sw, l2_norm_clip=0.5)
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".hdf5"])
+def test_saving_to_h5_is_refused_naming_keras(tmp_path, suffix):
+    model = tf_dpsat.make_private(dense_model())
+    path = str(tmp_path / f"m{suffix}")
+    with pytest.raises(ValueError, match=(
+            rf"Cannot save DPFunctional to '{path}': the HDF5 format cannot load "
+            rf"a DP model back \(Unknown layer\)\. Save to '{tmp_path}/m\.keras' "
+            r"instead\.")):
+        model.save(path)
+    assert not os.path.exists(path)

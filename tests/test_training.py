@@ -6,6 +6,7 @@ whole runs on tfds mock data and on scikit-learn's digits, resuming, the
 binary, and one end-to-end run on the real Fashion-MNIST.
 """
 
+import gzip
 import json
 import math
 import os
@@ -224,7 +225,8 @@ def test_plan_physical_batches_map_to_accumulation():
                                         physical_batch_size=64), 1000)
     with pytest.raises(ValueError, match="dpsam"):
         training.make_plan(small_config(method="dpsam", physical_batch_size=50), 1500)
-    with pytest.raises(ValueError, match="exceeds"):
+    with pytest.raises(ValueError, match=r"Expected batch_size=2000 <= 1500 "
+                       r"training examples; use a smaller --batch_size\."):
         training.make_plan(small_config(batch_size=2000), 1500)
 
 
@@ -725,3 +727,111 @@ def test_fashion_mnist_one_epoch_dpsat_reaches_75_percent(tmp_path):
     assert private["epsilon"] <= 3.0 and private["delta_parts"]["accountant"] == 1e-5
     assert private["final_test_accuracy"] >= 0.75, private["final_test_accuracy"]
     assert private["final_test_accuracy"] == results["private"]["final_test_accuracy"]
+
+
+# ---------------------------------------------------------------------------
+# User errors: one line, exit status 2, no traceback.
+# ---------------------------------------------------------------------------
+
+
+def _assert_one_line_error(result, expected):
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "Trains an image classifier" not in result.stdout + result.stderr
+    assert result.stderr.rstrip("\n").splitlines()[-1] == expected
+
+
+def test_binary_batch_larger_than_dataset_is_one_line_error():
+    _assert_one_line_error(
+        run_binary("--dataset=digits", "--model=mlp", "--batch_size=5000"),
+        "error: Expected batch_size=5000 <= 1500 training examples; use a smaller "
+        "--batch_size.")
+
+
+def test_binary_usage_error_skips_the_docstring():
+    result = run_binary("--dataset=digits", "--model=mlp", "extra")
+    _assert_one_line_error(result, "error: Unexpected arguments: extra; every "
+                           "option is a --flag (see --help).")
+
+
+def test_binary_model_dir_of_another_run_is_one_line_error(tmp_path):
+    (tmp_path / training.STATE_FILE).write_text(json.dumps(
+        {"config": {"learning_rate": 123.0}, "epochs_done": 0}))
+    result = run_binary("--dataset=digits", "--model=mlp", f"--model_dir={tmp_path}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.rstrip("\n").splitlines()[-1]
+    assert last.startswith(f"error: model_dir '{tmp_path}' holds a run with a "
+                           "different configuration (")
+    assert "learning_rate: 123.0 -> " in last
+    assert last.endswith("Use a new --model_dir, or the original flags.")
+
+
+@pytest.mark.parametrize("corrupt", ["truncated", "not_gzip"])
+def test_binary_corrupt_idx_gz_is_one_line_error(tmp_path, corrupt):
+    for name in FMNIST_FILES:
+        with open(tmp_path / name, "wb") as f:
+            f.write(gzip.compress(b"\0" * 100) if name != FMNIST_FILES[0]
+                    else gzip.compress(bytes(range(256)) * 4)[:100]
+                    if corrupt == "truncated" else b"plain bytes")
+    result = run_binary("--dataset=fashion_mnist", f"--raw_data_dir={tmp_path}")
+    path = tmp_path / FMNIST_FILES[0]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.rstrip("\n").splitlines()[-1]
+    assert last.startswith(f"error: {path}: not a complete gzip file (")
+    assert last.endswith("); download it again or delete it.")
+
+
+def test_physical_batch_larger_than_the_batch_is_refused():
+    # Poisson: 256 expected rows pad to 300 for 234 steps at this delta; a
+    # physical batch above that would only add padding rows.
+    config = training.TrainConfig(batch_size=256, physical_batch_size=512,
+                                  noise_multiplier=1.0)
+    padded = training.make_plan(
+        training.TrainConfig(batch_size=256, noise_multiplier=1.0), 60000
+    ).logical_batch_size
+    with pytest.raises(ValueError, match=(
+            rf"Expected physical_batch_size=512 <= {padded} rows, the padded "
+            r"Poisson batch for batch_size=256: it only splits a batch into passes "
+            r"to bound memory\. Lower it or leave it unset\.")):
+        training.make_plan(config, 60000)
+    with pytest.raises(ValueError, match=(
+            r"physical_batch_size=512 must divide batch_size=256 \(so it is at "
+            r"most batch_size\); pick a divisor or leave it unset\.")):
+        training.make_plan(training.TrainConfig(
+            batch_size=256, physical_batch_size=512, sampling="shuffle",
+            noise_multiplier=1.0), 60000)
+
+
+def test_binary_help_lists_its_own_flags():
+    result = run_binary("--help")  # absl's --help exits with status 1.
+    # absl prints the main module's key flags under the script's path.
+    assert "examples/train_cifar.py:\n" in result.stdout
+    own = result.stdout.split("examples/train_cifar.py:\n", 1)[1]
+    for flag in ("--batch_size:", "--epsilon:", "--physical_batch_size:",
+                 "--model_dir:", "--dataset:"):
+        assert flag in own
+    assert "--tt_" not in result.stdout and "--xla_" not in result.stdout
+
+
+def test_report_counts_the_same_steps_as_the_plan_and_the_cli():
+    # 60000 / 256 = 234.375: the trainer, the report and
+    # `python -m tf_dpsat.accounting` all count round(N / B) = 234, not 235.
+    config = training.TrainConfig(dataset="digits", model="mlp", batch_size=256,
+                                  epochs=1, noise_multiplier=1.0)
+    plan = training.make_plan(config, 60000)
+    assert plan.total_steps == 234 == accounting.poisson_steps(
+        num_examples=60000, batch_size=256, epochs=1)
+    report = " ".join(training.privacy_report(config, plan).split())
+    assert ("1 epochs = 234 steps (round(num_examples / batch_size) per epoch, "
+            "as the trainer runs)") in report
+
+
+def test_binary_epsilon_below_the_floor_is_one_line_error():
+    _assert_one_line_error(
+        run_binary("--dataset=digits", "--model=mlp", "--batch_size=100",
+                   "--epsilon=1e-6"),
+        "error: Expected target epsilon=1e-06 >= 0.0036, the smallest epsilon the "
+        "RDP accountant calibrates at delta=1e-05; ask for epsilon >= 0.0036 (or a "
+        "larger delta).")

@@ -62,6 +62,7 @@ import os
 import pickle
 import socket
 import threading
+import zlib
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import numpy as np
@@ -70,6 +71,7 @@ import tensorflow as tf
 from absl import logging
 
 from tf_dpsat import noise
+from tf_dpsat import validation
 
 __all__ = [
     "DATASETS",
@@ -261,25 +263,31 @@ def read_idx(path: str) -> np.ndarray:
       The array, in native byte order.
 
     Raises:
-      ValueError: Bad magic number, unknown type code, or a size mismatch.
+      tf_dpsat.validation.UserError: A truncated or corrupt gzip file, a bad
+        magic number, an unknown type code, or a size mismatch.
     """
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise validation.UserError(
+            f"{path}: not a complete gzip file ({error}); download it again or "
+            "delete it.") from error
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise ValueError(f"{path}: not an IDX file (magic number must start with "
+        raise validation.UserError(f"{path}: not an IDX file (magic number must start with "
                          f"two zero bytes, got {raw[:4].hex() or 'empty file'}).")
     type_code, ndim = raw[2], raw[3]
     if type_code not in _IDX_DTYPES:
-        raise ValueError(f"{path}: unknown IDX type code 0x{type_code:02x}.")
+        raise validation.UserError(f"{path}: unknown IDX type code 0x{type_code:02x}.")
     header_len = 4 + 4 * ndim
     if len(raw) < header_len:
-        raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes).")
+        raise validation.UserError(f"{path}: truncated IDX header ({len(raw)} bytes).")
     dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
     dtype = np.dtype(_IDX_DTYPES[type_code])
     expected = math.prod(dims) * dtype.itemsize
     if len(raw) - header_len != expected:
-        raise ValueError(f"{path}: header promises dims {dims} ({expected} bytes of "
+        raise validation.UserError(f"{path}: header promises dims {dims} ({expected} bytes of "
                          f"data) but the file has {len(raw) - header_len}.")
     data = np.frombuffer(raw, dtype, offset=header_len).reshape(dims)
     return data.astype(dtype.newbyteorder("="))
@@ -348,11 +356,11 @@ def _read_cifar_batch(path: str) -> Tuple[np.ndarray, np.ndarray]:
         # encoding="bytes": the files were written by Python 2.
         batch = _NumpyOnlyUnpickler(f, encoding="bytes").load()
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        raise ValueError(f"{path}: expected a dict with b'data' and b'labels'.")
+        raise validation.UserError(f"{path}: expected a dict with b'data' and b'labels'.")
     data = np.asarray(batch[b"data"], np.uint8)
     labels = np.asarray(batch[b"labels"], np.int64)
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
-        raise ValueError(f"{path}: expected data (n, 3072) and n labels, got "
+        raise validation.UserError(f"{path}: expected data (n, 3072) and n labels, got "
                          f"{data.shape} and {labels.shape}.")
     # Rows are channel-major (1024 red, 1024 green, 1024 blue); make NHWC.
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)

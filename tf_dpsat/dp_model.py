@@ -32,6 +32,7 @@ from tensorflow.python.ops import gen_resource_variable_ops
 from tensorflow.python.ops import resource_variable_ops
 
 from tf_dpsat import batch_independence
+from tf_dpsat import validation
 
 _DP_METRIC_NAMES = ("grad_norm_clipped_fraction", "nonfinite_gradients")
 
@@ -81,6 +82,26 @@ class _PrivateTrainStep:
         # Created before the model is built (Keras locks a built layer's
         # state) and outside the traced train step.
         self._dp_stats = _DPStats()
+
+    def save(self, filepath, *args, **kwargs):
+        """Saves to `.keras`; refuses the legacy `.h5` / `.hdf5` format.
+
+        Keras' HDF5 format does not record registered custom classes, so a DP
+        model saved to `.h5` cannot be loaded back ("Unknown layer:
+        'DPFunctional'"). `keras.saving.save_model` called directly is not
+        covered by this check.
+
+        Raises:
+          tf_dpsat.validation.UserError: For a `.h5` / `.hdf5` path.
+        """
+        path = str(filepath)
+        if path.lower().endswith((".h5", ".hdf5")):
+            stem = path.rsplit(".", 1)[0]
+            raise validation.UserError(
+                f"Cannot save {type(self).__name__} to {path!r}: the HDF5 format "
+                "cannot load a DP model back (Unknown layer). Save to "
+                f"'{stem}.keras' instead.")
+        return super().save(filepath, *args, **kwargs)
 
     def make_train_function(self, force=False):
         # Keras builds the train function eagerly before the first step: the

@@ -691,7 +691,18 @@ class DPSATKeras(keras.optimizers.Optimizer):
                              "`loss=` to `model.compile`.")
 
     def _example_weights(self, x, sample_weight):
-        """Per-example float32 weights [n]; per-timestep weights -> max."""
+        """Per-example float32 weights [n]; per-timestep weights -> max.
+
+        Negative weights are refused: a weight of -1 flips that example's
+        gradient; the clipping bound still holds, but such a weight is almost
+        surely a bug in the caller's weights. The
+        check is a runtime assertion op, so under `jit_compile=True` (where XLA
+        compiles assertions to nothing) only eager and graph steps raise.
+
+        Raises:
+          ValueError: Per-output sample weights.
+          tf.errors.InvalidArgumentError: A negative sample weight.
+        """
         n = _batch_size(x)
         if sample_weight is None:
             return tf.ones([n], tf.float32)
@@ -700,6 +711,12 @@ class DPSATKeras(keras.optimizers.Optimizer):
             raise ValueError("Per-output sample weights are not supported by "
                              "the DP train step; pass one weight per example.")
         w = tf.cast(weights[0], tf.float32)
+        check = tf.debugging.assert_non_negative(
+            w, message="Expected sample weights >= 0: a negative weight flips "
+            "the gradient of its example. Pass weights >= 0 (0 drops an "
+            "example)")
+        with tf.control_dependencies([check]):
+            w = tf.identity(w)
         if len(w.shape) > 1:
             w = tf.reduce_max(tf.abs(tf.reshape(w, [n, -1])), axis=1)
         return tf.reshape(w, [n])

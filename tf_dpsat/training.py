@@ -251,7 +251,7 @@ class TrainConfig:
         try:
             self._validate()
         except TypeError as error:  # A config error either way, for the CLI.
-            raise ValueError(str(error)) from error
+            raise validation.UserError(str(error)) from error
 
     def _validate(self):
         check = validation
@@ -267,7 +267,7 @@ class TrainConfig:
             check.check_non_negative("noise_multiplier", self.noise_multiplier)
         check.check_positive("learning_rate", self.learning_rate)
         if check.check_non_negative("momentum", self.momentum) > 1:
-            raise ValueError(f"Expected momentum={self.momentum} <= 1.")
+            raise validation.UserError(f"Expected momentum={self.momentum} <= 1.")
         check.check_positive("l2_norm_clip", self.l2_norm_clip)
         check.check_non_negative("rho", self.rho)
         for name in ("epochs", "batch_size", "eval_every", "eval_batch_size"):
@@ -275,23 +275,23 @@ class TrainConfig:
         for name in ("physical_batch_size", "max_train_examples"):
             check.check_int(name, getattr(self, name), allow_none=True)
         if check.check_int("seed", self.seed, minimum=0) >= _SEED_LIMIT:
-            raise ValueError(f"Expected seed={self.seed} < 2**63.")
+            raise validation.UserError(f"Expected seed={self.seed} < 2**63.")
         if self.dp_seed is not None and check.check_int(
                 "dp_seed", self.dp_seed, minimum=0) >= _SEED_LIMIT:
             # Not echoed: it seeds the noise.
-            raise ValueError("Expected dp_seed < 2**63.")
+            raise validation.UserError("Expected dp_seed < 2**63.")
         for name in ("download", "record_train_diagnostics"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"Expected {name}={getattr(self, name)!r} to be "
+                raise validation.UserError(f"Expected {name}={getattr(self, name)!r} to be "
                                  "a bool.")
         if check.check_int("keras_verbose", self.keras_verbose, minimum=0) > 2:
-            raise ValueError(f"Expected keras_verbose={self.keras_verbose} "
+            raise validation.UserError(f"Expected keras_verbose={self.keras_verbose} "
                              "to be 0, 1 or 2.")
         if self.method == "dpsam" and self.rho == 0:
-            raise ValueError("method='dpsam' needs rho > 0; rho=0 is DP-SGD "
+            raise validation.UserError("method='dpsam' needs rho > 0; rho=0 is DP-SGD "
                              "(method='dpsgd'), which spends one query per step.")
         if self.method == "dpsam" and self.direction != "gradient":
-            raise ValueError("method='dpsam' takes direction='gradient' only: its "
+            raise validation.UserError("method='dpsam' takes direction='gradient' only: its "
                              "ascent direction is a fresh private gradient.")
 
     @property
@@ -463,8 +463,9 @@ class RunPlan:
 
 def _steps_per_epoch(config: TrainConfig, num_examples: int) -> int:
     if config.sampling == "poisson":
-        # round(N / B), half up, at least one step.
-        return max(1, int(math.floor(num_examples / config.batch_size + 0.5)))
+        # round(N / B), half up, at least one step: the accounting tool's rule.
+        return accounting.poisson_steps_per_epoch(
+            num_examples=num_examples, batch_size=config.batch_size)
     return num_examples // config.batch_size
 
 
@@ -499,15 +500,23 @@ def _batch_layout(config: TrainConfig, num_examples: int, total_steps: int) -> T
     """(logical rows per step, physical rows per pass)."""
     physical = config.physical_batch_size
     if config.sampling == "poisson":
-        logical = data.padded_batch_size(
-            config.batch_size, num_examples, total_steps,
-            failure_probability=_overflow_probability(config),
-            multiple_of=physical or 1)
+        padded = functools.partial(
+            data.padded_batch_size, config.batch_size, num_examples, total_steps,
+            failure_probability=_overflow_probability(config))
+        if physical is not None and physical > padded():
+            # One pass would hold the whole batch plus extra padding rows.
+            raise validation.UserError(
+                f"Expected physical_batch_size={physical} <= {padded()} rows, the "
+                f"padded Poisson batch for batch_size={config.batch_size}: it "
+                "only splits a batch into passes to bound memory. Lower it or "
+                "leave it unset.")
+        logical = padded(multiple_of=physical or 1)
         return logical, physical or logical
     if physical is not None and config.batch_size % physical:
-        raise ValueError(
+        raise validation.UserError(
             f"With sampling='shuffle', physical_batch_size={physical} must divide "
-            f"batch_size={config.batch_size}.")
+            f"batch_size={config.batch_size} (so it is at most batch_size); pick a "
+            "divisor or leave it unset.")
     return config.batch_size, physical or config.batch_size
 
 
@@ -528,15 +537,16 @@ def make_plan(config: TrainConfig, num_examples: int) -> RunPlan:
     """
     validation.check_int("num_examples", num_examples)
     if config.batch_size > num_examples:
-        raise ValueError(f"batch_size={config.batch_size} exceeds the {num_examples} "
-                         "training examples.")
+        raise validation.UserError(
+            f"Expected batch_size={config.batch_size} <= {num_examples} training "
+            "examples; use a smaller --batch_size.")
     steps_per_epoch = _steps_per_epoch(config, num_examples)
     total_steps = steps_per_epoch * config.epochs
     q = config.batch_size / num_examples
     logical, physical = _batch_layout(config, num_examples, total_steps)
     accumulation = logical // physical
     if config.method == "dpsam" and accumulation > 1:
-        raise ValueError(
+        raise validation.UserError(
             f"method='dpsam' cannot accumulate gradients (its ascent query needs the "
             f"whole logical batch), but physical_batch_size={physical} splits the "
             f"{logical}-row logical batch into {accumulation}. Use a larger "
@@ -590,13 +600,12 @@ def privacy_report(config: TrainConfig, plan: RunPlan,
     if not config.private:
         return ("Non-private training (method='nonprivate'): no clipping, no noise, "
                 "no privacy guarantee (epsilon = inf).\n")
-    # Epochs as "passes of q*N examples": ceil(epochs * N / B) is then exactly
-    # the Poisson step count of this run.
-    epochs = (plan.total_steps * config.batch_size / plan.num_examples
-              if config.sampling == "poisson" else float(config.epochs))
+    # accounting.poisson_steps counts the trainer's steps: the statement's
+    # Poisson step count is this run's.
     statement = accounting.privacy_statement(
         num_examples=plan.num_examples, batch_size=config.batch_size,
-        noise_multiplier=plan.noise_multiplier, epochs=epochs, delta=config.delta,
+        noise_multiplier=plan.noise_multiplier, epochs=float(config.epochs),
+        delta=config.delta,
         queries_per_step=plan.queries_per_step)
     if config.sampling == "poisson":
         which = (f"This run samples batches by Poisson sampling ({plan.adjacency} "
@@ -638,7 +647,7 @@ def load_data(config: TrainConfig) -> data.Dataset:
     if limit is None:
         return dataset
     if limit > len(dataset.train_images):
-        raise ValueError(f"max_train_examples={limit} exceeds the "
+        raise validation.UserError(f"max_train_examples={limit} exceeds the "
                          f"{len(dataset.train_images)} training examples.")
     logging.info("Using the first %d of %d training examples.", limit,
                  len(dataset.train_images))
@@ -667,7 +676,7 @@ def _parse_secret(text: str, path: str) -> int:
     except ValueError:
         secret = -1
     if not 0 <= secret < _SEED_LIMIT:
-        raise ValueError(
+        raise validation.UserError(
             f"{path} is not a secret written by tf_dpsat (expected comment lines "
             "and one hexadecimal number below 2**63). Restore the original file "
             "to resume the run, or start it again in a new --model_dir.")
@@ -725,7 +734,7 @@ def run_secret(config: TrainConfig, resuming: bool = False) -> int:
         return noise.secret_key()
     path = os.path.join(config.model_dir, SECRET_FILE)
     if resuming and not os.path.exists(path):
-        raise ValueError(
+        raise validation.UserError(
             f"{config.model_dir!r} holds a started run but not its {SECRET_FILE}, "
             "the secret of its batch sampling and noise, so it cannot resume "
             "bitwise. Restore the file, or train in a new --model_dir.")
@@ -907,7 +916,7 @@ def _check_resumable(config: TrainConfig, state: Dict[str, Any]) -> None:
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"
                             for k in changed)
-        raise ValueError(
+        raise validation.UserError(
             f"model_dir {config.model_dir!r} holds a run with a different "
             f"configuration ({details}); resuming would mix two runs and break the "
             "privacy ledger. Use a new --model_dir, or the original flags.")
@@ -1158,9 +1167,11 @@ def _log_plan(config: TrainConfig, plan: RunPlan, statement: str) -> None:
         logging.info("Noise multiplier sigma = %.6g (%s), %s, delta=%g.",
                      plan.noise_multiplier, source, config.method, config.delta)
     logging.info(
-        "%d logical steps (%d per epoch); %d rows per logical step (%s, expected "
+        "%d logical steps (%d per epoch: %s); %d rows per logical step (%s, expected "
         "batch %d) in %d physical batch(es) of %d.", plan.total_steps,
-        plan.steps_per_epoch, plan.logical_batch_size, config.sampling,
+        plan.steps_per_epoch,
+        "round(N / batch_size)" if config.sampling == "poisson"
+        else "floor(N / batch_size)", plan.logical_batch_size, config.sampling,
         config.batch_size, plan.accumulation_steps, plan.physical_batch_size)
     logging.info("Privacy statement:\n%s", statement)
     if config.record_train_diagnostics:

@@ -11,6 +11,14 @@ import numbers
 from typing import Any, Optional
 
 
+class UserError(ValueError):
+    """A mistake in what the user asked for, not a bug.
+
+    The message names the cause and the fix; command line tools print it as a
+    one-line `error: ...` with exit status 2 instead of a traceback.
+    """
+
+
 def check_real(name: str, value: Any) -> float:
     """Returns `value` as a float; raises unless it is a finite real number.
 

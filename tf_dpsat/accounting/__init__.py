@@ -266,19 +266,35 @@ def _participations(epochs: float) -> int:
     return math.ceil(epochs - _INTEGER_SLACK)
 
 
-def poisson_steps(*, num_examples: int, batch_size: int, epochs: float) -> int:
-    """Steps for `epochs` epochs at q = batch_size / num_examples.
+def poisson_steps_per_epoch(*, num_examples: int, batch_size: int) -> int:
+    """Steps per epoch at q = batch_size / num_examples: round(N / B), half up.
 
-    Rounded up, ceil(epochs * num_examples / batch_size), like tensorflow-privacy:
-    a partial last step is a full noisy step.
+    The one rule of the library: the trainer runs this many Poisson steps per
+    epoch, so an epoch draws N examples in expectation (to within half a batch),
+    and the command line tool counts the same steps.
 
     Raises:
       ValueError: If an argument is out of range.
     """
     num_examples = validation.check_int("num_examples", num_examples, 1)
     batch_size = validation.check_int("batch_size", batch_size, 1)
+    return max(1, math.floor(num_examples / batch_size + 0.5))
+
+
+def poisson_steps(*, num_examples: int, batch_size: int, epochs: float) -> int:
+    """Steps for `epochs` epochs at q = batch_size / num_examples.
+
+    epochs * `poisson_steps_per_epoch` (round(N / B) per epoch, as the trainer
+    runs), rounded up for a fractional epoch: a partial last step is a full
+    noisy step.
+
+    Raises:
+      ValueError: If an argument is out of range.
+    """
+    per_epoch = poisson_steps_per_epoch(num_examples=num_examples,
+                                        batch_size=batch_size)
     epochs = validation.check_positive("epochs", epochs)
-    return max(1, math.ceil(epochs * num_examples / batch_size - _INTEGER_SLACK))
+    return max(1, math.ceil(epochs * per_epoch - _INTEGER_SLACK))
 
 
 def uses_microbatching(batch_size: float, num_microbatches: Optional[int]) -> bool:
@@ -320,7 +336,7 @@ def _smallest_sigma(fits: Callable[[float], bool], guess: float = 1.0,
     while not fits(hi):
         hi *= factor
         if hi > _MAX_SIGMA:
-            raise ValueError("Expected a target reachable with "
+            raise validation.UserError("Expected a target reachable with "
                              f"noise_multiplier <= {_MAX_SIGMA:g}.")
     lo = hi / factor
     while fits(lo):
@@ -338,6 +354,36 @@ def _smallest_sigma(fits: Callable[[float], bool], guess: float = 1.0,
     scale = 10.0 ** (5 - math.floor(math.log10(hi)))
     rounded = math.ceil(hi * scale) / scale
     return rounded if fits(rounded) else hi
+
+
+def smallest_target_epsilon(delta: float = 1e-5, accountant: str = "rdp") -> float:
+    """The smallest target epsilon that calibration resolves.
+
+    RDP: as sigma grows, the converted epsilon falls to the floor
+    min over orders a of log(1 - 1/a) - log(delta * a) / (a - 1) (zero Renyi
+    divergence at `RDP_ORDERS`, about 0.0036 at delta 1e-5), then drops straight
+    to 0 once the total divergence is below delta^2. A target under the floor
+    would calibrate to that jump: a sigma in the thousands, fitted to no real
+    trade-off. PLD: the coarse calibration grid, 10 * the discretization
+    interval. The floor is rounded up to two significant digits.
+
+    Args:
+      delta: Target delta.
+      accountant: "rdp" or "pld".
+
+    Returns:
+      The smallest target epsilon `calibrate_noise_multiplier` accepts.
+
+    Raises:
+      ValueError: If an argument is out of range.
+    """
+    delta = validation.check_delta(delta)
+    if _check_accountant(accountant) == "pld":
+        return 10 * PLD_VALUE_DISCRETIZATION_INTERVAL
+    floor = min(math.log1p(-1 / a) - math.log(delta * a) / (a - 1)
+                for a in RDP_ORDERS if a > 1.01)
+    scale = 10.0 ** (1 - math.floor(math.log10(floor)))
+    return math.ceil(floor * scale) / scale
 
 
 def calibrate_noise_multiplier(*, target_epsilon: float,
@@ -362,7 +408,8 @@ def calibrate_noise_multiplier(*, target_epsilon: float,
       The noise multiplier (per query, before any microbatching adjustment).
 
     Raises:
-      ValueError: If an argument is out of range or the target needs sigma > 1e6.
+      ValueError: If an argument is out of range, the target is below
+        `smallest_target_epsilon(delta, accountant)`, or it needs sigma > 1e6.
       TypeError: If an argument has the wrong type.
     """
     target = validation.check_positive("target_epsilon", target_epsilon)
@@ -370,7 +417,12 @@ def calibrate_noise_multiplier(*, target_epsilon: float,
     steps = validation.check_int("steps", steps, 1)
     delta = validation.check_delta(delta)
     k = validation.check_int("queries_per_step", queries_per_step, 1)
-    _check_accountant(accountant)
+    floor = smallest_target_epsilon(delta, accountant)
+    if target < floor:
+        raise validation.UserError(
+            f"Expected target epsilon={target:g} >= {floor:g}, the smallest "
+            f"epsilon the {accountant.upper()} accountant calibrates at "
+            f"delta={delta:g}; ask for epsilon >= {floor:g} (or a larger delta).")
 
     def fits_with(pld_interval: float) -> Callable[[float], bool]:
         def fits(sigma: float) -> bool:
@@ -545,8 +597,9 @@ def privacy_statement(*, num_examples: int, batch_size: int,
     """A plain-text report of the example-level DP guarantee of a training run.
 
     Like tensorflow-privacy's `compute_dp_sgd_privacy_statement`: epsilon under
-    Poisson sampling with q = batch_size / num_examples for
-    ceil(epochs * num_examples / batch_size) steps, and under "each example once
+    Poisson sampling with q = batch_size / num_examples for `poisson_steps`
+    (round(num_examples / batch_size) per epoch, the trainer's count; not
+    tensorflow-privacy's ceil(epochs * num_examples / batch_size)), and under "each example once
     per epoch" for ceil(epochs) epochs, saying which applies to which pipeline
     and under which adjacency (add/remove-one for Poisson sampling, replace-one
     with sensitivity 2C for fixed-size batches), the parts of the total delta
@@ -597,7 +650,8 @@ def privacy_statement(*, num_examples: int, batch_size: int,
         DP training over {num_examples} examples with {batch_size} examples per
         step (sampling probability q = {q:.4g}), noise multiplier
         {noise_multiplier:.10g}, {epochs:g} epochs = {steps} steps
-        (ceil(epochs * num_examples / batch_size)), {k} noisy gradient
+        (round(num_examples / batch_size) per epoch, as the trainer runs), {k}
+        noisy gradient
         quer{'y' if k == 1 else 'ies'} per step,
         {'with' if microbatched else 'without'} microbatching.""")]
     if microbatched:
@@ -647,9 +701,11 @@ def privacy_statement(*, num_examples: int, batch_size: int,
                       for label, parts in totals))
     # Always: the shuffle analysis's sensitivity 2C alone makes it roughly 2x
     # (up to 4x) the Poisson value, even when the batch is the whole dataset.
+    ratio = (f"a factor of {eps_epoch / eps_poisson:.1f}" if eps_poisson > 0
+             else "epsilon 0 (the RDP-to-DP conversion's total-variation bound) "
+                  f"against {eps_epoch:.3g}")
     paragraphs.append(_fill(f"""
-        WARNING: the two analyses differ by a factor of
-        {eps_epoch / eps_poisson:.1f}. Report the Poisson value only if the
+        WARNING: the two analyses differ by {ratio}. Report the Poisson value only if the
         batches really were Poisson-sampled; for shuffled fixed-size batches it
         is not a proven guarantee."""))
     paragraphs.append(_fill(NON_PRIVATE_NOTE))
@@ -657,27 +713,47 @@ def privacy_statement(*, num_examples: int, batch_size: int,
 
 
 # ------------------------------------------------------------------------ CLI
-def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tf_dpsat.accounting",
         description="Privacy statement for DP-SGD / DP-SAT / DP-SAM training, or "
                     "the noise multiplier for a target epsilon.")
-    parser.add_argument("--num_examples", type=int, required=True)
-    parser.add_argument("--batch_size", type=int, required=True)
-    parser.add_argument("--epochs", type=float, required=True)
+    parser.add_argument("--num_examples", type=int, required=True,
+                        help="training set size N")
+    parser.add_argument("--batch_size", type=int, required=True,
+                        help="examples per step B (expected size under Poisson "
+                             "sampling), regardless of microbatching")
+    parser.add_argument("--epochs", type=float, required=True,
+                        help="epochs of training; each epoch is round(N / B) "
+                             "steps, as in the trainer (may be fractional)")
     goal = parser.add_mutually_exclusive_group(required=True)
-    goal.add_argument("--noise_multiplier", type=float)
+    goal.add_argument("--noise_multiplier", type=float,
+                      help="the optimizer's noise multiplier: print the "
+                           "statement for it")
     goal.add_argument("--epsilon", type=float,
                       help="target epsilon: calibrate the noise multiplier "
                            "(Poisson sampling analysis)")
-    parser.add_argument("--delta", type=float, default=1e-5)
-    parser.add_argument("--accountant", choices=ACCOUNTANTS, default="rdp")
-    parser.add_argument("--num_microbatches", type=int, default=None)
-    parser.add_argument("--queries_per_step", type=int, default=1)
+    parser.add_argument("--delta", type=float, default=1e-5,
+                        help="target delta (default: %(default)g)")
+    parser.add_argument("--accountant", choices=ACCOUNTANTS, default="rdp",
+                        help="rdp (Renyi DP) or pld (privacy loss distributions, "
+                             "tighter, slower); default: %(default)s")
+    parser.add_argument("--num_microbatches", type=int, default=None,
+                        help="microbatches per batch; more than one example per "
+                             "microbatch doubles the sensitivity (default: "
+                             "per-example clipping)")
+    parser.add_argument("--queries_per_step", type=int, default=1,
+                        help="noisy gradient queries on the same batch per step: "
+                             "1 for DP-SGD / DP-SAT, 2 for DP-SAM (default: "
+                             "%(default)s)")
     parser.add_argument("--num_params", type=int, default=None,
                         help="trainable parameters: adds the total delta "
                              "(accountant + noise sampler tail)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    return _parser().parse_args(argv)
 
 
 def _calibrate_for_cli(args: argparse.Namespace) -> float:
@@ -716,6 +792,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
