@@ -1240,9 +1240,10 @@ def train(config: TrainConfig,
                      config.model_dir, config.epochs)
     results = run.write_outputs(completed=run.epochs_done >= config.epochs)
     private = results["private"]
-    logging.info("Final test accuracy %s, epsilon %.4f, delta %.6g after %d steps "
-                 "(%.1f s).", private["final_test_accuracy"], private["epsilon"],
-                 private["delta"] or math.nan, results["steps"],
+    guarantee = ("no privacy guarantee" if private["delta"] is None else
+                 f"epsilon {private['epsilon']:.4f}, delta {private['delta']:.6g}")
+    logging.info("Final test accuracy %s, %s after %d steps (%.1f s).",
+                 private["final_test_accuracy"], guarantee, results["steps"],
                  results["wall_time_s"])
     return results
 
