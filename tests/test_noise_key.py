@@ -233,3 +233,23 @@ def test_state_of_another_setup_is_refused_not_skipped():
     store = {str(i): v.numpy() for i, v in enumerate(saved.variables)}
     with pytest.raises(ValueError, match="restart `iterations`"):
         other.load_own_variables(store)
+
+
+def test_state_off_by_one_variable_is_not_taken_for_a_legacy_file():
+    # One trainable variable: momentum adds exactly one slot, so a state
+    # saved with momentum has one variable more than one without. Its extra
+    # entry is a slot (shape (3, 1)), not a scalar key: refused, never
+    # loaded shifted.
+    def built(momentum):
+        model = tf_dpsat.make_private(keras.Sequential([
+            keras.Input((3,)), keras.layers.Dense(1, use_bias=False)]))
+        optimizer = tf_dpsat.DPSATKeras(noise_multiplier=1.0, rho=0.0,
+                                        momentum=momentum)
+        optimizer.build(model.trainable_variables)
+        return optimizer
+
+    saved, other = built(0.9), built(0.0)
+    assert len(saved.variables) == len(other.variables) + 1
+    store = {str(i): v.numpy() for i, v in enumerate(saved.variables)}
+    with pytest.raises(ValueError, match="restart `iterations`"):
+        other.load_own_variables(store)

@@ -44,6 +44,7 @@ import warnings
 from typing import Any, Optional
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 from keras.src.backend.common.stateless_scope import StatelessScope
@@ -556,19 +557,23 @@ class DPSATKeras(keras.optimizers.Optimizer):
         if not self.built:  # Keras's loader explains an unbuilt optimizer.
             return super().load_own_variables(store)
         saved, built = len(store.keys()), len(self.variables)
-        if saved == built + 1:
-            legacy = self.variables.index(self._step_budget)
+        legacy = self.variables.index(self._step_budget)
+        if saved == built + 1 and np.ndim(store[str(legacy)]) == 0:
             store = {str(i): store[str(i if i < legacy else i + 1)]
                      for i in range(built)}
+            saved = built
             logging.warning("%s: the saved optimizer state holds a noise key "
                             "(tf_dpsat before 0.2); it was not loaded, the "
                             "noise continues from this optimizer's own key.",
                             self.name)
-        elif saved != built:
+        # Same count is not enough: every shape must fit, or a state saved
+        # with other settings would load shifted into the wrong slots.
+        if saved != built or any(np.shape(store[str(i)]) != tuple(v.shape)
+                                 for i, v in enumerate(self.variables)):
             raise ValueError(
-                f"The saved state of optimizer '{self.name}' has {saved} "
-                f"variables where this {type(self).__name__} has {built}: it "
-                "was saved with other settings (momentum, rho, "
+                f"The saved state of optimizer '{self.name}' ({saved} "
+                f"variables) does not fit this {type(self).__name__} ({built} "
+                "variables): it was saved with other settings (momentum, rho, "
                 "gradient_accumulation_steps). Loading nothing would restart "
                 "`iterations`, and with it the privacy accounting, at 0; "
                 "load it with the optimizer configuration it was saved with.")
