@@ -156,6 +156,76 @@ def test_private_model_measures_like_its_plain_copy_and_keeps_its_weights():
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
 
 
+def _pooling_model(strides: int, padding: str) -> keras.Model:
+    keras.utils.set_random_seed(14)
+    inputs = keras.Input(shape=(7, 7, 2), dtype="float64")
+    h = keras.layers.Conv2D(3, 3, padding="same", activation="tanh",
+                            dtype="float64")(inputs)
+    h = keras.layers.MaxPooling2D(3, strides, padding, dtype="float64",
+                                  name="pool")(h)
+    h = keras.layers.Flatten(dtype="float64")(h)
+    return keras.Model(inputs, keras.layers.Dense(2, dtype="float64")(h))
+
+
+def _finite_difference_hessian(model, x, y, step=1e-6):
+    """Central differences of the float64 gradient, one weight at a time.
+
+    Independent of TensorFlow's second derivatives (first-order gradients
+    only); max pooling is piecewise linear, and a step of 1e-6 crosses no
+    switch of argmax with these random inputs, so the truncation error is
+    O(step^2) and the rounding error about 1e-16 / step.
+    """
+    weights = model.trainable_variables
+
+    @tf.function
+    def flat_gradient():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(_XENT.call(y, model(x, training=False)))
+        return tf.concat([tf.reshape(g, [-1])
+                          for g in tape.gradient(loss, weights)], 0)
+
+    columns = []
+    for w in weights:
+        original = w.numpy()
+        for i in range(original.size):
+            values = []
+            for sign in (1.0, -1.0):
+                moved = original.copy()
+                moved.flat[i] += sign * step
+                w.assign(moved)
+                values.append(flat_gradient().numpy())
+            columns.append((values[0] - values[1]) / (2 * step))
+        w.assign(original)
+    return np.stack(columns, axis=1)
+
+
+@pytest.mark.parametrize("strides, padding", [(1, "valid"), (2, "same")])
+def test_max_pooling_model_matches_finite_differences(strides, padding):
+    model = _pooling_model(strides, padding)
+    _, y = _tiny_data(n=30, seed=15)
+    x = np.random.default_rng(16).standard_normal((30, 7, 7, 2))
+    hessian = _finite_difference_hessian(model, x, y)
+    np.testing.assert_allclose(hessian, hessian.T, atol=1e-7)
+    expected = _largest_magnitude_eigenvalue((hessian + hessian.T) / 2)
+    result = sharpness.top_hessian_eigenvalue(
+        model, x, y, loss=_XENT, iterations=2000, tolerance=1e-12)
+    assert result.converged
+    np.testing.assert_allclose(result.eigenvalue, expected, rtol=1e-6)
+
+
+def test_refuses_same_padded_stride_one_max_pooling():
+    # TensorFlow's double backward through it is asymmetric (u.Hv != v.Hu by
+    # tens of percent), so no eigenvalue it gives could be trusted.
+    model = _pooling_model(1, "same")
+    x = np.zeros((4, 7, 7, 2))
+    y = np.zeros(4, np.int64)
+    with pytest.raises(ValueError, match="layer 'pool'"):
+        sharpness.top_hessian_eigenvalue(model, x, y, loss=_XENT)
+    # The loss slice needs first-order evaluations only.
+    result = sharpness.loss_slice(model, x, y, loss=_XENT, radii=[0.0])
+    assert np.isfinite(result.losses[0])
+
+
 def test_arguments_are_checked():
     model, x, y = _linear_regression()
     with pytest.raises(ValueError, match=r"Expected iterations=0 >= 1\."):

@@ -41,6 +41,10 @@ _DEPTHWISE_KERNELS = (
     (keras.layers.SeparableConv2D, "depthwise_kernel"),
 )
 
+# Their second derivative in TensorFlow is wrong for padding="same", stride 1.
+_MAX_POOLING = (keras.layers.MaxPooling1D, keras.layers.MaxPooling2D,
+                keras.layers.MaxPooling3D)
+
 
 class EigenResult(NamedTuple):
     """The outcome of `top_hessian_eigenvalue`.
@@ -113,10 +117,19 @@ def top_hessian_eigenvalue(model: keras.Model, x: Any, y: Any, *,
 
     Raises:
       ValueError: for invalid arguments, a model without trainable weights,
-        or a non-finite Hessian-vector product.
+        a model whose second derivatives TensorFlow gets wrong (max pooling
+        with padding="same" and stride 1, see below), or a non-finite
+        Hessian-vector product.
+
+    TensorFlow's second derivative of max pooling with padding="same" and a
+    stride of 1 (the gradient of MaxPoolGrad) is wrong: the Hessian-vector
+    products it gives are not even symmetric (u.Hv != v.Hu), so such models
+    are refused. Valid padding, and "same" padding with strides of 2 or
+    more, give exact, symmetric products.
     """
     validation.check_int("iterations", iterations)
     validation.check_non_negative("tolerance", tolerance)
+    _check_second_derivatives(model)
     surface = _LossSurface(model, x, y, loss, batch_size)
     rng = np.random.default_rng(validation.check_int("seed", seed, 0))
     v = _normalized([tf.constant(rng.standard_normal(w.shape), w.dtype)
@@ -250,6 +263,20 @@ def filter_axes(model: keras.Model) -> list[tuple[int, ...]]:
                 depthwise.add(id(kernel))
     return [(len(w.shape) - 2, len(w.shape) - 1) if id(w) in depthwise
             else (len(w.shape) - 1,) for w in model.trainable_variables]
+
+
+def _check_second_derivatives(model: keras.Model) -> None:
+    """Raises for layers whose Hessian-vector products TensorFlow gets wrong."""
+    for layer in _all_layers(model):
+        if (isinstance(layer, _MAX_POOLING) and layer.padding == "same" and
+                1 in tuple(layer.strides)):
+            raise ValueError(
+                f"Expected no max pooling with padding='same' and stride 1 in "
+                f"'{model.name}', got layer '{layer.name}': TensorFlow's "
+                "second derivative of that pooling is wrong (asymmetric "
+                "Hessian-vector products), so its top Hessian eigenvalue "
+                "cannot be measured. loss_slice, which needs no second "
+                "derivatives, still works.")
 
 
 def _all_layers(model: keras.Model) -> list:
