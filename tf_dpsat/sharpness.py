@@ -41,7 +41,7 @@ _DEPTHWISE_KERNELS = (
     (keras.layers.SeparableConv2D, "depthwise_kernel"),
 )
 
-# Their second derivative in TensorFlow is wrong for padding="same", stride 1.
+# TensorFlow's second derivative of these is wrong for "same", stride 1.
 _MAX_POOLING = (keras.layers.MaxPooling1D, keras.layers.MaxPooling2D,
                 keras.layers.MaxPooling3D)
 
@@ -117,20 +117,23 @@ def top_hessian_eigenvalue(model: keras.Model, x: Any, y: Any, *,
 
     Raises:
       ValueError: for invalid arguments, a model without trainable weights,
-        a model whose second derivatives TensorFlow gets wrong (max pooling
-        with padding="same" and stride 1, see below), or a non-finite
+        a model with a max pooling layer TensorFlow differentiates twice
+        wrongly that cannot be rewritten (see below), or a non-finite
         Hessian-vector product.
 
     TensorFlow's second derivative of max pooling with padding="same" and a
-    stride of 1 (the gradient of MaxPoolGrad) is wrong: the Hessian-vector
-    products it gives are not even symmetric (u.Hv != v.Hu), so such models
-    are refused. Valid padding, and "same" padding with strides of 2 or
-    more, give exact, symmetric products.
+    stride of 1 (the gradient of MaxPoolGrad) is wrong: its Hessian-vector
+    products are not even symmetric (u.Hv != v.Hu). Valid padding is exact.
+    So such a layer among `model.layers` is measured through a copy of the
+    model that shares its weights and pads explicitly (with the dtype's
+    lowest value, which a window's max never picks) before a valid pooling:
+    the same outputs, exact second derivatives. A model where such a layer
+    sits deeper (in a nested model or a custom layer) is refused.
     """
     validation.check_int("iterations", iterations)
     validation.check_non_negative("tolerance", tolerance)
-    _check_second_derivatives(model)
-    surface = _LossSurface(model, x, y, loss, batch_size)
+    surface = _LossSurface(_second_order_model(model), x, y, loss,
+                           batch_size)
     rng = np.random.default_rng(validation.check_int("seed", seed, 0))
     v = _normalized([tf.constant(rng.standard_normal(w.shape), w.dtype)
                      for w in surface.weights])
@@ -265,18 +268,73 @@ def filter_axes(model: keras.Model) -> list[tuple[int, ...]]:
             else (len(w.shape) - 1,) for w in model.trainable_variables]
 
 
-def _check_second_derivatives(model: keras.Model) -> None:
-    """Raises for layers whose Hessian-vector products TensorFlow gets wrong."""
-    for layer in _all_layers(model):
-        if (isinstance(layer, _MAX_POOLING) and layer.padding == "same" and
-                1 in tuple(layer.strides)):
-            raise ValueError(
-                f"Expected no max pooling with padding='same' and stride 1 in "
-                f"'{model.name}', got layer '{layer.name}': TensorFlow's "
-                "second derivative of that pooling is wrong (asymmetric "
-                "Hessian-vector products), so its top Hessian eigenvalue "
-                "cannot be measured. loss_slice, which needs no second "
-                "derivatives, still works.")
+def _wrong_second_derivative(layer) -> bool:
+    return (isinstance(layer, _MAX_POOLING) and layer.padding == "same" and
+            1 in tuple(layer.strides))
+
+
+def _second_order_model(model: keras.Model) -> keras.Model:
+    """`model`, or a copy sharing its weights with exact second derivatives.
+
+    The copy replaces each max pooling layer that TensorFlow differentiates
+    twice wrongly by `_ExplicitlyPaddedMaxPooling`; every other layer is the
+    model's own object, so the copy's trainable variables are the model's.
+    """
+    if not any(_wrong_second_derivative(l) for l in _all_layers(model)):
+        return model
+    refusal = ValueError(
+        f"Expected every max pooling layer with padding='same' and stride 1 "
+        f"of '{model.name}' among its top-level layers of a functional or "
+        "Sequential model: TensorFlow's second derivative of that pooling is "
+        "wrong (asymmetric Hessian-vector products), and only top-level "
+        "layers can be replaced by an explicitly padded equivalent. "
+        "loss_slice, which needs no second derivatives, still works.")
+    try:
+        copy = keras.models.clone_model(
+            model, clone_function=lambda layer: (
+                _ExplicitlyPaddedMaxPooling(layer)
+                if _wrong_second_derivative(layer) else layer))
+    except (TypeError, ValueError) as error:
+        raise refusal from error
+    shared = [a is b for a, b in zip(copy.trainable_variables,
+                                     model.trainable_variables)]
+    if (len(copy.trainable_variables) != len(model.trainable_variables) or
+            not all(shared) or
+            any(_wrong_second_derivative(l) for l in _all_layers(copy))):
+        raise refusal
+    return copy
+
+
+class _ExplicitlyPaddedMaxPooling(keras.layers.Layer):
+    """A "same" max pooling computed as explicit padding + "valid" pooling.
+
+    The same outputs as `pooling` (TensorFlow's "same" pads with values no
+    max picks; so does this, with the dtype's lowest value), but its second
+    derivative goes through MaxPoolGradGrad for valid padding, which is
+    right.
+    """
+
+    def __init__(self, pooling):
+        super().__init__(name=pooling.name + "_explicit_padding",
+                         dtype=pooling.dtype_policy)
+        self.pool_size = tuple(pooling.pool_size)
+        self.strides = tuple(pooling.strides)
+        self.data_format = pooling.data_format
+
+    def call(self, inputs):
+        rank = len(self.pool_size)
+        first = 1 if self.data_format == "channels_last" else 2
+        paddings = [[0, 0] for _ in range(rank + 2)]
+        for i, (window, stride) in enumerate(zip(self.pool_size,
+                                                 self.strides)):
+            size = inputs.shape[first + i]
+            # TensorFlow's "same": ceil(size / stride) outputs, the padding
+            # split with the extra element after.
+            total = max((-(-size // stride) - 1) * stride + window - size, 0)
+            paddings[first + i] = [total // 2, total - total // 2]
+        padded = tf.pad(inputs, paddings, constant_values=inputs.dtype.min)
+        return keras.ops.max_pool(padded, self.pool_size, self.strides,
+                                  "valid", self.data_format)
 
 
 def _all_layers(model: keras.Model) -> list:
