@@ -122,8 +122,9 @@ def top_hessian_eigenvalue(model: keras.Model, x: Any, y: Any, *,
         Hessian-vector product.
 
     TensorFlow's second derivative of max pooling with padding="same" and a
-    stride of 1 (the gradient of MaxPoolGrad) is wrong: its Hessian-vector
-    products are not even symmetric (u.Hv != v.Hu). Valid padding is exact.
+    stride of 1 (the gradient of MaxPoolGrad) is wrong for some input and
+    batch sizes: its Hessian-vector products are then not even symmetric
+    (u.Hv != v.Hu). Valid padding is exact.
     So such a layer among `model.layers` is measured through a copy of the
     model that shares its weights and pads explicitly (with the dtype's
     lowest value, which a window's max never picks) before a valid pooling:
