@@ -15,6 +15,7 @@ from tf_dpsat import data
 from tf_dpsat import fast_clipping
 from tf_dpsat import models
 from tf_dpsat import noise
+from tf_dpsat import sharpness
 from tf_dpsat.callbacks import PrivacyCallback
 from tf_dpsat.dp_model import DPFunctional
 from tf_dpsat.dp_model import DPModel
@@ -39,4 +40,5 @@ __all__ = [
     "make_private",
     "models",
     "noise",
+    "sharpness",
 ]
