@@ -1,4 +1,4 @@
-"""Tests for tf_dpsat.training and examples/train_cifar.py.
+"""Tests for tf_dpsat.experiments.training and examples/train_cifar.py.
 
 Flags and configuration, the run plan (sigma, padding, accumulation), the
 Poisson training pipeline at the library level, padded == unpadded steps,
@@ -24,8 +24,9 @@ import tensorflow as tf
 from absl import flags
 
 from tf_dpsat import accounting
-from tf_dpsat import data
-from tf_dpsat import training
+from tf_dpsat import sampling
+from tf_dpsat.experiments import datasets
+from tf_dpsat.experiments import training
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 BINARY = REPO / "examples" / "train_cifar.py"
@@ -155,7 +156,7 @@ def test_plan_for_the_authors_cifar10_setup():
     assert plan.sampling_probability == 0.04
     # Overflow bound 1e-3 * delta = 1e-8 for the whole run.
     assert plan.overflow_probability == 1e-8
-    assert plan.logical_batch_size == data.padded_batch_size(
+    assert plan.logical_batch_size == sampling.padded_batch_size(
         2000, 50000, 750, failure_probability=1e-8) == 2299
     assert plan.accumulation_steps == 1 and plan.physical_batch_size == 2299
     # The authors' Opacus calibration gave 1.8408203125 (tolerance 0.01 in
@@ -342,8 +343,8 @@ def test_shuffle_pipeline_covers_each_example_once_per_epoch():
 
 
 def digits_rows(count):
-    dataset = data.load_dataset("digits")
-    x = data.normalize(dataset.train_images[:count], "digits")
+    dataset = datasets.load_dataset("digits")
+    x = datasets.normalize(dataset.train_images[:count], "digits")
     return x, dataset.train_labels[:count]
 
 
@@ -446,7 +447,7 @@ def test_unprepared_tfds_dataset_fails_fast_naming_the_flags(tmp_path, monkeypat
     pytest.importorskip("tensorflow_datasets")
     monkeypatch.setattr(data, "_reachable", lambda host, port: False)  # offline
     start = time.monotonic()
-    with pytest.raises(data.DatasetNotAvailableError) as info:
+    with pytest.raises(datasets.DatasetNotAvailableError) as info:
         training.train(training.TrainConfig(data_dir=str(tmp_path), keras_verbose=0))
     assert time.monotonic() - start < 30
     assert "--raw_data_dir" in str(info.value) and "--data_dir" in str(info.value)
@@ -709,16 +710,16 @@ def test_binary_fails_fast_without_data(tmp_path):
 
 
 @pytest.mark.skipif(
-    not all(os.path.isfile(os.path.join(data.DEBIAN_FASHION_MNIST_DIR, f))
+    not all(os.path.isfile(os.path.join(datasets.DEBIAN_FASHION_MNIST_DIR, f))
             for f in FMNIST_FILES),
-    reason=f"Fashion-MNIST IDX files not in {data.DEBIAN_FASHION_MNIST_DIR} "
+    reason=f"Fashion-MNIST IDX files not in {datasets.DEBIAN_FASHION_MNIST_DIR} "
            "(apt-get install dataset-fashion-mnist; .ci/run does)")
 def test_fashion_mnist_one_epoch_dpsat_reaches_75_percent(tmp_path):
     # One epoch of DP-SAT at epsilon 3 on all 60,000 examples, expected batch
     # 256: 234 noisy steps, sigma ~0.65. Measured 78.5-78.8% over three seeds
     # (lr 4; 77-78% at the authors' lr 2), 23-47 s on 2 CPU cores.
     config = training.TrainConfig(
-        dataset="fashion_mnist", raw_data_dir=data.DEBIAN_FASHION_MNIST_DIR,
+        dataset="fashion_mnist", raw_data_dir=datasets.DEBIAN_FASHION_MNIST_DIR,
         model="tb_cnn", method="dpsat", epsilon=3.0, epochs=1, batch_size=256,
         learning_rate=4.0, model_dir=str(tmp_path), keras_verbose=0)
     results = training.train(config)
