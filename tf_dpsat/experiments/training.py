@@ -54,8 +54,9 @@ Outputs:
   order, into k = padded / physical physical batches that the optimizer
   accumulates into one noisy step (`gradient_accumulation_steps=k`).
 
-  Reference: Park, Kim, Choi, Lee. "Differentially Private Sharpness-Aware
-  Training". ICML 2023. https://arxiv.org/abs/2306.05651
+Reference:
+  Park, Kim, Choi, Lee. "Differentially Private Sharpness-Aware Training".
+  ICML 2023. https://arxiv.org/abs/2306.05651
 """
 
 from __future__ import annotations
@@ -1003,7 +1004,13 @@ def _accuracy_epsilon_figure(history: Sequence[Dict[str, Any]], title: str,
 
 def _plot(path: str, history: List[Dict[str, Any]], title: str,
           planned_epsilon: Optional[float] = None) -> None:
-    _accuracy_epsilon_figure(history, title, planned_epsilon).savefig(path, dpi=100)
+    try:
+        figure = _accuracy_epsilon_figure(history, title, planned_epsilon)
+    except ImportError as error:  # matplotlib missing: the run still counts.
+        logging.warning("No %s: matplotlib is not installed (%s); "
+                        'pip install "tf_dpsat[experiments]".', PLOT_FILE, error)
+        return
+    figure.savefig(path, dpi=100)
 
 
 class _Evaluate(keras.callbacks.Callback):
@@ -1206,7 +1213,7 @@ def _tensorboard_installed() -> bool:
         import tensorboard  # noqa: F401  (tf.summary needs it at run time)
     except ImportError:
         logging.warning("The tensorboard package is not installed: no TensorBoard "
-                        "logs (pip install tensorboard).")
+                        'logs (pip install "tf_dpsat[experiments]").')
         return False
     return True
 
