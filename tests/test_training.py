@@ -918,3 +918,64 @@ def test_binary_epsilon_below_the_floor_is_one_line_error():
         "error: Expected target epsilon=1e-06 >= 0.0036, the smallest epsilon the "
         "RDP accountant calibrates at delta=1e-05; ask for epsilon >= 0.0036 (or a "
         "larger delta).")
+
+
+# ---------------------------------------------------------------------------
+# --validation_examples.
+# ---------------------------------------------------------------------------
+
+
+def test_split_validation_holds_out_a_fixed_public_choice():
+    # 10 examples whose labels are their indices: the split is visible.
+    images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
+    dataset = datasets.Dataset("digits", images, np.arange(10), images[:2],
+                               np.arange(2), num_classes=10)
+    train, held_out = training.split_validation(dataset, 3)
+    expected = np.sort(np.random.default_rng(training.VALIDATION_SPLIT_SEED)
+                       .permutation(10)[:3])
+    np.testing.assert_array_equal(held_out.labels, expected)
+    np.testing.assert_array_equal(held_out.images[:, 0, 0, 0], expected)
+    # The rest, in their original order; nothing lost, nothing shared.
+    np.testing.assert_array_equal(train.train_labels,
+                                  np.setdiff1d(np.arange(10), expected))
+    again, _ = training.split_validation(dataset, 3)
+    np.testing.assert_array_equal(again.train_labels, train.train_labels)
+    assert training.split_validation(dataset, 0) == (dataset, None)
+    with pytest.raises(ValueError, match="validation_examples=10 < 10"):
+        training.split_validation(dataset, 10)
+
+
+def test_validation_examples_shrink_the_accounted_set_and_are_reported(tmp_path):
+    # digits: 1500 training examples (tf_dpsat.experiments.datasets); 300 held out leave
+    # N = 1200, so q = 100 / 1200 and round(1200 / 100) = 12 steps (the
+    # accountant sees 1200, not 1500).
+    result = training.train(small_config(validation_examples=300,
+                                         model_dir=str(tmp_path)))
+    assert result["num_train_examples"] == 1200
+    assert result["steps"] == 12
+    assert result["sampling_probability"] == pytest.approx(100 / 1200)
+    held_out = result["validation"]
+    assert held_out["num_examples"] == 300
+    assert "not private" in held_out["note"].lower()
+    # An accuracy over 300 examples is a multiple of 1/300.
+    accuracy = held_out["final_accuracy"]
+    assert 0 < accuracy <= 1 and abs(accuracy * 300 - round(accuracy * 300)) < 1e-4
+    assert held_out["history"] == [{"epoch": 1, "validation_accuracy": accuracy,
+                                    "validation_loss": pytest.approx(
+                                        held_out["history"][0]["validation_loss"])}]
+    # Not in the private section.
+    assert "validation" not in json.dumps(result["private"])
+    with pytest.raises(ValueError, match="validation_examples"):
+        training.train(small_config(validation_examples=0, epochs=2,
+                                    model_dir=str(tmp_path)))
+
+
+def test_a_run_started_before_a_new_field_resumes_with_its_default(tmp_path):
+    config = small_config(epochs=2, model_dir=str(tmp_path), dp_seed=None)
+    with pytest.raises(_Interrupt):
+        training.train(config, extra_callbacks=[_CrashAfterFirstEpoch()])
+    # The state of an older version: no validation_examples field.
+    state = read_json(tmp_path / "state.json")
+    del state["config"]["validation_examples"]
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    assert training.train(config)["steps"] == 30

@@ -68,7 +68,7 @@ import math
 import os
 import platform
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
@@ -106,9 +106,11 @@ __all__ = [
     "privacy_report",
     "run_secret",
     "split_logical_batches",
+    "split_validation",
     "test_batches",
     "train",
     "train_batches",
+    "Validation",
 ]
 
 METHODS: Tuple[str, ...] = ("dpsat", "dpsgd", "dpsam", "nonprivate")
@@ -146,6 +148,8 @@ RESUMABLE_FIELDS = frozenset({
 
 # Test-set metrics: post-processing of the private model on public data.
 _PRIVATE_METRICS: Tuple[str, ...] = ("test_loss", "test_accuracy")
+# Held-out training examples: not private (see _VALIDATION_NOTE).
+_VALIDATION_METRICS: Tuple[str, ...] = ("validation_loss", "validation_accuracy")
 _PRIVATE_HISTORY_KEYS: Tuple[str, ...] = (
     "epoch", "steps", "epsilon", "wall_time_s") + _PRIVATE_METRICS
 _PRIVATE_NOTE = (
@@ -153,6 +157,16 @@ _PRIVATE_NOTE = (
     "model (every checkpoint) and what is computed from it and the test set.")
 # What results.json shows for a set --dp_seed.
 _REDACTED = "<redacted>"
+
+# Which training examples --validation_examples holds out: a fixed public
+# permutation, the same for every run (so runs that differ in method, rho or
+# seed are selected on the same examples) and independent of the data.
+VALIDATION_SPLIT_SEED = 0
+_VALIDATION_NOTE = (
+    "NOT private: accuracy and loss on training examples held out of training "
+    "(--validation_examples). The model is trained without them, but these "
+    "numbers are functions of them, and choosing hyperparameters on them is "
+    "outside the (epsilon, delta) guarantee.")
 
 # Purposes of the seeds derived from TrainConfig.seed (_SEED_MODEL) and from
 # the run's secret (the others).
@@ -204,6 +218,10 @@ class TrainConfig:
       eval_batch_size: Batch size of evaluation.
       max_train_examples: Use only the first this many training examples
         (smoke runs); accounting uses the truncated size.
+      validation_examples: Hold this many training examples out of training
+        (a fixed public choice, `VALIDATION_SPLIT_SEED`) and evaluate on them
+        at every evaluation, to choose hyperparameters without reading the
+        test set. DP training and its accountant see the remaining examples.
       data_dir: tensorflow-datasets directory with a prepared dataset.
       raw_data_dir: Directory with the dataset's original files.
       download: Let tensorflow-datasets download a dataset that is not
@@ -238,6 +256,7 @@ class TrainConfig:
     eval_every: int = 1
     eval_batch_size: int = 1000
     max_train_examples: Optional[int] = None
+    validation_examples: int = 0
     data_dir: Optional[str] = None
     raw_data_dir: Optional[str] = None
     download: bool = True
@@ -271,6 +290,7 @@ class TrainConfig:
         check.check_non_negative("rho", self.rho)
         for name in ("epochs", "batch_size", "eval_every", "eval_batch_size"):
             check.check_int(name, getattr(self, name))
+        check.check_int("validation_examples", self.validation_examples, minimum=0)
         for name in ("physical_batch_size", "max_train_examples"):
             check.check_int(name, getattr(self, name), allow_none=True)
         if check.check_int("seed", self.seed, minimum=0) >= _SEED_LIMIT:
@@ -351,6 +371,10 @@ _FLAG_HELP = {
     "eval_every": "Evaluate on the test set every N epochs (and after the last).",
     "eval_batch_size": "Evaluation batch size.",
     "max_train_examples": "Use only the first N training examples (smoke runs).",
+    "validation_examples": "Hold N training examples out of training (a fixed "
+                           "public choice) and report accuracy on them at each "
+                           "evaluation (NOT private), to choose hyperparameters "
+                           "without the test set; the accountant sees the rest.",
     "data_dir": "tensorflow-datasets data directory.",
     "raw_data_dir": "Directory with the original files: MNIST/Fashion-MNIST "
                     "*-ubyte.gz, CIFAR-10 python batches, SVHN *_32x32.mat.",
@@ -373,7 +397,8 @@ _ENUM_FLAGS = {
 _FLOAT_FLAGS = ("epsilon", "delta", "noise_multiplier", "learning_rate", "momentum",
                 "l2_norm_clip", "rho")
 _INT_FLAGS = ("epochs", "batch_size", "physical_batch_size", "seed", "eval_every",
-              "eval_batch_size", "max_train_examples", "keras_verbose", "dp_seed")
+              "eval_batch_size", "max_train_examples", "validation_examples",
+              "keras_verbose", "dp_seed")
 _STRING_FLAGS = ("data_dir", "raw_data_dir", "model_dir")
 _BOOL_FLAGS = ("download", "record_train_diagnostics")
 
@@ -654,6 +679,54 @@ def load_data(config: TrainConfig) -> data.Dataset:
                                train_labels=dataset.train_labels[:limit])
 
 
+class Validation(NamedTuple):
+    """Training examples held out of training (`--validation_examples`).
+
+    Attributes:
+      images: `(V, H, W, C)` uint8 images.
+      labels: `(V,)` labels.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+
+
+def split_validation(dataset: data.Dataset,
+                     num_examples: int) -> Tuple[data.Dataset, Optional[Validation]]:
+    """Holds `num_examples` training examples out of training.
+
+    The held-out examples are the first `num_examples` of a permutation drawn
+    from the public `VALIDATION_SPLIT_SEED`: the choice depends neither on
+    the data nor on the run, so every run of a study holds out the same ones.
+    The remaining training examples keep their order.
+
+    Args:
+      dataset: The (possibly truncated) dataset.
+      num_examples: How many to hold out; 0 holds out none.
+
+    Returns:
+      The dataset without the held-out examples, and the held-out examples
+      (None when `num_examples` is 0).
+
+    Raises:
+      UserError: `num_examples` leaves no training example.
+    """
+    if num_examples == 0:
+        return dataset, None
+    total = len(dataset.train_images)
+    if num_examples >= total:
+        raise validation.UserError(
+            f"Expected validation_examples={num_examples} < {total}, the number "
+            "of training examples: training needs the rest.")
+    order = np.random.default_rng(VALIDATION_SPLIT_SEED).permutation(total)
+    held_out = np.zeros(total, dtype=bool)
+    held_out[order[:num_examples]] = True
+    train = dataclasses.replace(dataset, train_images=dataset.train_images[~held_out],
+                                train_labels=dataset.train_labels[~held_out])
+    return train, Validation(dataset.train_images[held_out],
+                             dataset.train_labels[held_out])
+
+
 def _derived_seed(seed: int, purpose: int) -> int:
     """A seed in [0, 2**63) for one purpose, independent across purposes."""
     state = np.random.SeedSequence(seed, spawn_key=(purpose,)).generate_state(
@@ -908,7 +981,9 @@ def _read_state(model_dir: Optional[str]) -> Optional[Dict[str, Any]]:
 
 
 def _check_resumable(config: TrainConfig, state: Dict[str, Any]) -> None:
-    saved = state["config"]
+    # A field added after the run started is absent from its state.json: the
+    # run used that field's default.
+    saved = {**dataclasses.asdict(TrainConfig()), **state["config"]}
     current = dataclasses.asdict(config)
     changed = sorted(k for k in set(saved) | set(current)
                      if k not in RESUMABLE_FIELDS and saved.get(k) != current.get(k))
@@ -1014,19 +1089,21 @@ def _plot(path: str, history: List[Dict[str, Any]], title: str,
 
 
 class _Evaluate(keras.callbacks.Callback):
-    """Adds test_loss / test_accuracy to the epoch logs every `every` epochs."""
+    """Adds `<split>_loss` / `<split>_accuracy` to the epoch logs every `every`
+    epochs and after the last, for each split ("test", "validation")."""
 
-    def __init__(self, batches: tf.data.Dataset, every: int, last_epoch: int):
+    def __init__(self, splits: Dict[str, tf.data.Dataset], every: int, last_epoch: int):
         super().__init__()
-        self._batches, self._every, self._last = batches, every, last_epoch
+        self._splits, self._every, self._last = splits, every, last_epoch
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self._every and epoch + 1 != self._last:
             return
-        result = self.model.evaluate(self._batches, verbose=0, return_dict=True)
-        if logs is not None:
-            logs["test_loss"] = float(result["loss"])
-            logs["test_accuracy"] = float(result["accuracy"])
+        for split, batches in self._splits.items():
+            result = self.model.evaluate(batches, verbose=0, return_dict=True)
+            if logs is not None:
+                logs[f"{split}_loss"] = float(result["loss"])
+                logs[f"{split}_accuracy"] = float(result["accuracy"])
 
 
 class _DropNonPrivateLogs(keras.callbacks.Callback):
@@ -1067,6 +1144,7 @@ class _Run:
         self.deltas = deltas
         self.checkpoint = state["checkpoint"] if state else None
         self.num_test = len(dataset.test_images)
+        self.num_validation = config.validation_examples
         self.history: List[Dict[str, Any]] = list(state["history"]) if state else []
         self.epochs_done = int(state["epochs_done"]) if state else 0
         self.prior_wall_time = float(state["wall_time_s"]) if state else 0.0
@@ -1086,7 +1164,8 @@ class _Run:
         self.last_epsilon = epsilon
         entry = {"epoch": epoch + 1, "steps": self.steps, "epsilon": epsilon,
                  "wall_time_s": round(self.wall_time(), 3)}
-        for key in _PRIVATE_METRICS + accounting.NON_PRIVATE_DIAGNOSTICS:
+        for key in (_PRIVATE_METRICS + _VALIDATION_METRICS +
+                    accounting.NON_PRIVATE_DIAGNOSTICS):
             if key in logs:
                 entry[key] = float(logs[key])
         self.history.append(entry)
@@ -1163,6 +1242,19 @@ class _Run:
                          "keras": keras.__version__,
                          "python": platform.python_version()},
         }
+        if self.num_validation:
+            validated = [h for h in self.history
+                         if h.get("validation_accuracy") is not None]
+            results["validation"] = {
+                "note": _VALIDATION_NOTE,
+                "num_examples": self.num_validation,
+                "final_accuracy": (validated[-1]["validation_accuracy"]
+                                   if validated else None),
+                "best_accuracy": max((h["validation_accuracy"] for h in validated),
+                                     default=None),
+                "history": [{"epoch": h["epoch"],
+                             **{k: h[k] for k in _VALIDATION_METRICS if k in h}}
+                            for h in validated]}
         if config.record_train_diagnostics:
             results["non_private_diagnostics"] = {
                 "note": accounting.NON_PRIVATE_NOTE,
@@ -1189,7 +1281,7 @@ class _Run:
 
 
 def _callbacks(config: TrainConfig, plan: RunPlan, run: _Run,
-               test_data: tf.data.Dataset,
+               evaluation: Dict[str, tf.data.Dataset],
                extra: Sequence[keras.callbacks.Callback]) -> list:
     callbacks = []
     if not config.record_train_diagnostics:
@@ -1199,7 +1291,7 @@ def _callbacks(config: TrainConfig, plan: RunPlan, run: _Run,
         callbacks.append(PrivacyCallback(
             plan.num_examples, delta=config.delta, sampling=config.sampling,
             batch_size=config.batch_size))
-    callbacks.append(_Evaluate(test_data, config.eval_every, config.epochs))
+    callbacks.append(_Evaluate(evaluation, config.eval_every, config.epochs))
     callbacks.append(_Recorder(run))
     if config.model_dir is not None and _tensorboard_installed():
         callbacks.append(keras.callbacks.TensorBoard(
@@ -1270,7 +1362,7 @@ def train(config: TrainConfig,
     state = _read_state(config.model_dir)
     if state is not None:
         _check_resumable(config, state)
-    dataset = load_data(config)
+    dataset, held_out = split_validation(load_data(config), config.validation_examples)
     plan = make_plan(config, len(dataset.train_images))
     if config.model_dir is not None:
         os.makedirs(config.model_dir, exist_ok=True)
@@ -1292,7 +1384,7 @@ def train(config: TrainConfig,
         if state is not None:
             logging.info("Resuming from %s after epoch %d (%d steps).",
                          state["checkpoint"], run.epochs_done, run.steps)
-        _fit(model, config, plan, dataset, run, extra_callbacks, secret)
+        _fit(model, config, plan, dataset, held_out, run, extra_callbacks, secret)
     else:
         logging.info("%s already holds all %d epochs; nothing to train.",
                      config.model_dir, config.epochs)
@@ -1307,7 +1399,7 @@ def train(config: TrainConfig,
 
 
 def _fit(model: keras.Model, config: TrainConfig, plan: RunPlan, dataset: data.Dataset,
-         run: _Run, extra_callbacks: Sequence[keras.callbacks.Callback],
+         held_out: Optional[Validation], run: _Run, extra_callbacks: Sequence[keras.callbacks.Callback],
          secret: int) -> None:
     if config.private:
         # The optimizer refuses any noisy step beyond the plan, whose epsilon
@@ -1315,8 +1407,10 @@ def _fit(model: keras.Model, config: TrainConfig, plan: RunPlan, dataset: data.D
         model.optimizer.set_step_budget(plan.total_steps)
     batches = train_batches(config, plan, dataset.train_images, dataset.train_labels,
                             secret=secret, start_epoch=run.epochs_done)
-    test_data = test_batches(config, dataset.test_images, dataset.test_labels)
+    evaluation = {"test": test_batches(config, dataset.test_images, dataset.test_labels)}
+    if held_out is not None:
+        evaluation["validation"] = test_batches(config, held_out.images, held_out.labels)
     model.fit(batches, epochs=config.epochs, initial_epoch=run.epochs_done,
               steps_per_epoch=plan.steps_per_epoch * plan.accumulation_steps,
-              callbacks=_callbacks(config, plan, run, test_data, extra_callbacks),
+              callbacks=_callbacks(config, plan, run, evaluation, extra_callbacks),
               shuffle=False, verbose=config.keras_verbose)
