@@ -1,4 +1,8 @@
-"""Packaging for tf_dpsat: `pip install -e ".[test]"` for development.
+"""Packaging for tf_dpsat: `pip install -e ".[experiments,test]"` for development.
+
+`pip install tf_dpsat` installs the core only (make_private, DPSATKeras,
+accounting, sampling); the "experiments" extra adds what the binary
+examples/train_cifar.py and tf_dpsat.experiments need.
 
 The version lives only in tf_dpsat/version.py; it is read here as text so that
 installing does not import TensorFlow.
@@ -22,29 +26,36 @@ def read_version() -> str:
     return match.group(1)
 
 
-# Ranges measured to work on Python 3.11. tensorflow-privacy is deliberately
-# absent: accounting uses dp-accounting directly.
+# Ranges measured to work on Python 3.11. The core (tf_dpsat and its
+# subpackages other than tf_dpsat.experiments) needs only these.
+# tensorflow-privacy is deliberately absent: accounting uses dp-accounting
+# directly. scipy: the binomial tail of tf_dpsat.sampling.padded_batch_size and
+# the audit's confidence bounds.
 INSTALL_REQUIRES = [
     "tensorflow>=2.16,<2.22",
     "keras>=3.5,<4",
     "dp-accounting>=0.6",
-    "tensorflow-datasets>=4.9.4",
-    # tensorflow-datasets needs it for its builders but does not declare it.
-    "importlib_resources",
     "absl-py>=1.4",
     "numpy>=1.23",
     "scipy>=1.7",
-    # TensorBoard logs of examples/train_cifar.py (not a dependency of
-    # tensorflow itself since 2.16).
-    "tensorboard>=2.16,<2.22",
-    # The accuracy / epsilon plot of tf_dpsat.training.
-    "matplotlib>=3.5",
 ]
 
 EXTRAS_REQUIRE = {
-    "test": [
-        # The offline "digits" dataset (tf_dpsat.data) and the test suite.
+    # The experiment kit, tf_dpsat.experiments: the binary
+    # examples/train_cifar.py, its datasets, reference models and reports.
+    "experiments": [
+        "tensorflow-datasets>=4.9.4",
+        # tensorflow-datasets needs it for its builders but does not declare it.
+        "importlib_resources",
+        # TensorBoard logs of the binary (not a dependency of tensorflow
+        # itself since 2.16).
+        "tensorboard>=2.16,<2.22",
+        # The accuracy / epsilon plot of the binary.
+        "matplotlib>=3.5",
+        # The offline "digits" dataset (also what tf_dpsat.audit trains on).
         "scikit-learn>=1.0",
+    ],
+    "test": [
         "pytest>=7",
     ],
 }

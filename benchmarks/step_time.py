@@ -123,7 +123,7 @@ import tensorflow as tf  # noqa: E402
 from absl import logging  # noqa: E402
 
 import tf_dpsat  # noqa: E402
-from tf_dpsat import models as dp_models  # noqa: E402
+from tf_dpsat.experiments import models as dp_models  # noqa: E402
 
 SCHEMA_VERSION = 1
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -4,7 +4,7 @@ r"""Compares finished runs of examples/train_cifar.py: mean test accuracy per me
       --output_json=/tmp/fmnist.json --plot=/tmp/fmnist.png
 
 Prints a Markdown table (one row per method, mean over seeds). All logic
-lives in `tf_dpsat.reporting`; this file only parses flags.
+lives in `tf_dpsat.experiments.reporting`; this file only parses flags.
 """
 
 import glob
@@ -16,10 +16,10 @@ from absl import app
 from absl import flags
 
 try:
-    from tf_dpsat import reporting
+    from tf_dpsat.experiments import reporting
 except ImportError:  # Run from a source checkout without `pip install -e .`.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from tf_dpsat import reporting
+    from tf_dpsat.experiments import reporting
 
 _RUNS = flags.DEFINE_list(
     "runs", None, "Comma-separated --model_dir paths or glob patterns of "

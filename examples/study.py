@@ -30,10 +30,10 @@ from absl import app
 from absl import flags
 
 try:
-    from tf_dpsat import study
+    from tf_dpsat.experiments import study
 except ImportError:  # Run from a source checkout without `pip install -e .`.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from tf_dpsat import study
+    from tf_dpsat.experiments import study
 
 BINARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_cifar.py")
 

@@ -12,7 +12,7 @@ import tensorflow as tf
 import dp_reference
 import tf_dpsat
 from tf_dpsat import fast_clipping
-from tf_dpsat import models
+from tf_dpsat.experiments import models
 
 XENT = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 pytestmark = pytest.mark.filterwarnings("ignore:.*NOT differentially private")

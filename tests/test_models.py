@@ -1,4 +1,4 @@
-"""Tests for tf_dpsat.models: parameter counts, structure, training steps."""
+"""Tests for tf_dpsat.experiments.models: parameter counts, structure, training steps."""
 
 import functools
 import os
@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 
-from tf_dpsat import models
+from tf_dpsat.experiments import models
 
 _REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -250,7 +250,7 @@ def test_xla_train_step_in_process():
 
 _XLA_SCRIPT = """
 import numpy as np, keras
-from tf_dpsat import models
+from tf_dpsat.experiments import models
 from tests.test_models import _random_batch, _xla_train_step
 for name, shape in [("tb_cnn", (28, 28, 1)), ("dpnas", (28, 28, 1))]:
     model = models.build_model(name, shape, seed=3)

@@ -1,4 +1,4 @@
-"""Tests for tf_dpsat.reporting and examples/compare_runs.py on real digits runs."""
+"""Tests for tf_dpsat.experiments.reporting and examples/compare_runs.py on real digits runs."""
 
 import json
 import os
@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from tf_dpsat import reporting
-from tf_dpsat import training
+from tf_dpsat.experiments import reporting
+from tf_dpsat.experiments import training
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 

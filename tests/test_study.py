@@ -1,4 +1,4 @@
-"""Tests for tf_dpsat.study and examples/study.py: the grid, the paired summary."""
+"""Tests for tf_dpsat.experiments.study and examples/study.py: the grid, the paired summary."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tf_dpsat import study
+from tf_dpsat.experiments import study
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 

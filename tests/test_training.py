@@ -1,4 +1,4 @@
-"""Tests for tf_dpsat.training and examples/train_cifar.py.
+"""Tests for tf_dpsat.experiments.training and examples/train_cifar.py.
 
 Flags and configuration, the run plan (sigma, padding, accumulation), the
 Poisson training pipeline at the library level, padded == unpadded steps,
@@ -24,8 +24,9 @@ import tensorflow as tf
 from absl import flags
 
 from tf_dpsat import accounting
-from tf_dpsat import data
-from tf_dpsat import training
+from tf_dpsat import sampling
+from tf_dpsat.experiments import datasets
+from tf_dpsat.experiments import training
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 BINARY = REPO / "examples" / "train_cifar.py"
@@ -155,7 +156,7 @@ def test_plan_for_the_authors_cifar10_setup():
     assert plan.sampling_probability == 0.04
     # Overflow bound 1e-3 * delta = 1e-8 for the whole run.
     assert plan.overflow_probability == 1e-8
-    assert plan.logical_batch_size == data.padded_batch_size(
+    assert plan.logical_batch_size == sampling.padded_batch_size(
         2000, 50000, 750, failure_probability=1e-8) == 2299
     assert plan.accumulation_steps == 1 and plan.physical_batch_size == 2299
     # The authors' Opacus calibration gave 1.8408203125 (tolerance 0.01 in
@@ -342,8 +343,8 @@ def test_shuffle_pipeline_covers_each_example_once_per_epoch():
 
 
 def digits_rows(count):
-    dataset = data.load_dataset("digits")
-    x = data.normalize(dataset.train_images[:count], "digits")
+    dataset = datasets.load_dataset("digits")
+    x = datasets.normalize(dataset.train_images[:count], "digits")
     return x, dataset.train_labels[:count]
 
 
@@ -444,9 +445,9 @@ def test_train_on_tfds_mock_data(tmp_path):
 
 def test_unprepared_tfds_dataset_fails_fast_naming_the_flags(tmp_path, monkeypatch):
     pytest.importorskip("tensorflow_datasets")
-    monkeypatch.setattr(data, "_reachable", lambda host, port: False)  # offline
+    monkeypatch.setattr(datasets, "_reachable", lambda host, port: False)  # offline
     start = time.monotonic()
-    with pytest.raises(data.DatasetNotAvailableError) as info:
+    with pytest.raises(datasets.DatasetNotAvailableError) as info:
         training.train(training.TrainConfig(data_dir=str(tmp_path), keras_verbose=0))
     assert time.monotonic() - start < 30
     assert "--raw_data_dir" in str(info.value) and "--data_dir" in str(info.value)
@@ -565,6 +566,86 @@ def test_binary_smoke_run_on_digits(tmp_path):
     assert "Noise multiplier sigma" in result.stderr
     assert "Epsilon with Poisson sampling" in result.stderr
     assert "epsilon:" in result.stdout  # The Keras epoch line shows epsilon.
+
+
+def test_binary_console_has_no_native_start_up_noise(tmp_path):
+    # As a user runs it: no TF_CPP_MIN_LOG_LEVEL, no CUDA_VISIBLE_DEVICES.
+    # -X importtime lists every import on stderr: the digits route must not
+    # import tensorflow-datasets at all.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TF_CPP_MIN_LOG_LEVEL", "CUDA_VISIBLE_DEVICES")}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", str(BINARY), "--dataset=digits",
+         "--model=mlp", "--epochs=1", "--batch_size=100",
+         "--max_train_examples=500", f"--model_dir={tmp_path}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stderr.splitlines()
+    imports = [line for line in lines if line.startswith("import time:")]
+    console = "\n".join(line for line in lines if not line.startswith("import time:"))
+    assert any(" tensorflow.python" in line for line in imports)
+    assert not [line for line in imports if "tensorflow_datasets" in line]
+    for noise in ("cuInit", "cpu_feature_guard", "Constructing",
+                  "absl::InitializeLog", "port.cc"):
+        assert noise not in console, noise
+    # The run's own log still reaches the console.
+    assert "Noise multiplier sigma" in console
+
+
+def _history(epochs, evaluated=True):
+    return [{"epoch": e, "epsilon": 3.0 * math.sqrt(e / epochs),
+             "test_accuracy": 0.1 + 0.7 * e / epochs if evaluated else None}
+            for e in range(1, epochs + 1)]
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 3, 40])
+def test_accuracy_epsilon_plot_is_readable_at_any_length(epochs):
+    config = small_config(epsilon=2.5)
+    title = training._plot_title(config, training.make_plan(config, 1500))
+    fig = training._accuracy_epsilon_figure(_history(epochs), title, 3.0)
+    fig.canvas.draw()
+    accuracy_axes, epsilon_axes = fig.axes
+    # Whole epochs only, every tick inside the plotted range, and the range
+    # covers every epoch.
+    low, high = accuracy_axes.get_xlim()
+    assert low < 1 and high > epochs
+    ticks = [t for t in accuracy_axes.get_xticks() if low <= t <= high]
+    assert ticks and all(t == int(t) for t in ticks)
+    labels = [label.get_text() for label in accuracy_axes.get_xticklabels()
+              if low <= label.get_position()[0] <= high]
+    assert labels == [str(int(t)) for t in ticks]
+    if epochs <= 3:
+        assert ticks == list(range(1, epochs + 1))
+    # Both series (and the planned budget) are in one legend, told apart by
+    # marker and line style.
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "test accuracy (%)", "epsilon spent", "epsilon planned for the run"]
+    accuracy_line, = accuracy_axes.get_lines()
+    epsilon_line, planned_line = epsilon_axes.get_lines()
+    assert (accuracy_line.get_marker(), accuracy_line.get_linestyle()) == ("o", "-")
+    assert (epsilon_line.get_marker(), epsilon_line.get_linestyle()) == ("s", "--")
+    assert len(accuracy_line.get_xdata()) == epochs
+    # Epsilon from 0 to just above the planned 3.0; accuracy 0..100 %.
+    assert epsilon_axes.get_ylim() == pytest.approx((0.0, 3.3))
+    assert accuracy_axes.get_ylim() == (0.0, 100.0)
+    assert accuracy_axes.get_title() == "digits, mlp, dpsat: epsilon 2.5 (delta 1e-05)"
+
+
+def test_accuracy_epsilon_plot_of_a_non_private_run():
+    history = [{"epoch": 1, "epsilon": math.inf, "test_accuracy": 0.5},
+               {"epoch": 2, "epsilon": math.inf, "test_accuracy": None}]
+    config = small_config(method="nonprivate")
+    title = training._plot_title(config, training.make_plan(config, 1500))
+    assert title == "digits, mlp, nonprivate: non-private"
+    fig = training._accuracy_epsilon_figure(history, title, math.inf)
+    assert len(fig.axes) == 1  # No epsilon axis.
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["test accuracy (%)"]
+    # Only the evaluated epoch is drawn.
+    assert list(fig.axes[0].get_lines()[0].get_xdata()) == [1]
 
 
 def tree_bytes(root, skip=()):
@@ -709,16 +790,16 @@ def test_binary_fails_fast_without_data(tmp_path):
 
 
 @pytest.mark.skipif(
-    not all(os.path.isfile(os.path.join(data.DEBIAN_FASHION_MNIST_DIR, f))
+    not all(os.path.isfile(os.path.join(datasets.DEBIAN_FASHION_MNIST_DIR, f))
             for f in FMNIST_FILES),
-    reason=f"Fashion-MNIST IDX files not in {data.DEBIAN_FASHION_MNIST_DIR} "
+    reason=f"Fashion-MNIST IDX files not in {datasets.DEBIAN_FASHION_MNIST_DIR} "
            "(apt-get install dataset-fashion-mnist; .ci/run does)")
 def test_fashion_mnist_one_epoch_dpsat_reaches_75_percent(tmp_path):
     # One epoch of DP-SAT at epsilon 3 on all 60,000 examples, expected batch
     # 256: 234 noisy steps, sigma ~0.65. Measured 78.5-78.8% over three seeds
     # (lr 4; 77-78% at the authors' lr 2), 23-47 s on 2 CPU cores.
     config = training.TrainConfig(
-        dataset="fashion_mnist", raw_data_dir=data.DEBIAN_FASHION_MNIST_DIR,
+        dataset="fashion_mnist", raw_data_dir=datasets.DEBIAN_FASHION_MNIST_DIR,
         model="tb_cnn", method="dpsat", epsilon=3.0, epochs=1, batch_size=256,
         learning_rate=4.0, model_dir=str(tmp_path), keras_verbose=0)
     results = training.train(config)
@@ -847,8 +928,8 @@ def test_binary_epsilon_below_the_floor_is_one_line_error():
 def test_split_validation_holds_out_a_fixed_public_choice():
     # 10 examples whose labels are their indices: the split is visible.
     images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
-    dataset = data.Dataset("digits", images, np.arange(10), images[:2],
-                           np.arange(2), num_classes=10)
+    dataset = datasets.Dataset("digits", images, np.arange(10), images[:2],
+                               np.arange(2), num_classes=10)
     train, held_out = training.split_validation(dataset, 3)
     expected = np.sort(np.random.default_rng(training.VALIDATION_SPLIT_SEED)
                        .permutation(10)[:3])
@@ -865,7 +946,7 @@ def test_split_validation_holds_out_a_fixed_public_choice():
 
 
 def test_validation_examples_shrink_the_accounted_set_and_are_reported(tmp_path):
-    # digits: 1500 training examples (tf_dpsat.data); 300 held out leave
+    # digits: 1500 training examples (tf_dpsat.experiments.datasets); 300 held out leave
     # N = 1200, so q = 100 / 1200 and round(1200 / 100) = 12 steps (the
     # accountant sees 1200, not 1500).
     result = training.train(small_config(validation_examples=300,

@@ -5,16 +5,20 @@
                   loss=..., metrics=["accuracy"])
     model.fit(train, callbacks=[tf_dpsat.PrivacyCallback(num_examples=N)])
 
+Poisson-sampled batches for the fit come from `tf_dpsat.sampling`. The
+experiment kit (the binary's pipeline, datasets, reference models, reports)
+is `tf_dpsat.experiments`, with its own extra:
+`pip install "tf_dpsat[experiments]"`.
+
 Reference: Park, Kim, Choi, Lee. "Differentially Private Sharpness-Aware
 Training". ICML 2023. https://arxiv.org/abs/2306.05651
 """
 
 from tf_dpsat import accounting
 from tf_dpsat import clipping
-from tf_dpsat import data
 from tf_dpsat import fast_clipping
-from tf_dpsat import models
 from tf_dpsat import noise
+from tf_dpsat import sampling
 from tf_dpsat import sharpness
 from tf_dpsat.callbacks import PrivacyCallback
 from tf_dpsat.dp_model import DPFunctional
@@ -35,10 +39,9 @@ __all__ = [
     "__version__",
     "accounting",
     "clipping",
-    "data",
     "fast_clipping",
     "make_private",
-    "models",
     "noise",
+    "sampling",
     "sharpness",
 ]

@@ -543,7 +543,7 @@ def padding_overflow_delta(epsilon: float, overflow_probability: float) -> float
     Args:
       epsilon: The run's epsilon.
       overflow_probability: Bound on the probability that any batch of the run
-        exceeds the padded size (`tf_dpsat.data.padded_batch_size`); 0 without
+        exceeds the padded size (`tf_dpsat.sampling.padded_batch_size`); 0 without
         padding.
 
     Returns:

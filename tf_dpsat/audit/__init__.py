@@ -1,7 +1,7 @@
 """One-run empirical privacy audit of tf_dpsat's DP training (DP-SAT, DP-SGD).
 
 What: `one_run_audit(...)` trains ONE model with tf_dpsat's real data path and
-optimizer (`tf_dpsat.data.poisson_dataset` with padding, `make_private`,
+optimizer (`tf_dpsat.sampling.poisson_dataset` with padding, `make_private`,
 `DPSATKeras` and its clipping engine) on scikit-learn's digits plus m canaries,
 each included independently with probability 1/2, then guesses from a score
 per canary which canaries were included and turns the number of correct

@@ -2,9 +2,13 @@
 
 Kept apart from `tf_dpsat.audit` so that the bound functions import without
 TensorFlow. Everything privacy-relevant goes through the library exactly as a
-user's training would: `tf_dpsat.data.padded_batch_size` and
+user's training would: `tf_dpsat.sampling.padded_batch_size` and
 `poisson_dataset` (Poisson sampling, zero-weight padding), `make_private`,
 `DPSATKeras` (its clipping engine and noise) and `model.fit`.
+
+The digits come from the experiment kit's loader
+(`tf_dpsat.experiments.datasets`, which imports without the kit's extra);
+loading them needs scikit-learn: `pip install "tf_dpsat[experiments]"`.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ import tensorflow as tf
 from absl import logging
 
 from tf_dpsat import accounting
-from tf_dpsat import data
+from tf_dpsat import sampling
 from tf_dpsat import validation
 from tf_dpsat.dp_model import make_private
+from tf_dpsat.experiments import datasets
 from tf_dpsat.optimizer import DPSATKeras
 
 DATASET = "digits"
@@ -66,7 +71,7 @@ class _Progress(keras.callbacks.Callback):
 
 def _features(images: np.ndarray, width: int) -> np.ndarray:
     """Flattened normalized pixels, then zeros up to `width` (the canary features)."""
-    pixels = np.asarray(data.normalize(tf.constant(images), DATASET))
+    pixels = np.asarray(datasets.normalize(tf.constant(images), DATASET))
     pixels = pixels.reshape(len(images), -1).astype(np.float32)
     return np.pad(pixels, [(0, 0), (0, width - pixels.shape[1])])
 
@@ -174,7 +179,7 @@ def train_with_canaries(*, included: np.ndarray, target_epsilon: float,
       A `CanaryRun`.
     """
     seeds = np.random.default_rng(seed).integers(2**31, size=3)
-    dataset = data.load_dataset(DATASET)
+    dataset = datasets.load_dataset(DATASET)
     real_images, real_labels = dataset.train_images, dataset.train_labels
     if num_real_examples is not None:
         validation.check_int("num_real_examples", num_real_examples)
@@ -216,8 +221,8 @@ def train_with_canaries(*, included: np.ndarray, target_epsilon: float,
         canaries, int(included.sum()), num_examples, q, steps, sigma, claimed,
         delta, control, scale)
 
-    padded = data.padded_batch_size(expected_batch_size, num_examples, steps)
-    batches = data.poisson_dataset(
+    padded = sampling.padded_batch_size(expected_batch_size, num_examples, steps)
+    batches = sampling.poisson_dataset(
         train_x, train_y, expected_batch_size=expected_batch_size, steps=steps,
         padded_size=padded, seed=int(seeds[1]))
     private = make_private(model)

@@ -10,55 +10,53 @@ Why a library: the command line binary is a thin absl main over
 `define_flags` / `config_from_flags` / `train`, so tests (and notebooks) run
 exactly the code the binary runs.
 
-Sampling and accounting
------------------------
-* `sampling="poisson"` (default): every logical step includes each of the N
-  training examples independently with probability q = batch_size / N, for
-  round(N / batch_size) steps per epoch. Batches are padded with zero-weight
-  rows to one static size (`tf_dpsat.data.padded_batch_size`, chosen so that
-  any overflow during the whole run has probability <= 1e-3 * delta; an
-  overflow raises, it never drops an example, and its probability is added to
-  the reported delta), and the optimizer divides by the expected batch size.
-  The Poisson-subsampled Gaussian analysis applies, add/remove-one adjacency.
-* `sampling="shuffle"`: fixed-size batches from a shuffled pass per epoch
-  (floor(N / batch_size) steps, the remainder dropped). Only the "each example
-  once per epoch" analysis (no amplification by sampling) is proven for it,
-  under replace-one adjacency (sensitivity 2C), so sigma is calibrated to that
-  analysis, which needs far more noise.
+Sampling and accounting:
+  * `sampling="poisson"` (default): every logical step includes each of the N
+    training examples independently with probability q = batch_size / N, for
+    round(N / batch_size) steps per epoch. Batches are padded with zero-weight
+    rows to one static size (`tf_dpsat.sampling.padded_batch_size`, chosen so that
+    any overflow during the whole run has probability <= 1e-3 * delta; an
+    overflow raises, it never drops an example, and its probability is added to
+    the reported delta), and the optimizer divides by the expected batch size.
+    The Poisson-subsampled Gaussian analysis applies, add/remove-one adjacency.
+  * `sampling="shuffle"`: fixed-size batches from a shuffled pass per epoch
+    (floor(N / batch_size) steps, the remainder dropped). Only the "each example
+    once per epoch" analysis (no amplification by sampling) is proven for it,
+    under replace-one adjacency (sensitivity 2C), so sigma is calibrated to that
+    analysis, which needs far more noise.
 
-Secrets
--------
-`--seed` seeds the weight initialisation only: it is data-independent and may
-be published. The batch sampling (and shuffle order) and the noise come from a
-secret drawn per run from OS entropy. With a `model_dir` it is kept in
-`model_dir/PRIVATE-dp-secret.key` (mode 0600, created atomically, read on
-resume; never publish it) and in memory only otherwise. No checkpoint,
-state.json, results.json, log or TensorBoard file holds it, so a released run
-cannot be replayed on a neighbouring dataset. `--dp_seed=N` opts into
-reproducible sampling and noise derived from N; the guarantee then holds only
-against those who do not know N.
+Secrets:
+  `--seed` seeds the weight initialisation only: it is data-independent and may
+  be published. The batch sampling (and shuffle order) and the noise come from a
+  secret drawn per run from OS entropy. With a `model_dir` it is kept in
+  `model_dir/PRIVATE-dp-secret.key` (mode 0600, created atomically, read on
+  resume; never publish it) and in memory only otherwise. No checkpoint,
+  state.json, results.json, log or TensorBoard file holds it, so a released run
+  cannot be replayed on a neighbouring dataset. `--dp_seed=N` opts into
+  reproducible sampling and noise derived from N; the guarantee then holds only
+  against those who do not know N.
 
-Epoch e always consumes logical steps [e * S, (e + 1) * S) of one sample
-sequence keyed by the secret, so a resumed run sees exactly the batches an
-uninterrupted run sees, and, with the optimizer state restored from the
-checkpoint and the noise key from the secret, ends with bitwise the same
-weights and the same epsilon.
+  Epoch e always consumes logical steps [e * S, (e + 1) * S) of one sample
+  sequence keyed by the secret, so a resumed run sees exactly the batches an
+  uninterrupted run sees, and, with the optimizer state restored from the
+  checkpoint and the noise key from the secret, ends with bitwise the same
+  weights and the same epsilon.
 
-Outputs
--------
-results.json keeps the DP outputs (model, test metrics, epsilon, delta and its
-parts) in its "private" section, apart from "non_private_diagnostics": the
-training-batch loss and accuracy, `grad_norm_clipped_fraction` and
-`nonfinite_gradients`, exact functions of the private batches without any
-guarantee. `--norecord_train_diagnostics` keeps those out of results.json,
-TensorBoard and the printed per-epoch log.
+Outputs:
+  results.json keeps the DP outputs (model, test metrics, epsilon, delta and its
+  parts) in its "private" section, apart from "non_private_diagnostics": the
+  training-batch loss and accuracy, `grad_norm_clipped_fraction` and
+  `nonfinite_gradients`, exact functions of the private batches without any
+  guarantee. `--norecord_train_diagnostics` keeps those out of results.json,
+  TensorBoard and the printed per-epoch log.
 
-`physical_batch_size` bounds memory: each (padded) logical batch is cut, in
-order, into k = padded / physical physical batches that the optimizer
-accumulates into one noisy step (`gradient_accumulation_steps=k`).
+  `physical_batch_size` bounds memory: each (padded) logical batch is cut, in
+  order, into k = padded / physical physical batches that the optimizer
+  accumulates into one noisy step (`gradient_accumulation_steps=k`).
 
-Reference: Park, Kim, Choi, Lee. "Differentially Private Sharpness-Aware
-Training". ICML 2023. https://arxiv.org/abs/2306.05651
+Reference:
+  Park, Kim, Choi, Lee. "Differentially Private Sharpness-Aware Training".
+  ICML 2023. https://arxiv.org/abs/2306.05651
 """
 
 from __future__ import annotations
@@ -79,12 +77,15 @@ from absl import flags
 from absl import logging
 
 from tf_dpsat import accounting
-from tf_dpsat import data
-from tf_dpsat import models
 from tf_dpsat import noise
+from tf_dpsat import sampling
 from tf_dpsat import validation
+from tf_dpsat.callbacks import SAMPLINGS
 from tf_dpsat.callbacks import PrivacyCallback
 from tf_dpsat.dp_model import make_private
+from tf_dpsat.experiments import datasets as data
+from tf_dpsat.experiments import models
+from tf_dpsat.optimizer import DIRECTIONS
 from tf_dpsat.optimizer import DPSAMKeras
 from tf_dpsat.optimizer import DPSATKeras
 from tf_dpsat.version import __version__
@@ -113,13 +114,11 @@ __all__ = [
 ]
 
 METHODS: Tuple[str, ...] = ("dpsat", "dpsgd", "dpsam", "nonprivate")
-SAMPLINGS: Tuple[str, ...] = ("poisson", "shuffle")
 JIT_CHOICES: Tuple[str, ...] = ("auto", "true", "false")
-DIRECTIONS: Tuple[str, ...] = ("gradient", "momentum")
 
 # Allowed probability that some Poisson batch of the run exceeds the padded
 # size, as a fraction of delta: the run would then stop with an error (see
-# tf_dpsat.data), an event outside the analysis whose probability is added to
+# tf_dpsat.sampling), an event outside the analysis whose probability is added to
 # the reported delta (tf_dpsat.accounting.padding_overflow_delta).
 OVERFLOW_DELTA_FRACTION = 1e-3
 
@@ -134,7 +133,7 @@ SECRET_FILE = "PRIVATE-dp-secret.key"
 _SECRET_HEADER = """\
 # PRIVATE - NEVER PUBLISH, UPLOAD OR SHARE THIS FILE.
 # The secret of this run's batch sampling and differential-privacy noise
-# (tf_dpsat.training). With it and the run's checkpoints anyone can replay the
+# (tf_dpsat.experiments.training). With it and the run's checkpoints anyone can replay the
 # sampling and subtract the noise, which voids the privacy guarantee. It is only
 # needed to resume the run; delete it once the run is finished.
 """
@@ -189,8 +188,8 @@ class TrainConfig:
     30 epochs, expected batch 2000, SGD lr 2 momentum 0.9, C 0.1, rho 0.03).
 
     Attributes:
-      dataset: One of `tf_dpsat.data.DATASETS`.
-      model: One of `tf_dpsat.models.MODEL_NAMES`.
+      dataset: One of `tf_dpsat.experiments.datasets.DATASETS`.
+      model: One of `tf_dpsat.experiments.models.MODEL_NAMES`.
       method: "dpsat", "dpsgd" (DP-SAT with rho = 0), "dpsam" (two noisy
         queries per step) or "nonprivate" (plain SGD, no noise, no clipping).
       epsilon: Target epsilon; sigma is calibrated to reach it after `epochs`
@@ -337,7 +336,7 @@ class TrainConfig:
 _FLAG_HELP = {
     "dataset": "Dataset (tensorflow-datasets name; digits = scikit-learn's 8x8 "
                "digits, offline).",
-    "model": "Network from tf_dpsat.models (dpnas picks the CIFAR or FMNIST "
+    "model": "Network from tf_dpsat.experiments.models (dpnas picks the CIFAR or FMNIST "
              "variant by input channels).",
     "method": "dpsat; dpsgd (rho = 0); dpsam (two noisy queries per step); "
               "nonprivate (SGD without clipping or noise).",
@@ -526,7 +525,7 @@ def _batch_layout(config: TrainConfig, num_examples: int, total_steps: int) -> T
     physical = config.physical_batch_size
     if config.sampling == "poisson":
         padded = functools.partial(
-            data.padded_batch_size, config.batch_size, num_examples, total_steps,
+            sampling.padded_batch_size, config.batch_size, num_examples, total_steps,
             failure_probability=_overflow_probability(config))
         if physical is not None and physical > padded():
             # One pass would hold the whole batch plus extra padding rows.
@@ -660,7 +659,7 @@ def load_data(config: TrainConfig) -> data.Dataset:
     """Loads the configured dataset, truncated to `max_train_examples`.
 
     Raises:
-      tf_dpsat.data.DatasetNotAvailableError: Neither `raw_data_dir` nor a
+      tf_dpsat.experiments.datasets.DatasetNotAvailableError: Neither `raw_data_dir` nor a
         prepared tfds dataset, and no download (or its host is unreachable);
         raised within seconds.
       ValueError: `max_train_examples` exceeds the training set.
@@ -861,13 +860,13 @@ def train_batches(config: TrainConfig, plan: RunPlan, images: Any, labels: Any, 
     preprocess = functools.partial(data.normalize, name=config.dataset)
     seed = _derived_seed(secret, _SEED_SAMPLING)
     if config.sampling == "poisson":
-        logical = data.poisson_dataset(
+        logical = sampling.poisson_dataset(
             images, labels, expected_batch_size=config.batch_size,
             steps=plan.total_steps, padded_size=plan.logical_batch_size, seed=seed,
             start_step=start_epoch * plan.steps_per_epoch, preprocess=preprocess)
     else:
-        epochs = [data.shuffle_dataset(images, labels, batch_size=config.batch_size,
-                                       seed=seed, epoch=e, preprocess=preprocess)
+        epochs = [sampling.shuffle_dataset(images, labels, batch_size=config.batch_size,
+                                           seed=seed, epoch=e, preprocess=preprocess)
                   for e in range(start_epoch, config.epochs)]
         logical = functools.reduce(lambda a, b: a.concatenate(b), epochs)
     return split_logical_batches(logical, plan.accumulation_steps)
@@ -876,7 +875,7 @@ def train_batches(config: TrainConfig, plan: RunPlan, images: Any, labels: Any, 
 def test_batches(config: TrainConfig, images: Any, labels: Any) -> tf.data.Dataset:
     """Sequential, normalised `(x, y)` batches of the test set."""
     preprocess = functools.partial(data.normalize, name=config.dataset)
-    return data.test_dataset(images, labels, batch_size=config.eval_batch_size,
+    return sampling.test_dataset(images, labels, batch_size=config.eval_batch_size,
                              preprocess=preprocess)
 
 
@@ -1009,26 +1008,84 @@ def _restore(config: TrainConfig, state: Dict[str, Any],
     return restored
 
 
-def _plot(path: str, history: List[Dict[str, Any]]) -> None:
-    import matplotlib  # Lazy: only needed with a model_dir.
+def _plot_title(config: TrainConfig, plan: RunPlan) -> str:
+    """`dataset, model, method: epsilon E` (E planned for the whole run)."""
+    budget = (f"epsilon {plan.epsilon:.3g} (delta {config.delta:g})"
+              if config.private and math.isfinite(plan.epsilon) else "non-private")
+    return f"{config.dataset}, {config.model}, {config.method}: {budget}"
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
 
+def _accuracy_epsilon_figure(history: Sequence[Dict[str, Any]], title: str,
+                             planned_epsilon: Optional[float] = None) -> Any:
+    """Test accuracy and spent epsilon per epoch, one figure at any run length.
+
+    Args:
+      history: Per-epoch entries with `epoch` (1-based), `test_accuracy`
+        (None when not evaluated) and `epsilon` (None or inf when
+        non-private).
+      title: The figure's title (`_plot_title`).
+      planned_epsilon: Epsilon at the end of the run, drawn as a dotted line
+        so that a short run shows how much of its budget it spent.
+
+    Returns:
+      A `matplotlib.figure.Figure` with an Agg canvas.
+    """
+    # Lazy: matplotlib is the experiment kit's extra, needed only here.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(6.4, 4.4))
+    FigureCanvasAgg(fig)
+    left = fig.subplots()
+    epochs = [h["epoch"] for h in history]
     evaluated = [h for h in history if h.get("test_accuracy") is not None]
-    fig, left = plt.subplots(figsize=(6, 4))
-    left.plot([h["epoch"] for h in evaluated],
-              [100 * h["test_accuracy"] for h in evaluated], "o-", color="tab:blue")
-    left.set_xlabel("epoch")
+    lines = left.plot([h["epoch"] for h in evaluated],
+                      [100 * h["test_accuracy"] for h in evaluated],
+                      marker="o", linestyle="-", color="tab:blue",
+                      label="test accuracy (%)")
+    left.set_ylim(0, 100)
     left.set_ylabel("test accuracy (%)", color="tab:blue")
-    right = left.twinx()
-    epsilons = [h.get("epsilon") for h in history]
-    if any(e is not None and math.isfinite(e) for e in epsilons):
-        right.plot([h["epoch"] for h in history], epsilons, "s--", color="tab:red")
-    right.set_ylabel("epsilon", color="tab:red")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    left.set_xlabel("epoch")
+    # Whole epochs only, with half an epoch of room so that a run of one or
+    # two epochs does not put its points on the frame.
+    left.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    if epochs:
+        left.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+    spent = [(h["epoch"], h["epsilon"]) for h in history
+             if h.get("epsilon") is not None and math.isfinite(h["epsilon"])]
+    if spent:
+        right = left.twinx()
+        # Hollow squares on a dashed line: visible where the series cross.
+        lines += right.plot([e for e, _ in spent], [eps for _, eps in spent],
+                            marker="s", markerfacecolor="none", linestyle="--",
+                            color="tab:red", label="epsilon spent")
+        top = max(eps for _, eps in spent)
+        if planned_epsilon is not None and math.isfinite(planned_epsilon):
+            lines.append(right.axhline(planned_epsilon, color="tab:red",
+                                       linestyle=":", linewidth=1,
+                                       label="epsilon planned for the run"))
+            top = max(top, planned_epsilon)
+        # From 0, so the curve reads as the share of the budget spent.
+        right.set_ylim(0, 1.1 * top)
+        right.set_ylabel("epsilon", color="tab:red")
+    left.set_title(title)
+    # Below the axes, where it cannot cover a point.
+    fig.legend(handles=lines, loc="lower center", ncol=len(lines),
+               frameon=False, fontsize="small")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig
+
+
+def _plot(path: str, history: List[Dict[str, Any]], title: str,
+          planned_epsilon: Optional[float] = None) -> None:
+    try:
+        figure = _accuracy_epsilon_figure(history, title, planned_epsilon)
+    except ImportError as error:  # matplotlib missing: the run still counts.
+        logging.warning("No %s: matplotlib is not installed (%s); "
+                        'pip install "tf_dpsat[experiments]".', PLOT_FILE, error)
+        return
+    figure.savefig(path, dpi=100)
 
 
 class _Evaluate(keras.callbacks.Callback):
@@ -1213,7 +1270,8 @@ class _Run:
         if self.config.model_dir is not None:
             # Python's json writes epsilon = inf (non-private) as Infinity.
             _write_json(os.path.join(self.config.model_dir, RESULTS_FILE), results)
-            _plot(os.path.join(self.config.model_dir, PLOT_FILE), self.history)
+            _plot(os.path.join(self.config.model_dir, PLOT_FILE), self.history,
+                  _plot_title(self.config, self.plan), self.plan.epsilon)
         return results
 
 
@@ -1247,7 +1305,7 @@ def _tensorboard_installed() -> bool:
         import tensorboard  # noqa: F401  (tf.summary needs it at run time)
     except ImportError:
         logging.warning("The tensorboard package is not installed: no TensorBoard "
-                        "logs (pip install tensorboard).")
+                        'logs (pip install "tf_dpsat[experiments]").')
         return False
     return True
 
@@ -1294,7 +1352,7 @@ def train(config: TrainConfig,
       `dp_seed` redacted) and versions.
 
     Raises:
-      tf_dpsat.data.DatasetNotAvailableError: The data is not available
+      tf_dpsat.experiments.datasets.DatasetNotAvailableError: The data is not available
         offline (the message names --raw_data_dir and --data_dir).
       ValueError: An inconsistent configuration, a `model_dir` holding a
         run with different settings, or an unfinished run whose secret file

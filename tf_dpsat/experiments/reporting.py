@@ -1,6 +1,6 @@
 """Compares finished training runs: per-method means over seeds, a table, a plot.
 
-Each run is a `--model_dir` written by `tf_dpsat.training.train` (or
+Each run is a `--model_dir` written by `tf_dpsat.experiments.training.train` (or
 `examples/train_cifar.py`), holding `results.json`. Runs are grouped by
 method; runs of one method that differ only in their seed are repeats, and
 the summary gives the mean, standard deviation and range of their test
@@ -15,7 +15,7 @@ import os
 import statistics
 from typing import Any, Dict, List, Sequence
 
-from tf_dpsat import training
+from tf_dpsat.experiments import training
 
 # Flags that do not change what is trained (those a resumed run may change,
 # and the seeds): they may differ between repeats.

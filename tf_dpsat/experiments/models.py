@@ -1,51 +1,44 @@
 """Networks used by DP-SAT and its baselines, as plain Keras 3 models.
 
-Every builder returns an ordinary, already-built ``keras.Model`` (functional or
-``keras.Sequential``) that maps images to **logits**; pair it with a loss
-created with ``from_logits=True``.  Nothing here depends on the privacy
-wrapper: ``tf_dpsat.make_private(model)`` is applied afterwards.
+Every builder returns an ordinary, already-built `keras.Model` (functional or
+`keras.Sequential`) that maps images to **logits**; pair it with a loss
+created with `from_logits=True`.  Nothing here depends on the privacy
+wrapper: `tf_dpsat.make_private(model)` is applied afterwards.
 
-Models
-------
-``dpnas_cifar`` / ``dpnas_fmnist``
-    DPNASNet, the architectures found by neural architecture search under
-    DP-SGD in Cheng et al., "DPNAS: Neural Architecture Search for Deep
+Models:
+  `dpnas_cifar` / `dpnas_fmnist`: DPNASNet, the architectures found by
+    neural architecture search under DP-SGD in Cheng et al., "DPNAS: Neural Architecture Search for Deep
     Learning with Differential Privacy" (AAAI 2022), as used for CIFAR-10 and
     Fashion-MNIST by Park, Kim, Choi and Lee, "Differentially Private
     Sharpness-Aware Training" (ICML 2023).  529,434 and 214,570 parameters.
-``tb_cnn``
-    The end-to-end tanh CNNs of Tramer and Boneh, "Differentially Private
-    Learning Needs Better Features (or Much More Data)" (ICLR 2021): 550,570
+  `tb_cnn`: The end-to-end tanh CNNs of Tramer and Boneh, "Differentially
+    Private Learning Needs Better Features (or Much More Data)" (ICLR 2021): 550,570
     parameters for CIFAR-10 and 26,010 for (Fashion-)MNIST.
-``resnet10_gn``
-    The ResNet-10 (one basic block per stage) that Park et al. train on MNIST,
-    with every BatchNorm replaced by GroupNorm the way Opacus'
-    ``ModuleValidator.fix`` does it.  4,902,090 parameters.
-``mlp``
-    A small Dense-only baseline for benchmarks (not from a paper).
+  `resnet10_gn`: The ResNet-10 (one basic block per stage) that Park et al.
+    train on MNIST, with every BatchNorm replaced by GroupNorm the way Opacus'
+    `ModuleValidator.fix` does it.  4,902,090 parameters.
+  `mlp`: A small Dense-only baseline for benchmarks (not from a paper).
 
-Why GroupNorm
--------------
-DP-SGD clips and noises per-example gradients, which requires every example's
-output to depend on that example alone.  BatchNormalization normalises with
-statistics of the whole batch, so one example's gradient would depend on the
-others (and batch statistics would leak through the running averages).
-GroupNormalization normalises each example over groups of its own channels,
-so it is compatible with per-example clipping.  No model here contains
-BatchNormalization or Dropout.
+Why GroupNorm:
+  DP-SGD clips and noises per-example gradients, which requires every example's
+  output to depend on that example alone.  BatchNormalization normalises with
+  statistics of the whole batch, so one example's gradient would depend on the
+  others (and batch statistics would leak through the running averages).
+  GroupNormalization normalises each example over groups of its own channels,
+  so it is compatible with per-example clipping.  No model here contains
+  BatchNormalization or Dropout.
 
-Conventions
------------
-* Layouts are NHWC.  Where PyTorch pads a strided convolution symmetrically,
-  the Keras version pads explicitly with ``ZeroPadding2D`` and uses
-  ``padding="valid"`` (Keras' ``"same"`` pads asymmetrically for even inputs).
-* ``Flatten`` runs over (H, W, C) instead of PyTorch's (C, H, W); this only
-  permutes the rows of the following Dense kernel.
-* GroupNorm uses PyTorch's epsilon, 1e-5.
-* Initialisers follow the PyTorch sources (DPNAS' He-normal fan-out
-  convolutions, PyTorch's default uniform(+-1/sqrt(fan_in)) elsewhere).  With
-  ``seed`` given, every initialiser gets its own seed derived from it, so two
-  builds with the same seed have identical weights.
+Conventions:
+  * Layouts are NHWC.  Where PyTorch pads a strided convolution symmetrically,
+    the Keras version pads explicitly with `ZeroPadding2D` and uses
+    `padding="valid"` (Keras' `"same"` pads asymmetrically for even inputs).
+  * `Flatten` runs over (H, W, C) instead of PyTorch's (C, H, W); this only
+    permutes the rows of the following Dense kernel.
+  * GroupNorm uses PyTorch's epsilon, 1e-5.
+  * Initialisers follow the PyTorch sources (DPNAS' He-normal fan-out
+    convolutions, PyTorch's default uniform(+-1/sqrt(fan_in)) elsewhere).  With
+    `seed` given, every initialiser gets its own seed derived from it, so two
+    builds with the same seed have identical weights.
 """
 
 from __future__ import annotations
@@ -200,7 +193,7 @@ _DPNAS_GROUPS = 8  # GroupNorm(8, affine=False) everywhere
 
 
 def _dpnas_edge(x, op: int, channels: int, seeds: _Seeds, name: str):
-    """Applies DPNAS primitive ``op`` (stride 1) to ``x``; None for 'none'."""
+    """Applies DPNAS primitive `op` (stride 1) to `x`; None for 'none'."""
     if op == 0:
         return None
     if op == 1:
@@ -304,7 +297,7 @@ def _dpnas_network(input_shape: tuple[int, ...], num_classes: int,
 
 def dpnas_cifar(input_shape=(32, 32, 3), num_classes: int = 10,
                 seed: int | None = None) -> keras.Model:
-    """DPNASNet for CIFAR-10 (``DPNASNet_CIFAR`` in the DP-SAT code), 32x32x3.
+    """DPNASNet for CIFAR-10 (`DPNASNet_CIFAR` in the DP-SAT code), 32x32x3.
 
     Structure (GN = GroupNorm(8 groups, no affine), all convs without bias)::
 
@@ -333,7 +326,7 @@ def dpnas_cifar(input_shape=(32, 32, 3), num_classes: int = 10,
     (projection) + 8 sep convs * 9*C: 48*48 + 72*48 = 5,760; 240*96 + 72*96 =
     29,952; 480*192 + 72*192 = 105,984; adapt 960*128 = 122,880; Dense
     2048*128 + 128 = 262,272; logits 128*10 + 10 = 1,290.  With
-    num_classes=100 this is the authors' ``DPNASNet_CIFAR100``.
+    num_classes=100 this is the authors' `DPNASNet_CIFAR100`.
     """
     input_shape = tuple(input_shape)
     if input_shape != (32, 32, 3):
@@ -347,7 +340,7 @@ def dpnas_cifar(input_shape=(32, 32, 3), num_classes: int = 10,
 
 def dpnas_fmnist(input_shape=(28, 28, 1), num_classes: int = 10,
                  seed: int | None = None) -> keras.Model:
-    """DPNASNet for Fashion-MNIST (``DPNASNet_FMNIST`` in the DP-SAT code), 28x28x1.
+    """DPNASNet for Fashion-MNIST (`DPNASNet_FMNIST` in the DP-SAT code), 28x28x1.
 
     Structure (GN = GroupNorm(8 groups, no affine), all convs without bias)::
 
@@ -482,11 +475,11 @@ def _resnet_gn(channels: int, name: str):
 
 def resnet10_gn(input_shape=(28, 28, 1), num_classes: int = 10,
                 seed: int | None = None) -> keras.Model:
-    """ResNet-10 with GroupNorm: the authors' ``ResNet10`` after Opacus' fix.
+    """ResNet-10 with GroupNorm: the authors' `ResNet10` after Opacus' fix.
 
     The DP-SAT code builds the kuangliu-style CIFAR ResNet with one basic block
-    per stage (``ResNet(ResBasicBlock, [1, 1, 1, 1], in_channels=1)``) and runs
-    Opacus ``ModuleValidator.fix``, which replaces each BatchNorm2d(C) by
+    per stage (`ResNet(ResBasicBlock, [1, 1, 1, 1], in_channels=1)`) and runs
+    Opacus `ModuleValidator.fix`, which replaces each BatchNorm2d(C) by
     GroupNorm(gcd(32, C) = 32 groups, C, affine=True)::
 
         3x3 conv 64 (stride 1), GN, ReLU
@@ -595,10 +588,10 @@ if tuple(_BUILDERS) != MODEL_NAMES:  # keep the public list in sync
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int = 10,
                 seed: int | None = None) -> keras.Model:
-    """Builds model ``name`` for ``input_shape`` (H, W, C), returning logits.
+    """Builds model `name` for `input_shape` (H, W, C), returning logits.
 
     Args:
-      name: one of ``MODEL_NAMES``.  ``"dpnas"`` and ``"tb_cnn"`` pick the
+      name: one of `MODEL_NAMES`.  `"dpnas"` and `"tb_cnn"` pick the
         CIFAR variant for 3-channel inputs and the (F)MNIST variant for
         1-channel inputs.
       input_shape: shape of one example, without the batch dimension.
@@ -606,11 +599,11 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int = 10,
       seed: if given, weights are initialised deterministically from it.
 
     Returns:
-      A built ``keras.Model``; ``count_params()`` works immediately.
+      A built `keras.Model`; `count_params()` works immediately.
 
     Raises:
-      ValueError: unknown ``name``, or an input shape the model does not
-        support, or a non-positive ``num_classes``.
+      ValueError: unknown `name`, or an input shape the model does not
+        support, or a non-positive `num_classes`.
     """
     if name not in _BUILDERS:
         raise ValueError(

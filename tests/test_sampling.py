@@ -1,0 +1,257 @@
+"""Tests for tf_dpsat.sampling: padded sizes, Poisson, shuffled and test batches."""
+
+import functools
+import math
+import re
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_dpsat import sampling
+from tf_dpsat.experiments import datasets
+
+
+# ---------------------------------------------------------------------------
+# padded_batch_size
+# ---------------------------------------------------------------------------
+
+
+def _exact_cap(n, steps, failure_probability):
+    """Smallest c with steps * P(Binomial(n, 1/10) > c) <= failure_probability.
+
+    Exact rational arithmetic, independent of scipy:
+    P(X = k) = C(n, k) 9^(n-k) / 10^n.
+    """
+    bound = Fraction(failure_probability)
+    tail = Fraction(0)  # P(X > c), built from the top down.
+    for c in range(n, -1, -1):
+        if steps * tail > bound:
+            return c + 1
+        tail += Fraction(math.comb(n, c) * 9 ** (n - c), 10 ** n)
+    return 0
+
+
+# Golden values (hand computation with _exact_cap, q = 0.1):
+#   N=100,  E=10,  steps=1,   p=1e-6 -> 27
+#   N=1000, E=100, steps=1,   p=1e-6 -> 148
+#   N=1000, E=100, steps=100, p=1e-6 -> 157
+#   N=1000, E=100, steps=100, p=1e-3 -> 143
+@pytest.mark.parametrize("n,expected,steps,p,golden", [
+    (100, 10, 1, 1e-6, 27),
+    (1000, 100, 1, 1e-6, 148),
+    (1000, 100, 100, 1e-6, 157),
+    (1000, 100, 100, 1e-3, 143),
+])
+def test_padded_batch_size_golden(n, expected, steps, p, golden):
+    assert _exact_cap(n, steps, p) == golden
+    assert sampling.padded_batch_size(expected, n, steps, failure_probability=p) == golden
+
+
+def test_padded_batch_size_monotonic_and_rounding():
+    base = sampling.padded_batch_size(2000, 50000, 200)
+    assert base == 2256  # scipy-based; CIFAR-10 at q = 0.04.
+    # More steps or a stricter bound never shrink the cap.
+    caps = [sampling.padded_batch_size(2000, 50000, s) for s in (1, 10, 100, 1000, 10000)]
+    assert caps == sorted(caps) and caps[0] < caps[-1]
+    caps = [sampling.padded_batch_size(2000, 50000, 200, failure_probability=p)
+            for p in (1e-2, 1e-4, 1e-6, 1e-9, 1e-12)]
+    assert caps == sorted(caps) and caps[0] < caps[-1]
+    rounded = sampling.padded_batch_size(2000, 50000, 200, multiple_of=512)
+    assert rounded % 512 == 0 and base <= rounded < base + 512
+    # q = 1 includes everything: the cap is exactly N.
+    assert sampling.padded_batch_size(50, 50, 10) == 50
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(expected_batch_size=0, num_examples=10, steps=1),
+    dict(expected_batch_size=11, num_examples=10, steps=1),
+    dict(expected_batch_size=5, num_examples=10, steps=0),
+    dict(expected_batch_size=5, num_examples=10, steps=1, failure_probability=0.0),
+    dict(expected_batch_size=5, num_examples=10, steps=1, multiple_of=0),
+])
+def test_padded_batch_size_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        sampling.padded_batch_size(**kwargs)
+
+
+# ---------------------------------------------------------------------------
+# poisson_dataset
+# ---------------------------------------------------------------------------
+
+
+def _index_data(n, shape=(1, 1, 1)):
+    """Images whose every pixel is (index % 250) + 1, labels = index."""
+    images = np.broadcast_to(((np.arange(n) % 250) + 1).astype(np.uint8).reshape(-1, 1, 1, 1),
+                             (n,) + shape).copy()
+    return images, np.arange(n, dtype=np.int64)
+
+
+def _collect(ds):
+    return [tuple(t.numpy() for t in batch) for batch in ds]
+
+
+def test_poisson_inclusion_rate_and_batch_size_moments():
+    n, expected, steps = 200, 20, 2000
+    q = expected / n
+    images, labels = _index_data(n)
+    ds = sampling.poisson_dataset(images, labels, expected_batch_size=expected, steps=steps,
+                              padded_size=sampling.padded_batch_size(expected, n, steps), seed=7)
+    counts = np.zeros(n)
+    sizes = []
+    for _, y, w in _collect(ds):
+        sampled = y[w > 0]
+        assert len(np.unique(sampled)) == len(sampled)  # No example twice in a step.
+        counts[sampled] += 1
+        sizes.append(len(sampled))
+    sizes = np.asarray(sizes, np.float64)
+    # Per-example inclusion count ~ Binomial(steps, q): std of its rate is
+    # sqrt(q(1-q)/steps) = 0.0067; allow 5 sigma (0.034).
+    rate_tol = 5 * math.sqrt(q * (1 - q) / steps)
+    assert np.max(np.abs(counts / steps - q)) < rate_tol
+    # Batch size ~ Binomial(n, q): mean 20, variance n q (1-q) = 18.
+    # Std of the sample mean: sqrt(18 / steps) = 0.095 -> 5 sigma = 0.47.
+    var = n * q * (1 - q)
+    assert abs(sizes.mean() - n * q) < 5 * math.sqrt(var / steps)
+    # Std of the sample variance ~ var * sqrt((2 + excess kurtosis) / (steps - 1))
+    # with binomial excess kurtosis (1 - 6q(1-q)) / var; 5 sigma = 2.9.
+    kurt = (1 - 6 * q * (1 - q)) / var
+    assert abs(sizes.var(ddof=1) - var) < 5 * var * math.sqrt((2 + kurt) / (steps - 1))
+
+
+def test_poisson_static_shapes_and_padding():
+    n = 300
+    images, labels = _index_data(n, shape=(4, 4, 3))
+    preprocess = functools.partial(datasets.normalize, name="cifar10")
+    ds = sampling.poisson_dataset(images, labels, expected_batch_size=30, steps=20, padded_size=64,
+                              seed=3, preprocess=preprocess)
+    for spec in ds.element_spec:
+        assert spec.shape.is_fully_defined()
+    x_spec, y_spec, w_spec = ds.element_spec
+    assert x_spec.shape == (64, 4, 4, 3) and x_spec.dtype == tf.float32
+    assert y_spec.shape == (64,) and w_spec.shape == (64,) and w_spec.dtype == tf.float32
+    for x, y, w in _collect(ds):
+        real = w > 0
+        k = int(real.sum())
+        assert set(np.unique(w)) <= {0.0, 1.0}
+        assert real[:k].all() and not real[k:].any()  # Sampled rows first.
+        # Padding is inert: zero image (not -mean/std), label 0, weight 0.
+        np.testing.assert_array_equal(x[k:], 0.0)
+        np.testing.assert_array_equal(y[k:], 0)
+        assert np.all(np.diff(y[:k]) > 0)  # Distinct, in index order.
+        np.testing.assert_allclose(x[:k], datasets.normalize(images[y[:k]], "cifar10"),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_poisson_is_deterministic_and_resumable():
+    images, labels = _index_data(500)
+    make = functools.partial(sampling.poisson_dataset, images, labels, expected_batch_size=50,
+                             steps=12, padded_size=100)
+    full = _collect(make(seed=11))
+    again = _collect(make(seed=11))
+    resumed = _collect(make(seed=11, start_step=5))
+    other = _collect(make(seed=12))
+    assert len(full) == 12 and len(resumed) == 7
+    for a, b in zip(full, again):
+        for u, v in zip(a, b):
+            np.testing.assert_array_equal(u, v)
+    for a, b in zip(full[5:], resumed):
+        for u, v in zip(a, b):
+            np.testing.assert_array_equal(u, v)
+    assert any(not np.array_equal(a[1], b[1]) for a, b in zip(full, other))
+    # Steps differ from one another too (the step is part of the RNG key).
+    assert not np.array_equal(full[0][1], full[1][1])
+
+
+def test_default_sampling_key_is_secret_and_fresh():
+    # No seed: each dataset draws its key from OS entropy, so two of them
+    # sample different batches (12 steps of ~50 of 500 examples: identical
+    # samples by chance have probability far below 1e-100).
+    images, labels = _index_data(500)
+    make = functools.partial(sampling.poisson_dataset, images, labels, expected_batch_size=50,
+                             steps=12, padded_size=100)
+    a, b = _collect(make()), _collect(make())
+    assert any(not np.array_equal(u[1], v[1]) for u, v in zip(a, b))
+    first = [_collect(sampling.shuffle_dataset(images, labels, batch_size=50))
+             for _ in range(2)]
+    assert any(not np.array_equal(u[1], v[1]) for u, v in zip(*first))
+
+
+def test_poisson_overflow_raises_with_clear_message():
+    images, labels = _index_data(100)
+    # q = 0.9 with a cap of 90: P(Binomial(100, 0.9) > 90) ~ 0.45 per step, so
+    # 40 steps overflow except with probability ~1e-10 (and the seed is fixed).
+    ds = sampling.poisson_dataset(images, labels, expected_batch_size=90, steps=40,
+                              padded_size=90, seed=0)
+    with pytest.raises(tf.errors.InvalidArgumentError) as info:
+        _collect(ds)
+    match = re.search(r"overflow at step (\d+): (\d+) examples sampled but padded_size is 90",
+                      info.value.message)
+    assert match, info.value.message
+    assert int(match.group(2)) > 90
+    assert "padded_batch_size" in info.value.message
+
+
+def test_poisson_under_mirrored_strategy_and_one_hot_labels(mirrored_strategy):
+    # tf.distribute splits the static padded batch evenly across replicas
+    # (conftest provides 2 logical CPUs); multiple_of keeps it divisible.
+    images, labels = _index_data(64)
+    one_hot = np.eye(64, dtype=np.float32)
+    padded = sampling.padded_batch_size(16, 64, 3, multiple_of=2)
+    ds = sampling.poisson_dataset(images, one_hot, expected_batch_size=16, steps=3,
+                              padded_size=padded, seed=1)
+    strategy = mirrored_strategy
+    for x, y, w in strategy.experimental_distribute_dataset(ds):
+        parts = strategy.experimental_local_results(y)
+        assert len(parts) == 2 and all(p.shape == (padded // 2, 64) for p in parts)
+    for _, y, w in _collect(ds):
+        np.testing.assert_array_equal(y.sum(axis=1), w)  # Padding rows all zero.
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(padded_size=10),  # Below the expected batch size.
+    dict(start_step=11),
+    dict(seed=-1),
+    dict(expected_batch_size=0),
+])
+def test_poisson_rejects_bad_arguments(kwargs):
+    images, labels = _index_data(100)
+    args = dict(expected_batch_size=20, steps=10, padded_size=40, seed=0)
+    args.update(kwargs)
+    with pytest.raises(ValueError):
+        sampling.poisson_dataset(images, labels, **args)
+    with pytest.raises(ValueError):
+        sampling.poisson_dataset(images, labels[:-1], expected_batch_size=20, steps=10,
+                             padded_size=40, seed=0)
+
+
+# ---------------------------------------------------------------------------
+# shuffle_dataset / test_dataset
+# ---------------------------------------------------------------------------
+
+
+def test_shuffle_dataset_epochs():
+    images, labels = _index_data(103)
+    make = functools.partial(sampling.shuffle_dataset, images, labels, batch_size=10, seed=5)
+    epoch0 = _collect(make(epoch=0))
+    assert len(epoch0) == 10  # drop_remainder: 3 examples dropped.
+    assert make(epoch=0).element_spec[0].shape == (10, 1, 1, 1)
+    seen = np.concatenate([y for _, y, _ in epoch0])
+    assert len(np.unique(seen)) == 100  # Each example at most once.
+    assert all((w == 1.0).all() for _, _, w in epoch0)
+    np.testing.assert_array_equal(seen, np.concatenate([y for _, y, _ in _collect(make(epoch=0))]))
+    epoch1 = np.concatenate([y for _, y, _ in _collect(make(epoch=1))])
+    assert not np.array_equal(seen, epoch1)
+    everything = np.concatenate([y for _, y, _ in _collect(make(epoch=2, drop_remainder=False))])
+    np.testing.assert_array_equal(np.sort(everything), labels)
+
+
+def test_test_dataset_covers_all_in_order():
+    images, labels = _index_data(25)
+    batches = _collect(sampling.test_dataset(images, labels, batch_size=10))
+    assert [len(y) for _, y in batches] == [10, 10, 5]
+    np.testing.assert_array_equal(np.concatenate([y for _, y in batches]), labels)
+    np.testing.assert_array_equal(batches[0][0], images[:10].astype(np.float32))
+
+
