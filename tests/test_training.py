@@ -25,6 +25,7 @@ from absl import flags
 
 from tf_dpsat import accounting
 from tf_dpsat import sampling
+from tf_dpsat import sharpness
 from tf_dpsat.experiments import datasets
 from tf_dpsat.experiments import training
 
@@ -979,3 +980,25 @@ def test_a_run_started_before_a_new_field_resumes_with_its_default(tmp_path):
     del state["config"]["validation_examples"]
     (tmp_path / "state.json").write_text(json.dumps(state))
     assert training.train(config)["steps"] == 30
+
+
+def test_sharpness_examples_are_measured_at_each_evaluation(tmp_path):
+    config = small_config(epochs=2, sharpness_examples=64, model_dir=str(tmp_path))
+    result = training.train(config)
+    measured = result["sharpness"]
+    assert measured["num_examples"] == 64 and "not private" in measured["note"].lower()
+    assert [h["epoch"] for h in measured["history"]] == [1, 2]
+    assert "top_hessian_eigenvalue" not in json.dumps(result["private"])
+    # The final value is the eigenvalue of the saved model on the first 64
+    # training examples, measured independently here.
+    model = keras.models.load_model(tmp_path / "checkpoint-0002.keras")
+    dataset = training.load_data(config)
+    x = datasets.normalize(dataset.train_images[:64], name="digits")
+    expected = sharpness.top_hessian_eigenvalue(
+        model, x, dataset.train_labels[:64], loss=model.loss,
+        iterations=training.SHARPNESS_ITERATIONS, seed=training.SHARPNESS_SEED)
+    assert measured["final_top_hessian_eigenvalue"] == pytest.approx(
+        expected.eigenvalue, rel=1e-4)
+    assert expected.eigenvalue > 0
+    with pytest.raises(ValueError, match="sharpness_examples=5000 <= 1500"):
+        training.train(small_config(sharpness_examples=5000))

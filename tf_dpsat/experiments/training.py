@@ -79,6 +79,7 @@ from absl import logging
 from tf_dpsat import accounting
 from tf_dpsat import noise
 from tf_dpsat import sampling
+from tf_dpsat import sharpness
 from tf_dpsat import validation
 from tf_dpsat.callbacks import SAMPLINGS
 from tf_dpsat.callbacks import PrivacyCallback
@@ -144,6 +145,7 @@ _SECRET_HEADER = """\
 RESUMABLE_FIELDS = frozenset({
     "data_dir", "raw_data_dir", "download", "model_dir", "eval_every",
     "eval_batch_size", "jit_compile", "keras_verbose", "record_train_diagnostics",
+    "sharpness_examples",
 })
 
 # Test-set metrics: post-processing of the private model on public data.
@@ -167,6 +169,17 @@ _VALIDATION_NOTE = (
     "(--validation_examples). The model is trained without them, but these "
     "numbers are functions of them, and choosing hyperparameters on them is "
     "outside the (epsilon, delta) guarantee.")
+
+# --sharpness_examples: power iterations per measurement, and the public seed
+# of their start vector.
+SHARPNESS_ITERATIONS = 20
+SHARPNESS_SEED = 0
+SHARPNESS_METRIC = "top_hessian_eigenvalue"
+_SHARPNESS_NOTE = (
+    "NOT private: the largest eigenvalue of the Hessian of the mean training "
+    "loss, measured on the first --sharpness_examples training examples (power "
+    "iteration, tf_dpsat.sharpness). A function of those private examples, "
+    "without noise: a diagnostic, outside the (epsilon, delta) guarantee.")
 
 # Purposes of the seeds derived from TrainConfig.seed (_SEED_MODEL) and from
 # the run's secret (the others).
@@ -222,6 +235,10 @@ class TrainConfig:
         (a fixed public choice, `VALIDATION_SPLIT_SEED`) and evaluate on them
         at every evaluation, to choose hyperparameters without reading the
         test set. DP training and its accountant see the remaining examples.
+      sharpness_examples: At every evaluation, measure the top eigenvalue of
+        the Hessian of the training loss on this many training examples
+        (the first ones after the validation split: a fixed public choice);
+        0 measures nothing. A non-private diagnostic, like the training loss.
       data_dir: tensorflow-datasets directory with a prepared dataset.
       raw_data_dir: Directory with the dataset's original files.
       download: Let tensorflow-datasets download a dataset that is not
@@ -257,6 +274,7 @@ class TrainConfig:
     eval_batch_size: int = 1000
     max_train_examples: Optional[int] = None
     validation_examples: int = 0
+    sharpness_examples: int = 0
     data_dir: Optional[str] = None
     raw_data_dir: Optional[str] = None
     download: bool = True
@@ -291,6 +309,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_every", "eval_batch_size"):
             check.check_int(name, getattr(self, name))
         check.check_int("validation_examples", self.validation_examples, minimum=0)
+        check.check_int("sharpness_examples", self.sharpness_examples, minimum=0)
         for name in ("physical_batch_size", "max_train_examples"):
             check.check_int(name, getattr(self, name), allow_none=True)
         if check.check_int("seed", self.seed, minimum=0) >= _SEED_LIMIT:
@@ -371,6 +390,10 @@ _FLAG_HELP = {
     "eval_every": "Evaluate on the test set every N epochs (and after the last).",
     "eval_batch_size": "Evaluation batch size.",
     "max_train_examples": "Use only the first N training examples (smoke runs).",
+    "sharpness_examples": "At each evaluation, measure the top Hessian "
+                          "eigenvalue of the training loss on the first N "
+                          "training examples (NOT private; seconds for tb_cnn "
+                          "and N=1000, minutes for DPNASNet).",
     "validation_examples": "Hold N training examples out of training (a fixed "
                            "public choice) and report accuracy on them at each "
                            "evaluation (NOT private), to choose hyperparameters "
@@ -398,6 +421,7 @@ _FLOAT_FLAGS = ("epsilon", "delta", "noise_multiplier", "learning_rate", "moment
                 "l2_norm_clip", "rho")
 _INT_FLAGS = ("epochs", "batch_size", "physical_batch_size", "seed", "eval_every",
               "eval_batch_size", "max_train_examples", "validation_examples",
+              "sharpness_examples",
               "keras_verbose", "dp_seed")
 _STRING_FLAGS = ("data_dir", "raw_data_dir", "model_dir")
 _BOOL_FLAGS = ("download", "record_train_diagnostics")
@@ -1035,9 +1059,18 @@ def _accuracy_epsilon_figure(history: Sequence[Dict[str, Any]], title: str,
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(6.4, 4.4))
+    sharp = [(h["epoch"], h[SHARPNESS_METRIC]) for h in history
+             if h.get(SHARPNESS_METRIC) is not None]
+    fig = Figure(figsize=(6.4, 6.4 if sharp else 4.4))
     FigureCanvasAgg(fig)
-    left = fig.subplots()
+    if sharp:  # A second panel below, on the same epochs.
+        left, lower = fig.subplots(2, 1, sharex=True, height_ratios=(2, 1))
+        lower.plot([e for e, _ in sharp], [v for _, v in sharp], marker="D",
+                   color="tab:green", linestyle="-")
+        lower.set_ylabel("top Hessian eigenvalue\n(NOT private)")
+        lower.set_xlabel("epoch")
+    else:
+        left = fig.subplots()
     epochs = [h["epoch"] for h in history]
     evaluated = [h for h in history if h.get("test_accuracy") is not None]
     lines = left.plot([h["epoch"] for h in evaluated],
@@ -1046,7 +1079,8 @@ def _accuracy_epsilon_figure(history: Sequence[Dict[str, Any]], title: str,
                       label="test accuracy (%)")
     left.set_ylim(0, 100)
     left.set_ylabel("test accuracy (%)", color="tab:blue")
-    left.set_xlabel("epoch")
+    if not sharp:
+        left.set_xlabel("epoch")
     # Whole epochs only, with half an epoch of room so that a run of one or
     # two epochs does not put its points on the frame.
     left.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
@@ -1104,6 +1138,49 @@ class _Evaluate(keras.callbacks.Callback):
             if logs is not None:
                 logs[f"{split}_loss"] = float(result["loss"])
                 logs[f"{split}_accuracy"] = float(result["accuracy"])
+
+
+def sharpness_batch(config: TrainConfig, dataset: data.Dataset) -> Tuple[Any, Any]:
+    """The normalised `(x, y)` on which `--sharpness_examples` measures.
+
+    The first `config.sharpness_examples` training examples of `dataset`
+    (after the validation split): the same examples at every evaluation and
+    in every run of a study.
+
+    Raises:
+      UserError: More examples than the training set holds.
+    """
+    count = config.sharpness_examples
+    if count > len(dataset.train_images):
+        raise validation.UserError(
+            f"Expected sharpness_examples={count} <= {len(dataset.train_images)}, "
+            "the number of training examples.")
+    x = data.normalize(dataset.train_images[:count], name=config.dataset)
+    return x, dataset.train_labels[:count]
+
+
+def top_eigenvalue(model: keras.Model, x: Any, y: Any,
+                   batch_size: int) -> sharpness.EigenResult:
+    """The top Hessian eigenvalue of the model's compiled loss on `(x, y)`."""
+    return sharpness.top_hessian_eigenvalue(
+        model, x, y, loss=model.loss, iterations=SHARPNESS_ITERATIONS,
+        batch_size=batch_size, seed=SHARPNESS_SEED)
+
+
+class _Sharpness(keras.callbacks.Callback):
+    """Adds the top Hessian eigenvalue to the epoch logs at every evaluation."""
+
+    def __init__(self, x: Any, y: Any, every: int, last_epoch: int, batch_size: int):
+        super().__init__()
+        self._x, self._y, self._batch_size = x, y, batch_size
+        self._every, self._last = every, last_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self._every and epoch + 1 != self._last:
+            return
+        result = top_eigenvalue(self.model, self._x, self._y, self._batch_size)
+        if logs is not None:
+            logs[SHARPNESS_METRIC] = result.eigenvalue
 
 
 class _DropNonPrivateLogs(keras.callbacks.Callback):
@@ -1164,7 +1241,7 @@ class _Run:
         self.last_epsilon = epsilon
         entry = {"epoch": epoch + 1, "steps": self.steps, "epsilon": epsilon,
                  "wall_time_s": round(self.wall_time(), 3)}
-        for key in (_PRIVATE_METRICS + _VALIDATION_METRICS +
+        for key in (_PRIVATE_METRICS + _VALIDATION_METRICS + (SHARPNESS_METRIC,) +
                     accounting.NON_PRIVATE_DIAGNOSTICS):
             if key in logs:
                 entry[key] = float(logs[key])
@@ -1255,6 +1332,16 @@ class _Run:
                 "history": [{"epoch": h["epoch"],
                              **{k: h[k] for k in _VALIDATION_METRICS if k in h}}
                             for h in validated]}
+        if config.sharpness_examples:
+            measured = [{"epoch": h["epoch"], SHARPNESS_METRIC: h[SHARPNESS_METRIC]}
+                        for h in self.history if SHARPNESS_METRIC in h]
+            results["sharpness"] = {
+                "note": _SHARPNESS_NOTE,
+                "num_examples": config.sharpness_examples,
+                "iterations": SHARPNESS_ITERATIONS,
+                "final_" + SHARPNESS_METRIC: (measured[-1][SHARPNESS_METRIC]
+                                              if measured else None),
+                "history": measured}
         if config.record_train_diagnostics:
             results["non_private_diagnostics"] = {
                 "note": accounting.NON_PRIVATE_NOTE,
@@ -1282,7 +1369,8 @@ class _Run:
 
 def _callbacks(config: TrainConfig, plan: RunPlan, run: _Run,
                evaluation: Dict[str, tf.data.Dataset],
-               extra: Sequence[keras.callbacks.Callback]) -> list:
+               extra: Sequence[keras.callbacks.Callback],
+               sharpness_data: Optional[Tuple[Any, Any]] = None) -> list:
     callbacks = []
     if not config.record_train_diagnostics:
         callbacks.append(_DropNonPrivateLogs())  # First: see _DropNonPrivateLogs.
@@ -1292,6 +1380,10 @@ def _callbacks(config: TrainConfig, plan: RunPlan, run: _Run,
             plan.num_examples, delta=config.delta, sampling=config.sampling,
             batch_size=config.batch_size))
     callbacks.append(_Evaluate(evaluation, config.eval_every, config.epochs))
+    if sharpness_data is not None:
+        callbacks.append(_Sharpness(*sharpness_data, every=config.eval_every,
+                                    last_epoch=config.epochs,
+                                    batch_size=config.eval_batch_size))
     callbacks.append(_Recorder(run))
     if config.model_dir is not None and _tensorboard_installed():
         callbacks.append(keras.callbacks.TensorBoard(
@@ -1401,6 +1493,8 @@ def train(config: TrainConfig,
 def _fit(model: keras.Model, config: TrainConfig, plan: RunPlan, dataset: data.Dataset,
          held_out: Optional[Validation], run: _Run, extra_callbacks: Sequence[keras.callbacks.Callback],
          secret: int) -> None:
+    sharpness_data = (sharpness_batch(config, dataset) if config.sharpness_examples
+                      else None)
     if config.private:
         # The optimizer refuses any noisy step beyond the plan, whose epsilon
         # is the calibrated one (<= --epsilon): the ledger cannot overrun.
@@ -1412,5 +1506,6 @@ def _fit(model: keras.Model, config: TrainConfig, plan: RunPlan, dataset: data.D
         evaluation["validation"] = test_batches(config, held_out.images, held_out.labels)
     model.fit(batches, epochs=config.epochs, initial_epoch=run.epochs_done,
               steps_per_epoch=plan.steps_per_epoch * plan.accumulation_steps,
-              callbacks=_callbacks(config, plan, run, evaluation, extra_callbacks),
+              callbacks=_callbacks(config, plan, run, evaluation, extra_callbacks,
+                                   sharpness_data),
               shuffle=False, verbose=config.keras_verbose)
