@@ -49,6 +49,12 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"],
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Summary JSON path.")
 _PLOT = flags.DEFINE_string("plot", None, "Summary PNG path.")
 _TITLE = flags.DEFINE_string("title", "", "Title of the plot.")
+_MEASURE_SHARPNESS = flags.DEFINE_integer(
+    "measure_sharpness", 0,
+    "After each run, measure the top Hessian eigenvalue of its final model on "
+    "the first N training examples (sharpness.json; NOT private), also for runs "
+    "finished earlier that lack it; 0 measures nothing. For runs trained "
+    "without the binary's --sharpness_examples.")
 _SUMMARIZE_ONLY = flags.DEFINE_bool("summarize_only", False,
                                     "Summarise the finished runs; train nothing.")
 
@@ -60,6 +66,15 @@ def _summarize(runs):
     if _PLOT.value:
         study.plot(summary, _PLOT.value, title=_TITLE.value)
     return summary
+
+
+def _measure(run, label):
+    if not _MEASURE_SHARPNESS.value or study.has_sharpness(run.directory):
+        return
+    start = time.monotonic()
+    measured = study.measure_sharpness(run.directory, _MEASURE_SHARPNESS.value)
+    print(f"{label}: top Hessian eigenvalue {measured['top_hessian_eigenvalue']:.4g} "
+          f"({time.monotonic() - start:.0f} s)", flush=True)
 
 
 def main(argv):
@@ -81,6 +96,7 @@ def main(argv):
             label = f"[{index}/{len(runs)}] {os.path.basename(run.directory)}"
             if study.read_run(run.directory) is not None:
                 print(f"{label}: finished earlier", flush=True)
+                _measure(run, label)
                 continue
             print(f"{label}: training (log: {run.directory}.log)", flush=True)
             start = time.monotonic()
@@ -93,6 +109,7 @@ def main(argv):
             finished = study.read_run(run.directory)
             print(f"{label}: test accuracy {100 * finished['test_accuracy']:.2f}% "
                   f"({time.monotonic() - start:.0f} s)", flush=True)
+            _measure(run, label)
             _summarize(runs)
     summary = _summarize(runs)
     print(study.markdown_table(summary))

@@ -114,6 +114,21 @@ def test_runner_trains_pairs_resumes_and_summarises(tmp_path):
                            timeout=600)
     assert again.returncode == 0
     assert again.stdout.count("finished earlier") == 2
+    # Sharpness of the finished runs, measured afterwards: the same value as
+    # the binary's --sharpness_examples would record for the final model.
+    measured = subprocess.run(command[:-6] + ["--measure_sharpness=32", "--"] +
+                              command[-5:], capture_output=True, text=True,
+                              env=env, timeout=600)
+    assert measured.returncode == 0, measured.stderr[-2000:]
+    assert measured.stdout.count(": top Hessian eigenvalue") == 2
+    saved = json.loads((tmp_path / "dpsgd_s3" / "sharpness.json").read_text())
+    assert saved["num_examples"] == 32 and "not private" in saved["note"].lower()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    paired = summary["cells"][1]["paired_top_hessian_eigenvalue"]
+    assert paired["per_seed"] == [pytest.approx(
+        json.loads((tmp_path / "dpsat_rho0.1_gradient_s3" / "sharpness.json")
+                   .read_text())["top_hessian_eigenvalue"]
+        - saved["top_hessian_eigenvalue"])]
     refused = subprocess.run(command + ["--seed=1"], capture_output=True, text=True,
                              env=env, timeout=600)
     assert refused.returncode != 0 and "--seed is set by the study" in refused.stderr

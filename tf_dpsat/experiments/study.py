@@ -31,7 +31,9 @@ __all__ = [
     "Cell",
     "Run",
     "grid",
+    "has_sharpness",
     "markdown_table",
+    "measure_sharpness",
     "plot",
     "read_run",
     "summarize",
@@ -146,6 +148,57 @@ def read_run(directory: str) -> Optional[Dict[str, Any]]:
         "top_hessian_eigenvalue": eigenvalue,
         "wall_time_s": results.get("wall_time_s"),
     }
+
+
+def has_sharpness(directory: str) -> bool:
+    """Whether a finished run holds a top Hessian eigenvalue."""
+    run = read_run(directory)
+    return run is not None and run["top_hessian_eigenvalue"] is not None
+
+
+def measure_sharpness(directory: str, num_examples: int) -> Dict[str, Any]:
+    """Measures a finished run's final top Hessian eigenvalue; writes sharpness.json.
+
+    The same measurement as the binary's `--sharpness_examples` (the first
+    `num_examples` training examples after the run's validation split,
+    `training.top_eigenvalue`), on the run's last checkpoint: for runs that
+    were trained without that flag.
+
+    Args:
+      directory: A finished run's `--model_dir`.
+      num_examples: Training examples to measure on.
+
+    Returns:
+      What sharpness.json holds: the eigenvalue, whether the power iteration
+      converged, the number of examples and iterations, and a note that it
+      is not private.
+
+    Raises:
+      UserError: The run is not finished.
+    """
+    # Imported here: training pulls in TensorFlow, which summaries do not need.
+    import keras
+
+    from tf_dpsat.experiments import training
+
+    if read_run(directory) is None:
+        raise validation.UserError(f"{directory} holds no finished run.")
+    with open(os.path.join(directory, training.STATE_FILE)) as f:
+        state = json.load(f)
+    fields = {f.name for f in dataclasses.fields(training.TrainConfig)}
+    config = training.TrainConfig(**{k: v for k, v in state["config"].items()
+                                     if k in fields} | {"sharpness_examples": num_examples})
+    dataset, _ = training.split_validation(training.load_data(config),
+                                           config.validation_examples)
+    x, y = training.sharpness_batch(config, dataset)
+    model = keras.models.load_model(os.path.join(directory, state["checkpoint"]))
+    result = training.top_eigenvalue(model, x, y, batch_size=config.eval_batch_size)
+    measured = {"top_hessian_eigenvalue": result.eigenvalue,
+                "converged": result.converged, "iterations": result.iterations,
+                "num_examples": num_examples, "checkpoint": state["checkpoint"],
+                "note": training.SHARPNESS_NOTE}
+    write_json(os.path.join(directory, SHARPNESS_FILE), measured)
+    return measured
 
 
 def _t_quantile_975(dof: int) -> float:

@@ -175,7 +175,7 @@ _VALIDATION_NOTE = (
 SHARPNESS_ITERATIONS = 20
 SHARPNESS_SEED = 0
 SHARPNESS_METRIC = "top_hessian_eigenvalue"
-_SHARPNESS_NOTE = (
+SHARPNESS_NOTE = (
     "NOT private: the largest eigenvalue of the Hessian of the mean training "
     "loss, measured on the first --sharpness_examples training examples (power "
     "iteration, tf_dpsat.sharpness). A function of those private examples, "
@@ -1336,7 +1336,7 @@ class _Run:
             measured = [{"epoch": h["epoch"], SHARPNESS_METRIC: h[SHARPNESS_METRIC]}
                         for h in self.history if SHARPNESS_METRIC in h]
             results["sharpness"] = {
-                "note": _SHARPNESS_NOTE,
+                "note": SHARPNESS_NOTE,
                 "num_examples": config.sharpness_examples,
                 "iterations": SHARPNESS_ITERATIONS,
                 "final_" + SHARPNESS_METRIC: (measured[-1][SHARPNESS_METRIC]
