@@ -134,8 +134,9 @@ def agree_on_int(strategy: Optional[tf.distribute.Strategy], value: int) -> int:
     Every worker must call it, at the same point of the program (it is a
     collective). Replica 0 runs on the chief (MultiWorkerMirroredStrategy
     numbers the chief's replicas first), so the other workers may pass any
-    placeholder, e.g. 0. The value travels only between the workers'
-    memories; nothing is logged or written.
+    placeholder, e.g. 0. Nothing is logged or written, but the value crosses
+    the cluster's gRPC connections, which TensorFlow does not encrypt: for a
+    secret, keep the workers on a private network.
 
     Args:
       strategy: The strategy; None (one process) returns `value`.
