@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import tf_dpsat
 from tf_dpsat import distributed
 from tf_dpsat import training
 
@@ -120,6 +121,8 @@ def test_make_strategy_names_and_needs_tf_config(monkeypatch):
         distributed.make_strategy("multi_worker")
     with pytest.raises(ValueError, match="distribution"):
         training.TrainConfig(distribution="horovod")
+    with pytest.raises(ValueError, match="DP methods only"):
+        training.TrainConfig(distribution="mirrored", method="nonprivate")
 
 
 def test_evaluate_locally_matches_keras_evaluate():
@@ -139,6 +142,26 @@ def test_evaluate_locally_matches_keras_evaluate():
     hits = np.argmax(model.predict(x, verbose=0), axis=-1) == y
     assert local.accuracy == hits.sum() / 50
     assert local.accuracy == pytest.approx(expected["accuracy"], abs=1e-7)
+
+
+def test_fit_probes_a_dp_model_for_batch_mixing_before_any_step(mirrored_strategy):
+    # Keras's fit probes a DP model in make_train_function; distributed.fit
+    # does not use Keras's fit and must probe it as well.
+    with mirrored_strategy.scope():
+        inputs = keras.Input((4,))
+        mixing = keras.layers.BatchNormalization(name="mixing")(inputs)
+        model = tf_dpsat.make_private(
+            keras.Model(inputs, keras.layers.Dense(2)(mixing)))
+        model.compile(optimizer=tf_dpsat.DPSATKeras(
+            learning_rate=1.0, l2_norm_clip=1.0, noise_multiplier=1.0, rho=0.0,
+            expected_batch_size=4), loss=keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True))
+    before = [np.asarray(v).copy() for v in model.weights]
+    batch = (tf.ones([4, 4]), tf.zeros([4], tf.int64), tf.ones([4]))
+    with pytest.raises(ValueError, match="'mixing'.*mixes examples across the batch"):
+        distributed.fit(model, mirrored_strategy, [batch], epochs=1, steps_per_epoch=1)
+    for a, b in zip(before, model.weights):
+        np.testing.assert_array_equal(a, np.asarray(b))
 
 
 # ---------------------------------------------------------------------------

@@ -44,8 +44,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_dpsat import batch_independence
-
 __all__ = [
     "DISTRIBUTIONS",
     "Evaluation",
@@ -272,7 +270,8 @@ def fit(model: keras.Model, strategy: tf.distribute.Strategy,
     Every worker runs it with the same global batches (see the module
     docstring); each replica trains on its `replica_rows`. Callbacks get
     Keras's hooks (train, epoch and batch begin/end); the epoch logs are the
-    last step's logs, averaged over the replicas.
+    last step's metrics (Keras's running means over the epoch), averaged over
+    the replicas.
 
     Args:
       model: A model compiled under `strategy.scope()`.
@@ -285,9 +284,10 @@ def fit(model: keras.Model, strategy: tf.distribute.Strategy,
       callbacks: Keras callbacks.
       verbose: 0 silent, 1 progress bar, 2 one line per epoch.
     """
-    # A DP model probes its layers for batch mixing before its first step
-    # (Keras's fit does it through make_train_function, which is not used here).
-    batch_independence.check(model)
+    # As Keras's fit does before the first step: a DP model probes its layers
+    # for batch mixing there (tf_dpsat.batch_independence). The function
+    # itself is not used.
+    model.make_train_function()
     callback_list = keras.callbacks.CallbackList(
         list(callbacks), add_history=True, add_progbar=verbose != 0, model=model,
         verbose=verbose, epochs=epochs, steps=steps_per_epoch)

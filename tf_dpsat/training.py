@@ -334,6 +334,12 @@ class TrainConfig:
         if check.check_int("keras_verbose", self.keras_verbose, minimum=0) > 2:
             raise validation.UserError(f"Expected keras_verbose={self.keras_verbose} "
                              "to be 0, 1 or 2.")
+        if self.distribution != "none" and self.method == "nonprivate":
+            # Keras's own step would average per-replica means of unequally
+            # padded shares: not the one-process step; not supported yet.
+            raise validation.UserError(
+                f"distribution={self.distribution!r} trains the DP methods only; "
+                "train method='nonprivate' with distribution='none'.")
         if self.method == "dpsam" and self.rho == 0:
             raise validation.UserError("method='dpsam' needs rho > 0; rho=0 is DP-SGD "
                              "(method='dpsgd'), which spends one query per step.")
