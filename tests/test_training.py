@@ -93,7 +93,8 @@ def test_flags_parse_every_field():
         "--jit_compile=false", "--seed=7", "--eval_every=2", "--eval_batch_size=50",
         "--max_train_examples=1000", "--data_dir=/d", "--raw_data_dir=/r",
         "--model_dir=/m", "--keras_verbose=2", "--direction=gradient",
-        "--nodownload", "--dp_seed=11", "--norecord_train_diagnostics"])
+        "--nodownload", "--dp_seed=11", "--norecord_train_diagnostics",
+        "--distribution=mirrored"])
     assert config == training.TrainConfig(
         dataset="fashion_mnist", model="tb_cnn", method="dpsam", epsilon=2.0,
         delta=1e-6, noise_multiplier=1.5, epochs=3, batch_size=256,
@@ -101,7 +102,7 @@ def test_flags_parse_every_field():
         sampling="shuffle", physical_batch_size=128, jit_compile="false", seed=7,
         eval_every=2, eval_batch_size=50, max_train_examples=1000, data_dir="/d",
         raw_data_dir="/r", model_dir="/m", keras_verbose=2, download=False,
-        dp_seed=11, record_train_diagnostics=False)
+        dp_seed=11, record_train_diagnostics=False, distribution="mirrored")
     assert config.queries_per_step == 2
 
 
@@ -531,6 +532,26 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     (tmp_path / "resumed" / training.SECRET_FILE).unlink()
     again = training.train(config("resumed"))
     assert again["steps"] == 30 and again["completed"]
+
+
+def test_distribution_mirrored_trains_like_one_device(tmp_path, monkeypatch,
+                                                     mirrored_strategy):
+    # MirroredStrategy over 2 local devices (the session's, see conftest.py):
+    # each replica trains on half of every physical batch of 64 (three per
+    # padded batch of 192, accumulated into one step); without noise the same
+    # batches give the weights of one device taking whole batches.
+    monkeypatch.setattr(training.distributed, "make_strategy",
+                        lambda name: mirrored_strategy if name == "mirrored" else None)
+    assert mirrored_strategy.num_replicas_in_sync == 2
+    runs = {name: training.train(small_config(
+        noise_multiplier=0.0, distribution=name, model_dir=str(tmp_path / name),
+        physical_batch_size=64 if name == "mirrored" else None))
+        for name in ("none", "mirrored")}
+    assert runs["mirrored"]["gradient_accumulation_steps"] == 3
+    assert runs["mirrored"]["steps"] == runs["none"]["steps"] == 15
+    assert runs["mirrored"]["flags"]["distribution"] == "mirrored"
+    for x, y in zip(final_weights(tmp_path / "none"), final_weights(tmp_path / "mirrored")):
+        np.testing.assert_allclose(y, x, rtol=0, atol=1e-4)
 
 
 def test_resume_without_the_secret_file_is_refused(tmp_path):

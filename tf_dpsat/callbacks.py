@@ -204,7 +204,9 @@ class PrivacyCallback(keras.callbacks.Callback):
         return getattr(optimizer, name)
 
     def _iterations(self) -> int:
-        return int(keras.ops.convert_to_tensor(self._attribute("iterations")))
+        # convert_to_numpy: int() of a Keras variable fails when it wraps a
+        # tf.distribute (mirrored) variable.
+        return int(keras.ops.convert_to_numpy(self._attribute("iterations")))
 
     def _setup(self) -> _Setup:
         """Reads the optimizer's DP settings (cheap; done at each use)."""

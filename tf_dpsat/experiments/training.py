@@ -54,6 +54,18 @@ Outputs:
   order, into k = padded / physical physical batches that the optimizer
   accumulates into one noisy step (`gradient_accumulation_steps=k`).
 
+Distribution:
+  `distribution` "mirrored" (local GPUs), "multi_worker" (the `TF_CONFIG`
+  cluster) or "tpu" trains with `tf_dpsat.distributed.fit`: every worker
+  draws the same global batches from the run's secret (the chief's, sent to
+  the others at start-up) and each of the R replicas takes a contiguous 1/R
+  of every physical batch (so physical_batch_size counts the rows of one
+  pass of all replicas together); each replica adds noise of variance
+  sigma^2 C^2 / R, so the step is the one-process step and epsilon is
+  unchanged. Only the chief writes to `model_dir`, which every worker reads
+  when resuming: on several machines it must be a shared filesystem.
+  `jit_compile` applies to Keras's fit (distribution "none") only.
+
 Reference:
   Park, Kim, Choi, Lee. "Differentially Private Sharpness-Aware Training".
   ICML 2023. https://arxiv.org/abs/2306.05651
@@ -67,6 +79,7 @@ import json
 import math
 import os
 import platform
+import tempfile
 import time
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -77,6 +90,7 @@ from absl import flags
 from absl import logging
 
 from tf_dpsat import accounting
+from tf_dpsat import distributed
 from tf_dpsat import noise
 from tf_dpsat import sampling
 from tf_dpsat import sharpness
@@ -146,6 +160,9 @@ RESUMABLE_FIELDS = frozenset({
     "data_dir", "raw_data_dir", "download", "model_dir", "eval_every",
     "eval_batch_size", "jit_compile", "keras_verbose", "record_train_diagnostics",
     "sharpness_examples",
+    # Where the steps run: the same global batches and ledger on any cluster,
+    # the noise from the same distribution (only its realisation differs).
+    "distribution",
 })
 
 # Test-set metrics: post-processing of the private model on public data.
@@ -251,6 +268,13 @@ class TrainConfig:
         (training-batch loss and accuracy, `grad_norm_clipped_fraction`,
         `nonfinite_gradients`) in results.json, TensorBoard and the printed
         per-epoch log. They are exact functions of the private batches.
+      distribution: "none" (Keras's fit), "mirrored" (MirroredStrategy over
+        this machine's GPUs), "multi_worker" (MultiWorkerMirroredStrategy
+        from `TF_CONFIG`) or "tpu" (TPUStrategy, untested); the strategies
+        train with `tf_dpsat.distributed.fit`. The global batches,
+        the noise's distribution and epsilon do not depend on it (see
+        `tf_dpsat.distributed`); only the chief writes to `model_dir`, which
+        every worker must reach (a shared filesystem).
     """
 
     dataset: str = "cifar10"
@@ -282,6 +306,7 @@ class TrainConfig:
     keras_verbose: int = 1
     dp_seed: Optional[int] = None
     record_train_diagnostics: bool = True
+    distribution: str = "none"
 
     def __post_init__(self):
         try:
@@ -297,6 +322,7 @@ class TrainConfig:
         check.check_one_of("sampling", self.sampling, SAMPLINGS)
         check.check_one_of("direction", self.direction, DIRECTIONS)
         check.check_one_of("jit_compile", self.jit_compile, JIT_CHOICES)
+        check.check_one_of("distribution", self.distribution, distributed.DISTRIBUTIONS)
         check.check_positive("epsilon", self.epsilon)
         check.check_delta(self.delta)
         if self.noise_multiplier is not None:
@@ -325,6 +351,17 @@ class TrainConfig:
         if check.check_int("keras_verbose", self.keras_verbose, minimum=0) > 2:
             raise validation.UserError(f"Expected keras_verbose={self.keras_verbose} "
                              "to be 0, 1 or 2.")
+        if self.distribution != "none" and self.sharpness_examples:
+            raise validation.UserError(
+                f"sharpness_examples with distribution={self.distribution!r} is "
+                "not supported yet; measure afterwards with examples/study.py "
+                "--measure_sharpness, or train with distribution='none'.")
+        if self.distribution != "none" and self.method == "nonprivate":
+            # Keras's own step would average per-replica means of unequally
+            # padded shares: not the one-process step; not supported yet.
+            raise validation.UserError(
+                f"distribution={self.distribution!r} trains the DP methods only; "
+                "train method='nonprivate' with distribution='none'.")
         if self.method == "dpsam" and self.rho == 0:
             raise validation.UserError("method='dpsam' needs rho > 0; rho=0 is DP-SGD "
                              "(method='dpsgd'), which spends one query per step.")
@@ -405,6 +442,10 @@ _FLAG_HELP = {
                 "from --data_dir (fails within seconds without a network).",
     "model_dir": "Output directory: checkpoints, TensorBoard logs, "
                  "results.json, plot. Rerunning with it resumes.",
+    "distribution": "none; mirrored (this machine's GPUs); multi_worker "
+                    "(MultiWorkerMirroredStrategy over the TF_CONFIG cluster; "
+                    "--model_dir on a shared filesystem); tpu (TPUStrategy, "
+                    "untested).",
     "keras_verbose": "Keras fit verbosity: 0 silent, 1 progress bar, 2 one line "
                      "per epoch.",
 }
@@ -416,6 +457,7 @@ _ENUM_FLAGS = {
     "sampling": SAMPLINGS,
     "direction": DIRECTIONS,
     "jit_compile": JIT_CHOICES,
+    "distribution": distributed.DISTRIBUTIONS,
 }
 _FLOAT_FLAGS = ("epsilon", "delta", "noise_multiplier", "learning_rate", "momentum",
                 "l2_norm_clip", "rho")
@@ -840,6 +882,17 @@ def run_secret(config: TrainConfig, resuming: bool = False) -> int:
     return _create_secret(path)
 
 
+def _agreed_secret(config: TrainConfig, strategy: Optional[tf.distribute.Strategy],
+                   chief: bool, resuming: bool) -> int:
+    """The run's secret on every worker: the chief's (`run_secret`), sent to
+    the others by one collective, so that they sample the same global batches
+    and key the noise alike. Only the chief reads or creates the secret file."""
+    secret = run_secret(config, resuming=resuming) if chief else 0
+    if config.distribution != "multi_worker":
+        return secret
+    return distributed.agree_on_int(strategy, secret)
+
+
 def split_logical_batches(dataset: tf.data.Dataset, parts: int) -> tf.data.Dataset:
     """Cuts every batch of `(x, y, w)` into `parts` consecutive equal batches.
 
@@ -1126,15 +1179,21 @@ class _Evaluate(keras.callbacks.Callback):
     """Adds `<split>_loss` / `<split>_accuracy` to the epoch logs every `every`
     epochs and after the last, for each split ("test", "validation")."""
 
-    def __init__(self, splits: Dict[str, tf.data.Dataset], every: int, last_epoch: int):
+    def __init__(self, splits: Dict[str, tf.data.Dataset], every: int, last_epoch: int,
+                 local: bool = False):
         super().__init__()
         self._splits, self._every, self._last = splits, every, last_epoch
+        # local: on this worker alone, under a tf.distribute strategy (Keras's
+        # evaluate splits batches unevenly and reduces across workers wrongly).
+        self._local = local
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self._every and epoch + 1 != self._last:
             return
         for split, batches in self._splits.items():
-            result = self.model.evaluate(batches, verbose=0, return_dict=True)
+            result = (distributed.evaluate_locally(self.model, batches)._asdict()
+                      if self._local else
+                      self.model.evaluate(batches, verbose=0, return_dict=True))
             if logs is not None:
                 logs[f"{split}_loss"] = float(result["loss"])
                 logs[f"{split}_accuracy"] = float(result["accuracy"])
@@ -1216,8 +1275,10 @@ class _Run:
 
     def __init__(self, config: TrainConfig, plan: RunPlan, statement: str,
                  dataset: data.Dataset, state: Optional[Dict[str, Any]],
-                 deltas: Optional[Dict[str, float]]):
+                 deltas: Optional[Dict[str, float]], chief: bool = True):
         self.config, self.plan, self.statement = config, plan, statement
+        # Only the chief writes to model_dir (multi-worker runs).
+        self.chief = chief
         self.deltas = deltas
         self.checkpoint = state["checkpoint"] if state else None
         self.num_test = len(dataset.test_images)
@@ -1253,6 +1314,14 @@ class _Run:
     def _save(self, model: keras.Model) -> None:
         model_dir = self.config.model_dir
         name = _CHECKPOINT_PATTERN.format(self.epochs_done)
+        if not self.chief:
+            # Every worker saves, as TensorFlow's multi-worker guide asks
+            # (saving must not skip a worker), the others into a directory
+            # deleted at once.
+            with tempfile.TemporaryDirectory() as scratch:
+                model.save(os.path.join(scratch, name))
+            self.checkpoint = name
+            return
         model.save(os.path.join(model_dir, name))
         self.checkpoint = name
         # state.json names the checkpoint: it is replaced only after the new
@@ -1354,7 +1423,7 @@ class _Run:
 
     def write_outputs(self, completed: bool) -> Dict[str, Any]:
         results = self.results(completed)
-        if self.config.model_dir is not None:
+        if self.config.model_dir is not None and self.chief:
             # Python's json writes epsilon = inf (non-private) as Infinity.
             _write_json(os.path.join(self.config.model_dir, RESULTS_FILE), results)
             _plot(os.path.join(self.config.model_dir, PLOT_FILE), self.history,
@@ -1371,6 +1440,7 @@ def _callbacks(config: TrainConfig, plan: RunPlan, run: _Run,
                evaluation: Dict[str, tf.data.Dataset],
                extra: Sequence[keras.callbacks.Callback],
                sharpness_data: Optional[Tuple[Any, Any]] = None) -> list:
+    distributed_run = config.distribution != "none"
     callbacks = []
     if not config.record_train_diagnostics:
         callbacks.append(_DropNonPrivateLogs())  # First: see _DropNonPrivateLogs.
@@ -1379,13 +1449,14 @@ def _callbacks(config: TrainConfig, plan: RunPlan, run: _Run,
         callbacks.append(PrivacyCallback(
             plan.num_examples, delta=config.delta, sampling=config.sampling,
             batch_size=config.batch_size))
-    callbacks.append(_Evaluate(evaluation, config.eval_every, config.epochs))
+    callbacks.append(_Evaluate(evaluation, config.eval_every, config.epochs,
+                               local=distributed_run))
     if sharpness_data is not None:
         callbacks.append(_Sharpness(*sharpness_data, every=config.eval_every,
                                     last_epoch=config.epochs,
                                     batch_size=config.eval_batch_size))
     callbacks.append(_Recorder(run))
-    if config.model_dir is not None and _tensorboard_installed():
+    if config.model_dir is not None and run.chief and _tensorboard_installed():
         callbacks.append(keras.callbacks.TensorBoard(
             os.path.join(config.model_dir, TENSORBOARD_DIR), write_graph=False,
             update_freq="epoch", profile_batch=0))
@@ -1450,6 +1521,9 @@ def train(config: TrainConfig,
         run with different settings, or an unfinished run whose secret file
         (`SECRET_FILE`) is missing or corrupt.
     """
+    # First: a multi-worker strategy must configure TensorFlow before any op.
+    strategy = distributed.make_strategy(config.distribution)
+    chief = distributed.is_chief(strategy)
     keras.utils.set_random_seed(config.seed)
     state = _read_state(config.model_dir)
     if state is not None:
@@ -1461,22 +1535,25 @@ def train(config: TrainConfig,
     finished = state is not None and state["epochs_done"] >= config.epochs
     # A finished run draws no more batches or noise: it needs no secret (so
     # its file may be deleted once the run is done).
-    secret = None if finished else run_secret(config, resuming=state is not None)
-    if state is not None:
-        model = _restore(config, state, secret)
-    else:
-        model = build_model(config, plan, dataset.image_shape, dataset.num_classes,
-                            secret=secret)
+    secret = None if finished else _agreed_secret(config, strategy, chief,
+                                                  resuming=state is not None)
+    with distributed.scope(strategy):
+        if state is not None:
+            model = _restore(config, state, secret)
+        else:
+            model = build_model(config, plan, dataset.image_shape, dataset.num_classes,
+                                secret=secret)
     num_params = int(sum(np.prod(v.shape) for v in model.trainable_variables))
     statement = privacy_report(config, plan, num_params)
     _log_plan(config, plan, statement)
     run = _Run(config, plan, statement, dataset, state,
-               delta_parts(config, plan, num_params))
+               delta_parts(config, plan, num_params), chief=chief)
     if run.epochs_done < config.epochs:
         if state is not None:
             logging.info("Resuming from %s after epoch %d (%d steps).",
                          state["checkpoint"], run.epochs_done, run.steps)
-        _fit(model, config, plan, dataset, held_out, run, extra_callbacks, secret)
+        _fit(model, config, plan, dataset, held_out, run, extra_callbacks, secret,
+             strategy)
     else:
         logging.info("%s already holds all %d epochs; nothing to train.",
                      config.model_dir, config.epochs)
@@ -1492,7 +1569,7 @@ def train(config: TrainConfig,
 
 def _fit(model: keras.Model, config: TrainConfig, plan: RunPlan, dataset: data.Dataset,
          held_out: Optional[Validation], run: _Run, extra_callbacks: Sequence[keras.callbacks.Callback],
-         secret: int) -> None:
+         secret: int, strategy: Optional[tf.distribute.Strategy] = None) -> None:
     sharpness_data = (sharpness_batch(config, dataset) if config.sharpness_examples
                       else None)
     if config.private:
@@ -1504,8 +1581,19 @@ def _fit(model: keras.Model, config: TrainConfig, plan: RunPlan, dataset: data.D
     evaluation = {"test": test_batches(config, dataset.test_images, dataset.test_labels)}
     if held_out is not None:
         evaluation["validation"] = test_batches(config, held_out.images, held_out.labels)
+    callbacks = _callbacks(config, plan, run, evaluation, extra_callbacks,
+                           sharpness_data)
+    steps_per_epoch = plan.steps_per_epoch * plan.accumulation_steps
+    if strategy is not None:
+        # Every worker iterates the same global batches and trains on its
+        # replicas' equal shares (tf_dpsat.distributed; Keras's fit splits a
+        # batch unevenly and reduces across workers wrongly); only the chief
+        # prints.
+        distributed.fit(model, strategy, batches, epochs=config.epochs,
+                        steps_per_epoch=steps_per_epoch, initial_epoch=run.epochs_done,
+                        callbacks=callbacks,
+                        verbose=config.keras_verbose if run.chief else 0)
+        return
     model.fit(batches, epochs=config.epochs, initial_epoch=run.epochs_done,
-              steps_per_epoch=plan.steps_per_epoch * plan.accumulation_steps,
-              callbacks=_callbacks(config, plan, run, evaluation, extra_callbacks,
-                                   sharpness_data),
+              steps_per_epoch=steps_per_epoch, callbacks=callbacks,
               shuffle=False, verbose=config.keras_verbose)
