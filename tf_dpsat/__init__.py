@@ -10,11 +10,10 @@ Training". ICML 2023. https://arxiv.org/abs/2306.05651
 """
 
 from tf_dpsat import accounting
-from tf_dpsat import clipping
 from tf_dpsat import data
-from tf_dpsat import fast_clipping
 from tf_dpsat import models
 from tf_dpsat import noise
+from tf_dpsat import per_example
 from tf_dpsat.callbacks import PrivacyCallback
 from tf_dpsat.dp_model import DPFunctional
 from tf_dpsat.dp_model import DPModel
@@ -33,10 +32,9 @@ __all__ = [
     "PrivacyCallback",
     "__version__",
     "accounting",
-    "clipping",
     "data",
-    "fast_clipping",
     "make_private",
     "models",
     "noise",
+    "per_example",
 ]
