@@ -38,7 +38,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_dpsat import _compat
+from tf_dpsat.per_example import fast
 
 # Examples per probe batch: example 0 is perturbed, 1.. are watched.
 _BATCH = 3
@@ -185,10 +185,10 @@ def _run(model, x) -> list:
     recorded = []
 
     def call_for(operation):
-        if _compat.is_graph_model(operation):
-            return lambda x, **kwargs: _compat.run_layers(operation, x,
+        if fast.is_graph_model(operation):
+            return lambda x, **kwargs: fast.run_layers(operation, x,
                                                           call_for)
-        call = _compat.training_call(operation)
+        call = fast.training_call(operation)
 
         def record(*args, **kwargs):
             out = call(*args, **kwargs)
@@ -197,8 +197,8 @@ def _run(model, x) -> list:
         return record
 
     with keras.StatelessScope():
-        if _compat.is_graph_model(model):
-            outputs = _compat.run_layers(model, x, call_for)
+        if fast.is_graph_model(model):
+            outputs = fast.run_layers(model, x, call_for)
         else:
             outputs = model(x, training=True)
     return recorded + [(model, outputs)]

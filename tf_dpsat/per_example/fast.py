@@ -51,6 +51,59 @@ def _has_trainable_weights(layer) -> bool:
     return bool(getattr(layer, "trainable_weights", None))
 
 
+def is_graph_model(layer) -> bool:
+    """Whether `run_layers` can follow `layer` operation by operation."""
+    return isinstance(layer, (keras.Sequential, _compat.Functional))
+
+
+def training_call(operation):
+    """`operation` as a functional model calls it in training mode.
+
+    The same injection of call-context arguments as Keras's functional
+    models (`training` only where the operation takes it).
+    """
+
+    def call(*args, **kwargs):
+        if "training" in getattr(operation, "_call_context_args", {}):
+            kwargs["training"] = True
+        return operation(*args, **kwargs)
+
+    return call
+
+
+def run_layers(model, x, call_for):
+    """Runs a Sequential or functional model one operation at a time.
+
+    Keras has no public API to run a functional graph with each operation
+    replaced; `Functional._run_through_graph` is the one it uses itself.
+
+    Args:
+      model: a `keras.Sequential` or functional model.
+      x: its inputs.
+      call_for: maps each operation of the model (layer or `keras.ops` node)
+        to the callable that computes it in its place.
+
+    Returns:
+      The model's outputs.
+
+    Raises:
+      Unsupported: for a subclassed model, whose call() cannot be followed
+        operation by operation.
+    """
+    if isinstance(model, keras.Sequential):
+        for layer in model.layers:
+            x = call_for(layer)(x)
+        return x
+    if isinstance(model, _compat.Functional):
+        inputs = model._standardize_inputs(x)
+        outputs = model._run_through_graph(inputs, operation_fn=call_for)
+        if isinstance(outputs, (list, tuple)) and len(outputs) == 1:
+            return outputs[0]
+        return outputs
+    raise rules.Unsupported(f"subclassed model {type(model).__name__} (its "
+                            "call() cannot be traced layer by layer)")
+
+
 class _Interpreter:
     """Runs a model layer by layer, recording what the fast rules need.
 
@@ -69,16 +122,12 @@ class _Interpreter:
         self._seen_variables: set = set()
 
     def run(self, model, x):
-        if not _compat.is_graph_model(model):
-            raise rules.Unsupported(
-                f"subclassed model {type(model).__name__} (its call() cannot "
-                "be traced layer by layer)")
-        return _compat.run_layers(model, x, self._call)
+        return run_layers(model, x, self._call)
 
     def _call(self, layer) -> Callable:
         if not _has_trainable_weights(layer):
-            return _compat.training_call(layer)
-        if _compat.is_graph_model(layer):
+            return training_call(layer)
+        if is_graph_model(layer):
             def call_model(x, **kwargs):
                 if kwargs.get("mask") is not None:
                     raise rules.Unsupported(f"masked input to model '{layer.name}'")
@@ -141,13 +190,13 @@ def check_supported(model) -> None:
     def visit(layer):
         if not _has_trainable_weights(layer):
             return
-        if _compat.is_graph_model(layer):
+        if is_graph_model(layer):
             for sub in layer.layers:
                 visit(sub)
             return
         rules.rule_for(layer)
 
-    if not _compat.is_graph_model(model):
+    if not is_graph_model(model):
         raise rules.Unsupported(f"subclassed model {type(model).__name__}")
     for layer in model.layers:
         visit(layer)
