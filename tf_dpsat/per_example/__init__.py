@@ -12,7 +12,8 @@ given weights, the norms and the counts. Two engines compute the norms:
     for any model.
 
 Both give the same result; `engine="auto"` takes the fast engine where its
-rules cover the whole model.
+rules cover the whole model. Writing a rule is described in
+`tf_dpsat.per_example.rules`.
 
 Example (a rule for a layer computing x * scale):
 
@@ -25,8 +26,8 @@ Example (a rule for a layer computing x * scale):
             watch(z)
             return z, z
         def sq_norms(self, record, d, layout):
-            g = tf.reduce_sum(per_example.group(record.saved["x"] * d,
-                                                 layout), 1)
+            g = tf.reduce_sum(
+                tf_dpsat.per_example.group(record.saved["x"] * d, layout), 1)
             return tf.reduce_sum(tf.square(g), 1), {"scale": g}
         def sums(self, record, d, cache, factors, layout, keep):
             return {"scale": tf.tensordot(factors, cache["scale"], 1)}
