@@ -152,7 +152,9 @@ class _PrivateTrainStep:
             loss = self._compile_loss(y, y_pred, sample_weight)
         # CompileLoss divides by the number of replicas; report the loss of
         # this replica's batch, as Keras does.
-        loss = loss * tf.cast(_replicas.num_replicas(), loss.dtype)
+        replicas = _replicas.num_replicas()
+        if replicas > 1:
+            loss = loss * tf.cast(replicas, loss.dtype)
         regularization = self._get_regularization_losses()
         if regularization:
             loss += tf.add_n([tf.cast(r, loss.dtype) for r in regularization])

@@ -161,7 +161,8 @@ def _clipped_sum_of_slice(model, variables, params, batch, seeds,
         examples=count(clipping.active),
         clipped=count(clipping.keep &
                       (norms + clip.CLIP_EPSILON > l2_norm_clip)),
-        nonfinite=count(clipping.active & ~tf.math.is_finite(norms)),
+        # Active and not kept: dropped for a non-finite norm.
+        nonfinite=count(clipping.active & ~clipping.keep),
         extra_loss=tf.reduce_sum(tf.where(clipping.active, result.extra_loss,
                                           0.0)),
         loss=result.loss,
