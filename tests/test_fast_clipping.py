@@ -379,11 +379,11 @@ FALLBACK_CASES = {
                           lambda: keras.layers.Dense(3), input_shape=(5,)),
                      (5,), "float32",
                      r"no fast rule for layer '\w+' \(_Scale\)"),
-    "mask_zero": (_masked_embedding, (5,), "int32",
+    "mask_zero": (_masked_embedding(), (5,), "int32",
                   r"\(Embedding\): mask_zero=True"),
-    "float16": (_float16_dense, (5,), "float32",
+    "float16": (_float16_dense(), (5,), "float32",
                 r"\(Dense\) computes in float16 \(mixed precision\)"),
-    "lstm": (_lstm, (2, 5), "float32", r"no fast rule for layer '\w+' \(LSTM\)"),
+    "lstm": (_lstm(), (2, 5), "float32", r"no fast rule for layer '\w+' \(LSTM\)"),
 }
 
 
