@@ -1,10 +1,11 @@
-"""Small pure functions of tf_dpsat.clipping not covered elsewhere."""
+"""Small pure functions of tf_dpsat.per_example.clip not covered elsewhere."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_dpsat import clipping
+from tf_dpsat import _compat
+from tf_dpsat.per_example import clip
 
 
 @pytest.mark.parametrize("jit", [False, True])
@@ -18,8 +19,8 @@ def test_sum_of_squares_and_nonfinite_propagation(jit):
 
     @tf.function(jit_compile=jit)
     def f(t):
-        assert clipping.compiled_by_xla() == jit
-        return clipping.sum_of_squares(t, 1), clipping.sum_of_squares(t[:2])
+        assert _compat.compiled_by_xla() == jit
+        return clip.sum_of_squares(t, 1), clip.sum_of_squares(t[:2])
 
     rows, total = f(tf.constant(x))
     np.testing.assert_array_equal(rows.numpy()[:2], [25.0, 0.0])
@@ -30,5 +31,5 @@ def test_sum_of_squares_and_nonfinite_propagation(jit):
 
 def test_global_norm_golden():
     # ||(3, 4)|| combined with ||(12,)||: sqrt(9 + 16 + 144) = 13.
-    assert float(clipping.global_norm([tf.constant([3.0, 4.0]),
+    assert float(clip.global_norm([tf.constant([3.0, 4.0]),
                                        tf.constant([[12.0]])])) == 13.0

@@ -1,6 +1,8 @@
 """The fast clipping path against the exact vectorized path, layer by layer."""
 
+import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -11,7 +13,7 @@ import tensorflow as tf
 
 import dp_reference
 import tf_dpsat
-from tf_dpsat import fast_clipping
+from tf_dpsat import per_example
 from tf_dpsat.experiments import models
 
 XENT = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -36,8 +38,11 @@ def _clipped(model, opt, x, y, weights, clip_quantile=None, jit=False):
     @tf.function(jit_compile=jit)
     def step(x, y, weights):
         params = [tf.convert_to_tensor(v) for v in variables]
-        return opt._clipped_sum(model, variables, params, x, y, weights,
-                                weights)
+        result = opt._clipped_sum(model, variables, params,
+                                  per_example.Batch.from_keras(x, y, weights))
+        stats = {key: getattr(result, key)
+                 for key in ("units", "examples", "clipped", "nonfinite")}
+        return result.summed, stats, result.y_pred
 
     return step(x, y, weights)
 
@@ -154,7 +159,7 @@ LAYER_CASES = {
 }
 
 
-# Convolutions take another route under XLA (see fast_clipping._ConvRule).
+# Convolutions take another route under XLA (see per_example/rules/conv.py).
 LAYER_RUNS = sorted([(case, False) for case in LAYER_CASES] +
                     [(case, True) for case in LAYER_CASES
                      if case.startswith(("conv", "depthwise"))])
@@ -243,7 +248,7 @@ def test_paper_models_match_vectorized(name, shape):
     def build():
         return models.build_model(name, shape, 10, seed=0)
 
-    fast_clipping.check_supported(build())  # every layer has a rule
+    per_example.check_supported(build())  # every layer has a rule
     rng = np.random.default_rng(1)
     x = rng.normal(size=(4, *shape)).astype("float32")
     y = rng.integers(0, 10, 4)
@@ -278,8 +283,8 @@ class _Scale(keras.layers.Layer):
 def test_unsupported_layer_falls_back_or_refuses():
     build = _seq(lambda: keras.layers.Dense(4), _Scale,
                  lambda: keras.layers.Dense(3), input_shape=(5,))
-    with pytest.raises(fast_clipping.Unsupported, match="_Scale"):
-        fast_clipping.check_supported(build())
+    with pytest.raises(per_example.Unsupported, match="_Scale"):
+        per_example.check_supported(build())
     x, y = _images(8, (5,))
     auto, opt = _compiled(build(), "auto", l2_norm_clip=0.5)
     summed, _, _ = _clipped(auto, opt, x, y, np.ones(8))
@@ -292,20 +297,137 @@ def test_unsupported_layer_falls_back_or_refuses():
         _clipped(forced, fopt, x, y, np.ones(8))
 
 
+class _UserScale(keras.layers.Layer):
+    """A user's layer, x * scale over the last axis, given a rule below."""
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(shape=(input_shape[-1],),
+                                     initializer="ones")
+
+    def call(self, x):
+        return x * self.scale
+
+
+class _UserScaleRule(per_example.Rule):
+    """dL_u/dscale = sum over the unit's positions of x * d."""
+
+    def roles(self, layer):
+        return {"scale": layer.scale}
+
+    def forward(self, layer, x, saved, watch):
+        saved["x"] = x
+        z = x * layer.scale
+        watch(z)
+        return z, z
+
+    def sq_norms(self, record, d, layout):
+        per_unit = tf.reduce_sum(
+            per_example.group(record.saved["x"] * d, layout), 1)
+        return tf.reduce_sum(tf.square(per_unit), 1), {"scale": per_unit}
+
+    def sums(self, record, d, cache, factors, layout, keep):
+        return {"scale": tf.tensordot(factors, cache["scale"], 1)}
+
+
+def _user_scale_model():
+    # Rows of 3 positions, so the rule sums over positions within a unit.
+    return _seq(lambda: keras.layers.Dense(4), _UserScale,
+                lambda: keras.layers.Flatten(), lambda: keras.layers.Dense(3),
+                input_shape=(3, 5))
+
+
+def test_user_rule_matches_vectorized():
+    build = _user_scale_model()
+    with pytest.raises(per_example.Unsupported, match="_UserScale"):
+        per_example.check_supported(build())
+    per_example.register_rule(_UserScale, _UserScaleRule())
+    per_example.check_supported(build())  # the rule is found
+    x, y = _images(12, (3, 5))
+    stats = _compare(build, x, y, clip=_median_clip(build, x, y))
+    assert 0 < float(stats["clipped"]) < 12  # both branches of the clip
+    _compare(build, x, y, clip=0.5, num_microbatches=4)
+    _assert_exact(build, x, y, paths=("auto", "fast"))
+
+
+def test_register_rule_refuses_what_is_not_a_rule():
+    with pytest.raises(TypeError, match="Expected a tf_dpsat.per_example.Rule"):
+        per_example.register_rule(_UserScale, lambda layer: None)
+    with pytest.raises(TypeError, match="Expected a layer class"):
+        per_example.register_rule(keras.layers.Dense(3), _UserScaleRule())
+
+
+def _masked_embedding():
+    return _seq(lambda: keras.layers.Embedding(6, 4, mask_zero=True),
+                lambda: keras.layers.GlobalAveragePooling1D(),
+                lambda: keras.layers.Dense(3), input_shape=(5,),
+                dtype="int32")
+
+
+def _float16_dense():
+    return _seq(lambda: keras.layers.Dense(4, dtype="mixed_float16"),
+                lambda: keras.layers.Dense(3), input_shape=(5,))
+
+
+def _lstm():
+    return _seq(lambda: keras.layers.LSTM(3), lambda: keras.layers.Dense(3),
+                input_shape=(2, 5))
+
+
+# (model, its input shape and dtype, the cause the fallback must name).
+FALLBACK_CASES = {
+    "unregistered": (_seq(lambda: keras.layers.Dense(4), _Scale,
+                          lambda: keras.layers.Dense(3), input_shape=(5,)),
+                     (5,), "float32",
+                     r"no fast rule for layer '\w+' \(_Scale\)"),
+    "mask_zero": (_masked_embedding(), (5,), "int32",
+                  r"\(Embedding\): mask_zero=True"),
+    "float16": (_float16_dense(), (5,), "float32",
+                r"\(Dense\) computes in float16 \(mixed precision\)"),
+    "lstm": (_lstm(), (2, 5), "float32", r"no fast rule for layer '\w+' \(LSTM\)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FALLBACK_CASES))
+def test_fallback_warns_once_and_fast_names_the_cause(case, caplog):
+    build, shape, dtype, cause = FALLBACK_CASES[case]
+    rng = np.random.default_rng(0)
+    if dtype == "int32":
+        x = rng.integers(0, 6, (8, *shape)).astype(dtype)
+        x[:, -2:] = 0  # masked positions
+    else:
+        x = rng.normal(size=(8, *shape)).astype(dtype)
+    y = rng.integers(0, 3, 8)
+    with pytest.raises(per_example.Unsupported, match=cause):
+        per_example.check_supported(build())
+    model, opt = _compiled(build(), "auto", l2_norm_clip=0.5)
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        _clipped(model, opt, x, y, np.ones(8))
+        _clipped(model, opt, x, y, np.ones(8))  # traced again: no new line
+    warnings_ = [r for r in caplog.records if r.levelno == logging.WARNING and
+                 "Fast per-example clipping does not apply" in r.getMessage()]
+    assert len(warnings_) == 1
+    assert re.search(cause, warnings_[0].getMessage())
+    assert f"model '{model.name}'" in warnings_[0].getMessage()
+    forced, fopt = _compiled(build(), "fast", l2_norm_clip=0.5)
+    with pytest.raises(ValueError, match="clipping='fast' cannot handle.*" +
+                       cause):
+        _clipped(forced, fopt, x, y, np.ones(8))
+
+
 def test_shared_layer_and_activity_regularizer_fall_back():
     shared = keras.layers.Dense(5)
     inputs = keras.Input((5,))
     outputs = keras.layers.Dense(3)(shared(shared(inputs)))
-    with pytest.raises(fast_clipping.Unsupported, match="shared"):
+    with pytest.raises(per_example.Unsupported, match="shared"):
         with tf.GradientTape() as tape:
-            fast_clipping.forward(keras.Model(inputs, outputs),
+            per_example.fast.forward(keras.Model(inputs, outputs),
                                   keras.Model(inputs, outputs).trainable_variables,
                                   tf.ones((2, 5)), tape)
     regularized = _seq(lambda: keras.layers.Dense(
         4, activity_regularizer=keras.regularizers.L2(0.1)),
         lambda: keras.layers.Dense(3), input_shape=(5,))
-    with pytest.raises(fast_clipping.Unsupported, match="no fast rule"):
-        fast_clipping.check_supported(regularized())
+    with pytest.raises(per_example.Unsupported, match="no fast rule"):
+        per_example.check_supported(regularized())
 
 
 def test_nested_functional_model():
@@ -438,10 +560,10 @@ def test_weight_used_outside_its_layer_falls_back_or_refuses(case):
         x, _ = _images(8, shape)
     y = rng.integers(0, 3, 8)
     _assert_exact(build, x, y)
-    with pytest.raises(fast_clipping.Unsupported, match="outside their own"):
+    with pytest.raises(per_example.Unsupported, match="outside their own"):
         model = build()
         with tf.GradientTape() as tape:
-            fast_clipping.forward(model, model.trainable_variables,
+            per_example.fast.forward(model, model.trainable_variables,
                                   tf.constant(x), tape)
     with pytest.raises(ValueError, match="clipping='fast' cannot handle.*"
                                          "outside their own layer"):
@@ -492,7 +614,7 @@ def test_partly_frozen_layer_is_exact(case):
     # sum), a frozen gamma gave beta gamma's gradient (error 0.46).
     build, shape = FROZEN_CASES[case]
     x, y = _images(12, shape)
-    fast_clipping.check_supported(build())  # the fast path applies
+    per_example.check_supported(build())  # the fast path applies
     _assert_exact(build, x, y, paths=("auto", "fast"))
 
 
@@ -513,7 +635,7 @@ def test_interpretation_failure_falls_back(monkeypatch):
     def broken(*args, **kwargs):
         raise AttributeError("no such node attribute")
 
-    monkeypatch.setattr(fast_clipping, "run_layers", broken)
+    monkeypatch.setattr(per_example.fast._Interpreter, "run", broken)
     _assert_exact(build, x, y)
     with pytest.raises(ValueError, match="interpretation failed.*"
                                          "no such node attribute"):

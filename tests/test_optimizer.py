@@ -13,6 +13,7 @@ import tensorflow as tf
 import dp_reference
 import graph_ops
 import tf_dpsat
+from tf_dpsat import per_example
 
 XENT = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 pytestmark = pytest.mark.filterwarnings("ignore:.*NOT differentially private")
@@ -278,10 +279,10 @@ def test_row_wise_losses_are_only_keras_own():
     others = [keras.losses.SparseCategoricalCrossentropy(ignore_class=0),
               keras.losses.CategoricalCrossentropy(axis=0),
               keras.losses.Circle(), _coupled_loss, _CallOverridden()]
-    from tf_dpsat import optimizer as optimizer_module
-    assert [optimizer_module._row_wise(_flat_loss(l)) for l in row_wise] == (
+    from tf_dpsat.per_example import losses
+    assert [losses.row_wise(_flat_loss(l)) for l in row_wise] == (
         [True] * len(row_wise))
-    assert [optimizer_module._row_wise(_flat_loss(l)) for l in others] == (
+    assert [losses.row_wise(_flat_loss(l)) for l in others] == (
         [False] * len(others))
 
 
@@ -404,8 +405,8 @@ def test_clipped_fraction_resets_between_train_on_batch_calls(
         mirrored_strategy, distributed):
     # Batch a clips 2 of 4 (as above), batch b (x >= 1) all 4. Keras resets
     # the metrics on each train_on_batch call, so b reports 1.0 (6 / 8 = 0.75
-    # if the DP totals carried over), then a 0.5. The eager reset has a fast
-    # path for a plain variable; a distributed one must be reset too.
+    # if the DP totals carried over), then a 0.5, for a plain and for a
+    # distributed metric variable.
     with mirrored_strategy.scope() if distributed else contextlib.nullcontext():
         model = _clip_fraction_model()
     a = np.array([[0.1], [0.2], [1.0], [2.0]], np.float32)
@@ -564,6 +565,41 @@ def test_mirrored_strategy_matches_one_device(mirrored_strategy, clipping):
     assert max_diff(weights(single), weights(model)) < 1e-5
 
 
+def _mirrored_fit(strategy, x, y, *, batch_size, budget=None, **kwargs):
+    with strategy.scope():
+        model = tf_dpsat.make_private(conv_model())
+        opt = tf_dpsat.DPSATKeras(learning_rate=0.5, momentum=0.9,
+                                  noise_multiplier=0.0, seed=1, **kwargs)
+        model.compile(optimizer=opt, loss=XENT)
+    if budget is not None:
+        opt.set_step_budget(budget)
+    model.fit(x, y, batch_size=batch_size, shuffle=False, verbose=0)
+    return model, opt
+
+
+def test_mirrored_strategy_batches_without_a_step_change_nothing(
+        mirrored_strategy):
+    # Under tf.distribute the update runs on every physical batch and is
+    # undone unless the batch ends a logical step within the budget: weights,
+    # momentum, DP-SAT direction and iterations must then be as on one
+    # device, where the update sits in a tf.cond.
+    x, y = make_data("conv", n=36)
+    kwargs = dict(l2_norm_clip=0.5, rho=0.1)
+    big, big_opt, _ = fit_private(conv_model, x, y, batch_size=12, **kwargs)
+    acc, acc_opt = _mirrored_fit(mirrored_strategy, x, y, batch_size=4,
+                                 gradient_accumulation_steps=3, **kwargs)
+    assert int(acc_opt.iterations.numpy()) == 3
+    assert max_diff(weights(big), weights(acc)) < 1e-5
+    assert max_diff([v.numpy() for v in big_opt.momentums],
+                    [v.numpy() for v in acc_opt.momentums]) < 1e-5
+    # A budget of 2 steps over 3 batches: the third batch changes nothing.
+    two, _, _ = fit_private(conv_model, x[:16], y[:16], **kwargs)
+    budgeted, opt = _mirrored_fit(mirrored_strategy, x[:24], y[:24],
+                                  batch_size=8, budget=2, **kwargs)
+    assert int(opt.iterations.numpy()) == 2
+    assert max_diff(weights(two), weights(budgeted)) < 1e-5
+
+
 def test_mirrored_strategy_noise_scale(mirrored_strategy):
     # Each replica adds its share; the aggregated noise std is sigma C / B.
     x, y = noise_data(2)
@@ -704,6 +740,26 @@ def test_dp_model_with_plain_optimizer_is_refused():
                                           "DPSATKeras")
 
 
+def test_mixed_float16_names_the_real_cause():
+    # Under mixed_float16 Keras wraps the optimizer in a LossScaleOptimizer;
+    # the refusal must say that mixed precision is the cause and float32
+    # the fix, not ask for the DPSATKeras the user already passed.
+    x, y = make_data("dense", n=8)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = tf_dpsat.make_private(dense_model())
+        model.compile(optimizer=tf_dpsat.DPSATKeras(noise_multiplier=1.0),
+                      loss=XENT)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    _assert_refused_without_weight_change(
+        model, x, y, ValueError,
+        r"mixed precision.*LossScaleOptimizer: float16 loss scaling is not "
+        r"supported by DP per-example clipping yet.*"
+        r"set_global_policy\('float32'\)")
+
+
 def test_nested_batch_normalization_is_refused():
     inner = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4),
                               keras.layers.BatchNormalization()])
@@ -812,9 +868,9 @@ def test_dropout_trains_with_distinct_masks():
     # differ, so the per-example norms are not all equal.
     variables = model.trainable_variables
     params = [tf.convert_to_tensor(v) for v in variables]
-    summed, stats, preds = opt._clipped_sum(
-        model, variables, params, tf.constant(x), tf.constant(y), None,
-        tf.ones([8]))
+    preds = opt._clipped_sum(model, variables, params,
+                             per_example.Batch.from_keras(
+                                 tf.constant(x), tf.constant(y), None)).y_pred
     assert len(np.unique(np.round(preds.numpy(), 5), axis=0)) > 1
 
 
@@ -894,8 +950,9 @@ def test_fast_path_slices_draw_distinct_masks():
     model.train_on_batch(x, y)
     variables = model.trainable_variables
     params = [tf.convert_to_tensor(v) for v in variables]
-    _, _, preds = opt._clipped_sum(model, variables, params, tf.constant(x),
-                                   tf.constant(y), None, tf.ones([8]))
+    preds = opt._clipped_sum(model, variables, params,
+                             per_example.Batch.from_keras(
+                                 tf.constant(x), tf.constant(y), None)).y_pred
     assert len(np.unique(np.round(preds.numpy(), 5), axis=0)) == 8
 
 
@@ -908,7 +965,7 @@ def test_default_batch_slices(mirrored_strategy):
     seen = {}
 
     def record(key):
-        seen[key] = opt._slices_for()
+        seen[key] = per_example.slice_count(opt.batch_slices)
         return tf.constant(0.0)
 
     tf.function(lambda: record("graph"))()
@@ -916,8 +973,8 @@ def test_default_batch_slices(mirrored_strategy):
     with mirrored_strategy.scope():
         mirrored_strategy.run(tf.function(lambda: record("mirrored")))
     assert seen == {"graph": 2 if on_cpu else 1, "xla": 1, "mirrored": 1}
-    assert tf_dpsat.DPSATKeras(noise_multiplier=1.0,
-                               batch_slices=4)._slices_for() == 4
+    assert per_example.slice_count(tf_dpsat.DPSATKeras(
+        noise_multiplier=1.0, batch_slices=4).batch_slices) == 4
 
 
 # ------------------------------------------------------ what the step releases

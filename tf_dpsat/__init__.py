@@ -15,9 +15,9 @@ Training". ICML 2023. https://arxiv.org/abs/2306.05651
 """
 
 from tf_dpsat import accounting
-from tf_dpsat import clipping
-from tf_dpsat import fast_clipping
+from tf_dpsat import distributed
 from tf_dpsat import noise
+from tf_dpsat import per_example
 from tf_dpsat import sampling
 from tf_dpsat import sharpness
 from tf_dpsat.callbacks import PrivacyCallback
@@ -38,10 +38,10 @@ __all__ = [
     "PrivacyCallback",
     "__version__",
     "accounting",
-    "clipping",
-    "fast_clipping",
+    "distributed",
     "make_private",
     "noise",
+    "per_example",
     "sampling",
     "sharpness",
 ]

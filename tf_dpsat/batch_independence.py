@@ -38,7 +38,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_dpsat import fast_clipping
+from tf_dpsat.per_example import fast
 
 # Examples per probe batch: example 0 is perturbed, 1.. are watched.
 _BATCH = 3
@@ -185,10 +185,10 @@ def _run(model, x) -> list:
     recorded = []
 
     def call_for(operation):
-        if fast_clipping.is_graph_model(operation):
-            return lambda x, **kwargs: fast_clipping.run_layers(operation, x,
-                                                                call_for)
-        call = fast_clipping.training_call(operation)
+        if fast.is_graph_model(operation):
+            return lambda x, **kwargs: fast.run_layers(operation, x,
+                                                          call_for)
+        call = fast.training_call(operation)
 
         def record(*args, **kwargs):
             out = call(*args, **kwargs)
@@ -197,8 +197,8 @@ def _run(model, x) -> list:
         return record
 
     with keras.StatelessScope():
-        if fast_clipping.is_graph_model(model):
-            outputs = fast_clipping.run_layers(model, x, call_for)
+        if fast.is_graph_model(model):
+            outputs = fast.run_layers(model, x, call_for)
         else:
             outputs = model(x, training=True)
     return recorded + [(model, outputs)]

@@ -24,13 +24,9 @@ the privacy guarantee; such a model is refused.
 
 import keras
 import tensorflow as tf
-from keras.src.losses import loss as loss_module
-from keras.src.models.functional import Functional
-from keras.src.models.model import functional_init_arguments
-from keras.src.trainers.data_adapters import data_adapter_utils
-from tensorflow.python.ops import gen_resource_variable_ops
-from tensorflow.python.ops import resource_variable_ops
 
+from tf_dpsat import _compat
+from tf_dpsat import _replicas
 from tf_dpsat import batch_independence
 from tf_dpsat import validation
 
@@ -41,28 +37,13 @@ class _DPStats(keras.metrics.Metric):
     """Both DP metrics in one variable: [clipped, examples, non-finite].
 
     One metric, not a Mean and a Sum: `train_on_batch` resets every metric
-    variable eagerly on each call, which cost 0.1 ms per step for the two.
+    variable on each call, and one variable is reset once.
     """
 
     def __init__(self, name="dp_stats", **kwargs):
         super().__init__(name=name, **kwargs)
         self.totals = self.add_variable(shape=(3,), initializer="zeros",
                                         name="totals")
-        self._zeros = None
-
-    def reset_state(self):
-        # train_on_batch resets every metric eagerly on each step. Keras's
-        # reset builds a zero tensor and goes through Variable.assign (56 us);
-        # a cached tensor and the bare op take 6 us. A distributed variable
-        # (or a traced reset) takes Keras's way.
-        variable = self.totals.value
-        if (not tf.executing_eagerly() or
-                type(variable) is not resource_variable_ops.ResourceVariable):
-            return super().reset_state()
-        if self._zeros is None:
-            self._zeros = tf.zeros(self.totals.shape, self.totals.dtype)
-        gen_resource_variable_ops.assign_variable_op(variable.handle,
-                                                     self._zeros)
 
     def update_state(self, clipped, examples, nonfinite):
         self.totals.assign_add(tf.cast(tf.stack([clipped, examples, nonfinite]),
@@ -110,52 +91,74 @@ class _PrivateTrainStep:
         return super().make_train_function(force)
 
     def train_step(self, data):
+        optimizer = self._private_optimizer()
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if self._compile_loss is not None and not self._compile_loss.built:
+            # Without a distribution strategy Keras defers building the
+            # compiled loss to the first train step; the DP step needs it now.
+            self._symbolic_build(data_batch=data)
+        step = optimizer.private_train_step(self, x, y, sample_weight)
+        if self._compile_metrics is not None and not self._compile_metrics.built:
+            # Built here, not inside the branch below: variables cannot be
+            # created inside a traced tf.cond.
+            self._compile_metrics.build(y, step.y_pred)
+
+        def update_metrics():
+            self._track_loss(x, y, step.y_pred, sample_weight, step.sums)
+            self._dp_stats.update_state(step.sums.clipped, step.sums.examples,
+                                        step.sums.nonfinite)
+            if self._compile_metrics is not None:
+                self._compile_metrics.update_state(y, step.y_pred,
+                                                   sample_weight)
+            return tf.constant(True)
+
+        # Every metric is a function of the batch; a batch the step budget
+        # refused was never used, so nothing about it may be reported.
+        tf.cond(step.refused, lambda: tf.constant(False), update_metrics)
+        return self.get_metrics_result()
+
+    def _private_optimizer(self):
+        """The DP optimizer, or an error naming why training would not be DP."""
         optimizer = self.optimizer
+        inner = getattr(optimizer, "inner_optimizer", None)
+        if (isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and
+                hasattr(inner, "private_train_step")):
+            raise ValueError(
+                f"{type(self).__name__} '{self.name}' computes in "
+                f"{self.dtype_policy.name} (mixed precision), so Keras wrapped "
+                f"{type(inner).__name__} in a LossScaleOptimizer: float16 loss "
+                "scaling is not supported by DP per-example clipping yet (it "
+                "would scale the gradients that are clipped). Build the model "
+                "under the float32 policy, "
+                "keras.mixed_precision.set_global_policy('float32'); "
+                "mixed-precision support is tracked separately.")
         if not hasattr(optimizer, "private_train_step"):
             raise TypeError(
                 f"{type(self).__name__} is a differentially private model but "
                 f"was compiled with {type(optimizer).__name__}, which would "
                 "train it without privacy. Compile it with "
                 "tf_dpsat.DPSATKeras (or DPSAMKeras).")
-        x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
-        if self._compile_loss is not None and not self._compile_loss.built:
-            # Without a distribution strategy Keras defers building the
-            # compiled loss to the first train step; the DP step needs it now.
-            self._symbolic_build(data_batch=data)
-        y_pred, stats = optimizer.private_train_step(self, x, y, sample_weight)
-        if self._compile_metrics is not None and not self._compile_metrics.built:
-            # Built here, not inside the branch below: variables cannot be
-            # created inside a traced tf.cond.
-            self._compile_metrics.build(y, y_pred)
+        return optimizer
 
-        def update_metrics():
-            self._track_loss(x, y, y_pred, sample_weight, stats)
-            self._dp_stats.update_state(stats["clipped"], stats["examples"],
-                                        stats["nonfinite"])
-            if self._compile_metrics is not None:
-                self._compile_metrics.update_state(y, y_pred, sample_weight)
-            return tf.constant(True)
-
-        # Every metric is a function of the batch; a batch the step budget
-        # refused was never used, so nothing about it may be reported.
-        tf.cond(stats["refused"], lambda: tf.constant(False), update_metrics)
-        return self.get_metrics_result()
-
-    def _track_loss(self, x, y, y_pred, sample_weight, stats):
+    def _track_loss(self, x, y, y_pred, sample_weight, sums):
         """Updates the loss tracker with the loss plain Keras would report.
 
         The predictions come from the perturbed point. The layers' own `losses`
         may hold stale values (the step's forward passes ran in stateless
         scopes), so the pieces are summed here explicitly.
         """
-        loss = stats.get("loss")  # the fast path's own loss evaluation
+        loss = sums.loss  # the fast engine's own loss evaluation, if any
         if loss is None:
             loss = self._compile_loss(y, y_pred, sample_weight)
-        loss = loss_module.unscale_loss_for_distribution(loss)
+        # CompileLoss divides by the number of replicas; report the loss of
+        # this replica's batch, as Keras does.
+        replicas = _replicas.num_replicas()
+        if replicas > 1:
+            loss = loss * tf.cast(replicas, loss.dtype)
         regularization = self._get_regularization_losses()
         if regularization:
             loss += tf.add_n([tf.cast(r, loss.dtype) for r in regularization])
-        loss += tf.cast(stats["extra_loss"] / tf.maximum(stats["examples"], 1.0),
+        loss += tf.cast(sums.extra_loss / tf.maximum(sums.examples, 1.0),
                         loss.dtype)
         batch = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
         self._loss_tracker.update_state(loss, sample_weight=batch)
@@ -176,11 +179,17 @@ class _PrivateTrainStep:
 
 
 @keras.saving.register_keras_serializable(package="tf_dpsat")
-class DPFunctional(_PrivateTrainStep, Functional):
+class DPFunctional(_PrivateTrainStep, _compat.Functional):
     """A functional model trained with differential privacy.
 
     Made by `make_private` and by `DPModel(inputs, outputs)`.
     """
+
+
+def _functional_arguments(args, kwargs) -> bool:
+    """Whether `keras.Model(*args, **kwargs)` builds a functional model."""
+    return (len(args) == 2 or (len(args) == 1 and "outputs" in kwargs) or
+            ("inputs" in kwargs and "outputs" in kwargs))
 
 
 @keras.saving.register_keras_serializable(package="tf_dpsat")
@@ -195,7 +204,7 @@ class DPModel(_PrivateTrainStep, keras.Model):
     def __new__(cls, *args, **kwargs):
         # Keras would turn DPModel itself into a Functional subclass (it
         # rewrites the class's bases), breaking every subclassed DPModel.
-        if cls is DPModel and functional_init_arguments(args, kwargs):
+        if cls is DPModel and _functional_arguments(args, kwargs):
             return DPFunctional(*args, **kwargs)
         return super().__new__(cls, *args, **kwargs)
 

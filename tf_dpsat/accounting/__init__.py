@@ -101,8 +101,8 @@ _MIN_SIGMA, _MAX_SIGMA = 1e-4, 1e6
 # norm <= C, in opposite directions).
 REPLACE_ONE_SENSITIVITY = 2.0
 # Per pair of normals, the probability that the noise sampler's radius
-# sqrt(-2 ln u1) is truncated relative to the ideal Gaussian: u1 is a float64
-# uniform >= 2^-65 built from two 32-bit Philox words (tf_dpsat.clipping).
+# sqrt(-2 ln u1) is truncated relative to the ideal Gaussian: u1 is a 64-bit
+# uniform >= 2^-65 built from two 32-bit Philox words (tf_dpsat.noise).
 SAMPLER_TAIL_PROBABILITY = 2.0**-64
 # What the DP model logs beside epsilon that is an exact function of private
 # training batches, with no noise: these carry no privacy guarantee.

@@ -1,0 +1,43 @@
+"""The few private Keras and TensorFlow APIs tf_dpsat needs, in one place.
+
+Each name below has no public equivalent; everything else in tf_dpsat's
+core uses public APIs only. Checked on Keras 3.15 with TensorFlow 2.21 (the
+tested pins); when a release moves one of them, this module is the only one
+to change:
+
+  * `LossFunctionWrapper`: the class of Keras's built-in losses, which tells
+    a row-wise built-in loss from a user's (`per_example.losses.row_wise`);
+  * `Functional`: the base class of DP functional models, and the class
+    whose graph the fast engine and the batch-independence probe run
+    operation by operation (`tf_dpsat.per_example.fast.run_layers`, through
+    `Functional._run_through_graph`, the only way Keras offers to run a
+    functional graph with each operation replaced);
+  * TensorFlow's XLA control-flow context: whether ops being built will be
+    compiled by XLA, where some kernels differ.
+"""
+
+import tensorflow as tf
+from keras.src.losses.losses import LossFunctionWrapper  # noqa: F401
+from keras.src.models.functional import Functional
+
+try:  # Read only by compiled_by_xla, which copes with its absence.
+    from tensorflow.python.ops import control_flow_util as _control_flow_util
+except ImportError:  # pragma: no cover
+    _control_flow_util = None
+
+__all__ = ["Functional", "LossFunctionWrapper", "compiled_by_xla"]
+
+
+def compiled_by_xla() -> bool:
+    """Whether the ops being built now will be compiled by XLA.
+
+    True inside `tf.function(jit_compile=True)` (Keras' `jit_compile=True`).
+    TensorFlow offers no public way to ask: this reads its XLA control-flow
+    context. Should that fail, it answers True, whose kernels are correct
+    everywhere.
+    """
+    try:
+        return bool(_control_flow_util.GraphOrParentsInXlaContext(
+            tf.compat.v1.get_default_graph()))
+    except Exception:  # pylint: disable=broad-except
+        return True

@@ -1,0 +1,56 @@
+"""Per-example (or per-microbatch) clipped gradient sums.
+
+One entry point, `clipped_sum(model, variables, params, batch, ...)`,
+returns a `ClippedSum`: the sum of the clipped per-unit gradients at the
+given weights, the norms and the counts. Two engines compute the norms:
+
+  * `fast`: one forward and one backward pass, then per-layer rules (ghost
+    norms or direct per-unit gradients, and book-keeping for the sum); one
+    module per layer family under `rules/`, behind a public registry
+    (`register_rule`) to which users add rules for their own layers;
+  * `vectorized`: `tf.vectorized_map` over per-unit backward passes, exact
+    for any model.
+
+Both give the same result; `engine="auto"` takes the fast engine where its
+rules cover the whole model. Writing a rule is described in
+`tf_dpsat.per_example.rules`.
+
+Example (a rule for a layer computing x * scale):
+
+    class ScaleRule(tf_dpsat.per_example.Rule):
+        def roles(self, layer):
+            return {"scale": layer.scale}
+        def forward(self, layer, x, saved, watch):
+            saved["x"] = x
+            z = x * layer.scale
+            watch(z)
+            return z, z
+        def sq_norms(self, record, d, layout):
+            g = tf.reduce_sum(
+                tf_dpsat.per_example.group(record.saved["x"] * d, layout), 1)
+            return tf.reduce_sum(tf.square(g), 1), {"scale": g}
+        def sums(self, record, d, cache, factors, layout, keep):
+            return {"scale": tf.tensordot(factors, cache["scale"], 1)}
+
+    tf_dpsat.per_example.register_rule(Scale, ScaleRule())
+"""
+
+from tf_dpsat.per_example import clip
+from tf_dpsat.per_example import rules
+from tf_dpsat.per_example.batch import Batch
+from tf_dpsat.per_example.engine import ENGINES
+from tf_dpsat.per_example.engine import ClippedSum
+from tf_dpsat.per_example.engine import clipped_sum
+from tf_dpsat.per_example.engine import slice_count
+from tf_dpsat.per_example.fast import check_supported
+from tf_dpsat.per_example.rules import Layout
+from tf_dpsat.per_example.rules import Record
+from tf_dpsat.per_example.rules import Rule
+from tf_dpsat.per_example.rules import Unsupported
+from tf_dpsat.per_example.rules import group
+from tf_dpsat.per_example.rules import mask_examples
+from tf_dpsat.per_example.rules import register_rule
+
+__all__ = ["Batch", "ClippedSum", "ENGINES", "Layout", "Record", "Rule",
+           "Unsupported", "check_supported", "clip", "clipped_sum", "group",
+           "mask_examples", "register_rule", "rules", "slice_count"]

@@ -1,0 +1,214 @@
+"""What a fast rule is, the registry of rules, and helpers for writing one.
+
+A rule computes, for one layer call, each unit's squared gradient norm and
+the clipped sum of the layer's trainable variables from two tensors of a
+single forward and backward pass: what the layer saw (saved by `forward`)
+and d = dL/dz, the gradient at a tensor z the rule chooses (usually the
+pre-activation output). See `tf_dpsat.per_example.rules` for how to write
+and register one.
+"""
+
+import dataclasses
+from typing import Any, Dict, Optional
+
+import tensorflow as tf
+
+
+class Unsupported(Exception):
+    """The model has a part no fast rule covers exactly."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How the batch splits into units (examples or microbatches).
+
+    Attributes:
+      units: number of units; a Python int or, for a dynamic batch, a tensor.
+      size: examples per unit; a Python int or a tensor.
+      xla: whether the step is compiled by XLA (a rule may take another
+        route there; the convolution rule does).
+    """
+    units: Any
+    size: Any
+    xla: bool = False
+
+
+@dataclasses.dataclass
+class Record:
+    """What one layer call contributes: its rule, variables and tensors.
+
+    Attributes:
+      rule: the layer's rule.
+      layer: the layer.
+      variables: the layer's trainable variables by their role in the rule
+        ("kernel", "bias", ...); a frozen variable has no entry.
+      z: the tensor whose gradient d the rule needs.
+      saved: the tensors the rule's `forward` saved (inputs, ...).
+    """
+    rule: "Rule"
+    layer: Any
+    variables: Dict[str, Any]
+    z: tf.Tensor
+    saved: dict
+
+
+class Rule:
+    """A fast rule for one layer class: forward pass, norms and sums.
+
+    Subclass it and register an instance with `register_rule`. A rule must be
+    exact: `tests/test_fast_clipping.py` shows how to check one against the
+    vectorized engine.
+    """
+
+    def unsupported(self, layer) -> Optional[str]:
+        """Why this rule cannot compute `layer` exactly, or None if it can.
+
+        The reason names the cause (for example "mask_zero=True"); it is
+        logged when clipping="auto" falls back, and raised under "fast".
+        """
+        del layer  # Most rules take every configuration of their layer.
+        return None
+
+    def roles(self, layer) -> Dict[str, Any]:
+        """The layer's variables by role; None for one the layer lacks."""
+        raise NotImplementedError
+
+    def forward(self, layer, x, saved: dict, watch):
+        """Computes the layer in place of its `call`.
+
+        Args:
+          layer: the layer.
+          x: its input.
+          saved: a dict to save tensors in for `sq_norms` and `sums`.
+          watch: call watch(z) on the tensor z whose gradient d the rule
+            needs, before z is used further.
+
+        Returns:
+          (z, output).
+        """
+        raise NotImplementedError
+
+    def sq_norms(self, record: Record, d: tf.Tensor, layout: Layout):
+        """Per-unit squared gradient norms [units] and a cache for `sums`.
+
+        Only the record's (trainable) variables count: a frozen variable's
+        gradient is neither clipped nor released. Cache entries are per-unit
+        tensors [units, ...]; `sums` gets them with dropped units zeroed.
+        """
+        raise NotImplementedError
+
+    def sums(self, record: Record, d: tf.Tensor, cache: dict,
+             factors: tf.Tensor, layout: Layout, keep) -> Dict[str, Any]:
+        """{role: sum_u factor_u dL_u/dV} for each of the record's variables.
+
+        `d` and the cache arrive with dropped units zeroed; a rule that reads
+        saved inputs masks them with `mask_examples(t, keep, layout)`, so a
+        NaN cannot leak into the sum (`keep` is None when every unit is
+        finite).
+        """
+        raise NotImplementedError
+
+
+# Rules by exact layer class: a subclass may change `call`, so it needs a
+# rule of its own.
+_RULES: Dict[type, Rule] = {}
+
+
+def register_rule(layer_class: type, rule: Rule) -> None:
+    """Makes the fast engine compute layers of exactly `layer_class` by `rule`.
+
+    Replaces a rule registered before for the same class.
+
+    Args:
+      layer_class: a `keras.layers.Layer` subclass.
+      rule: a `Rule` instance.
+
+    Raises:
+      TypeError: `rule` is not a `Rule`, or `layer_class` not a class.
+    """
+    if not isinstance(layer_class, type):
+        raise TypeError(f"Expected a layer class, got {layer_class!r}.")
+    if not isinstance(rule, Rule):
+        raise TypeError(f"Expected a tf_dpsat.per_example.Rule, got "
+                        f"{type(rule).__name__}.")
+    _RULES[layer_class] = rule
+
+
+def registered_rule(layer_class: type) -> Optional[Rule]:
+    """The rule registered for exactly `layer_class`, or None."""
+    return _RULES.get(layer_class)
+
+
+def rule_for(layer) -> Rule:
+    """The rule that computes `layer` exactly.
+
+    Raises:
+      Unsupported: naming the cause: no rule for the layer's class, or a
+        configuration its rule (or any rule) cannot follow.
+    """
+    name = f"layer '{layer.name}' ({type(layer).__name__})"
+    # A rule replaces layer.__call__, so anything __call__ adds beyond
+    # call() is left to the vectorized engine.
+    if layer.compute_dtype != "float32":
+        raise Unsupported(
+            f"{name} computes in {layer.compute_dtype} (mixed precision); "
+            "the fast rules compute in float32 only")
+    if getattr(layer, "quantization_mode", None):
+        raise Unsupported(f"no fast rule for quantized {name}")
+    if getattr(layer, "lora_enabled", False):
+        raise Unsupported(f"no fast rule for {name} with LoRA enabled")
+    if getattr(layer, "activity_regularizer", None) is not None:
+        raise Unsupported(f"no fast rule for {name} with an activity "
+                          "regularizer")
+    rule = _RULES.get(type(layer))
+    if rule is None:
+        raise Unsupported(
+            f"no fast rule for {name}; register one with "
+            "tf_dpsat.per_example.register_rule")
+    reason = rule.unsupported(layer)
+    if reason is not None:
+        raise Unsupported(f"{name}: {reason}")
+    return rule
+
+
+# ------------------------------------------------------------- helpers
+
+def group(t: tf.Tensor, layout: Layout) -> tf.Tensor:
+    """[B, ..., C] -> [units, positions per unit, C].
+
+    The positions dimension stays static whenever it can be known, since
+    rules choose between ghost and direct norms from static shapes.
+    """
+    positions = layout.size if isinstance(layout.size, int) else None
+    for dim in t.shape[1:-1]:
+        positions = None if positions is None or dim is None else positions * dim
+    return tf.reshape(t, [layout.units, -1 if positions is None else positions,
+                          t.shape[-1]])
+
+
+def gram(u: tf.Tensor) -> tf.Tensor:
+    """[m, p, i] -> [m, p, p]: the Gram matrix of each unit's positions."""
+    return tf.einsum("mpi,mqi->mpq", u, u)
+
+
+def ghost_is_cheaper(positions: Optional[int], d_in: int, d_out: int) -> bool:
+    """Ghost norm, T^2 (d_in + d_out) per unit, against direct, T d_in d_out.
+
+    Unknown T (a dynamic microbatch size) takes the direct gradient, whose
+    cost grows only linearly in T.
+    """
+    return positions is not None and positions * (d_in + d_out) < d_in * d_out
+
+
+def per_example(values: tf.Tensor, t: tf.Tensor, layout: Layout) -> tf.Tensor:
+    """Per-unit values [units] repeated for each example of t [B, ...]."""
+    return tf.repeat(values, tf.shape(t)[0] // layout.units)
+
+
+def mask_examples(t: tf.Tensor, keep, layout: Layout) -> tf.Tensor:
+    """Zeroes the examples of t [B, ...] whose unit is not kept (None: all)."""
+    if keep is None:
+        return t
+    mask = tf.reshape(per_example(keep, t, layout),
+                      [-1] + [1] * (len(t.shape) - 1))
+    return tf.where(mask, t, tf.zeros_like(t))

@@ -1,0 +1,67 @@
+"""The vectorized engine: per-unit gradients by `tf.vectorized_map`.
+
+Exact for any model: each unit's forward and backward pass runs inside
+`tf.vectorized_map`, at the given weights (a `keras.StatelessScope` maps
+each variable to its value) and with the unit's own dropout seeds. It
+materialises units x parameters of memory, and TensorFlow has no vectorized
+rule for the convolution filter gradient, so the fast engine is preferred
+where it applies.
+"""
+
+import keras
+import tensorflow as tf
+
+from tf_dpsat.per_example import batch as batch_lib
+from tf_dpsat.per_example import clip
+from tf_dpsat.per_example import losses
+
+
+def clipped_sum(model, variables, params, batch: batch_lib.Batch,
+                seeds: batch_lib.Seeds,
+                l2_norm_clip: float) -> batch_lib.EngineResult:
+    """The clipped sum of `batch` at `params`, from stacked per-unit gradients.
+
+    Args:
+      model: the DP model.
+      variables: its trainable variables.
+      params: their values where gradients are taken, one tensor each.
+      batch: the batch (or a slice of whole units of it).
+      seeds: the step's dropout seeds; unit u of the slice draws the masks
+        of unit `batch.first + u` of the step's batch.
+      l2_norm_clip: the clip norm C.
+    """
+    units, size = batch.units, batch.size
+
+    def group(t):
+        return tf.reshape(t, tf.concat([[units, size], tf.shape(t)[1:]], 0))
+
+    def unit_gradient(args):
+        (x_u, y_u, w_u), index = args
+        mapping = list(zip(variables, params)) + seeds.mapping(index)
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            with keras.StatelessScope(state_mapping=mapping,
+                                      collect_losses=True) as scope:
+                y_pred = model(x_u, training=True)
+            loss = losses.compiled_loss_value(model, y_u, y_pred, w_u)
+            extra = tf.constant(0.0)
+            if scope.losses:
+                extra = tf.add_n([tf.reduce_sum(tf.cast(l, tf.float32))
+                                  for l in scope.losses])
+                loss = loss + extra
+        grads = tape.gradient(
+            loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return grads, y_pred, extra
+
+    grads, y_pred, extra = tf.vectorized_map(
+        unit_gradient,
+        (tf.nest.map_structure(group, (batch.x, batch.y, batch.sample_weight)),
+         tf.range(batch.first, batch.first + units)))
+    n = batch_lib.batch_size(batch.x)
+    y_pred = tf.nest.map_structure(
+        lambda t: tf.reshape(t, tf.concat([[n], tf.shape(t)[2:]], 0)), y_pred)
+    norms = clip.per_unit_norms(grads)
+    clipping = clip.clip_units(norms, batch.unit_weights(), l2_norm_clip)
+    return batch_lib.EngineResult(
+        summed=clip.weighted_sum(grads, clipping.factors, clipping.keep),
+        norms=norms, clipping=clipping, y_pred=y_pred, extra_loss=extra)
