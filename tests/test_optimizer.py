@@ -1078,3 +1078,18 @@ def test_saving_to_h5_is_refused_naming_keras(tmp_path, suffix):
             r"instead\.")):
         model.save(path)
     assert not os.path.exists(path)
+
+
+def test_fit_on_a_dataset_does_not_warn_about_shuffle():
+    # Keras warns "shuffle=True was passed, but will be ignored" for every
+    # tf.data.Dataset under its default shuffle=True; a DP model's batches come
+    # from a sampler, so its fit defaults to shuffle=False for datasets.
+    x, y = make_data("dense", n=16)
+    model = tf_dpsat.make_private(dense_model())
+    model.compile(optimizer=tf_dpsat.DPSATKeras(0.1, noise_multiplier=1.0, seed=1),
+                  loss=XENT)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(8), verbose=0)
+    assert not [w for w in caught if "shuffle" in str(w.message)]
+    assert int(model.optimizer.iterations.numpy()) == 2

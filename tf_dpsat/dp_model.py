@@ -84,6 +84,17 @@ class _PrivateTrainStep:
                 f"'{stem}.keras' instead.")
         return super().save(filepath, *args, **kwargs)
 
+    def fit(self, x=None, y=None, *args, shuffle=None, **kwargs):
+        """Keras's `fit`; `shuffle` defaults to False for a `tf.data.Dataset`.
+
+        A DP model's batches come from a sampler (`tf_dpsat.sampling`) whose
+        order the accountant assumes: Keras does not shuffle a dataset anyway,
+        and its default `shuffle=True` only warns that it is ignored.
+        """
+        if shuffle is None:
+            shuffle = not isinstance(x, tf.data.Dataset)
+        return super().fit(x, y, *args, shuffle=shuffle, **kwargs)
+
     def make_train_function(self, force=False):
         # Keras builds the train function eagerly before the first step: the
         # place to probe the model (once) before any weight can change.
