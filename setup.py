@@ -57,6 +57,8 @@ EXTRAS_REQUIRE = {
     ],
     "test": [
         "pytest>=7",
+        # The linter .ci/run runs (rules in ruff.toml).
+        "ruff>=0.15,<0.18",
     ],
 }
 

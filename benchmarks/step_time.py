@@ -1,4 +1,4 @@
-"""Step time and peak memory of tf_dpsat's private training against plain Keras.
+r"""Step time and peak memory of tf_dpsat's private training against plain Keras.
 
 What: for each model and batch size, the median wall-clock time of one
 training step (``model.train_on_batch``, the Keras path users take) of
@@ -90,7 +90,10 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
+from typing import Callable
+from typing import Optional
+from typing import Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -748,9 +751,11 @@ def _child_argv(cfg: Config, model_name: str, batch_size: int, jit: bool,
 
 
 def _child_env(count_compiles: bool) -> dict[str, str]:
-    """The environment of a child: this repository importable, and its own
-    XLA compile counter (or none: cache files would add to a memory child's
-    RSS)."""
+    """The environment of a child process.
+
+    This repository importable, and its own XLA compile counter (or none:
+    cache files would add to a memory child's RSS).
+    """
     env = dict(os.environ)
     env[COUNT_COMPILES_ENV] = "1" if count_compiles else "0"
     if XLA_CACHE is not None:  # The child sets up its own, or none.
@@ -821,8 +826,11 @@ def run_child(argv: list[str], marker: str, timeout_s: int,
 
 def time_group_isolated(model_name: str, batch_size: int, jit: bool,
                         cfg: Config) -> list[dict[str, Any]]:
-    """`time_group` in a fresh process, so that a crash, a kernel OOM kill or
-    a hung compilation costs only this group (reported as errors)."""
+    """Runs `time_group` in a fresh process.
+
+    A crash, a kernel OOM kill or a hung compilation then costs only this
+    group (reported as errors).
+    """
     spec = {"config": dataclasses.asdict(cfg), "model": model_name,
             "batch_size": batch_size, "jit": jit}
     argv = [sys.executable, "-m", "benchmarks.step_time",

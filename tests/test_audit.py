@@ -1,5 +1,8 @@
-"""Tests for tf_dpsat.audit: the one-run bound, the audit of the real optimizer
-and the controls it must catch, and the command line."""
+"""Tests for tf_dpsat.audit.
+
+The one-run bound, the audit of the real optimizer and the controls it must
+catch, and the command line.
+"""
 
 import json
 import math
@@ -8,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-from scipy import stats
 
 from tf_dpsat import audit
 

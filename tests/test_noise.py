@@ -14,7 +14,8 @@ import math
 import numpy as np
 import pytest
 import tensorflow as tf
-from scipy import special, stats
+from scipy import special
+from scipy import stats
 
 from tf_dpsat import noise
 

@@ -12,7 +12,6 @@ import tensorflow as tf
 from tf_dpsat import sampling
 from tf_dpsat.experiments import datasets
 
-
 # ---------------------------------------------------------------------------
 # padded_batch_size
 # ---------------------------------------------------------------------------
@@ -202,7 +201,7 @@ def test_poisson_under_mirrored_strategy_and_one_hot_labels(mirrored_strategy):
     ds = sampling.poisson_dataset(images, one_hot, expected_batch_size=16, steps=3,
                               padded_size=padded, seed=1)
     strategy = mirrored_strategy
-    for x, y, w in strategy.experimental_distribute_dataset(ds):
+    for _, y, _ in strategy.experimental_distribute_dataset(ds):
         parts = strategy.experimental_local_results(y)
         assert len(parts) == 2 and all(p.shape == (padded // 2, 64) for p in parts)
     for _, y, w in _collect(ds):

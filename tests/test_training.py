@@ -311,7 +311,7 @@ def test_pipeline_split_keeps_order_and_resume_replays_the_same_batches():
     resumed = logical_steps(training.train_batches(
         split, plan_split, images, labels, secret=SECRET, start_epoch=1), plan_split)
     assert len(resumed) == 12
-    for (r1, w1, x1, _), (r2, w2, x2, _) in zip(resumed, b[6:]):
+    for (r1, _, x1, _), (r2, _, x2, _) in zip(resumed, b[6:]):
         np.testing.assert_array_equal(r1, r2)
         np.testing.assert_array_equal(x1, x2)
     # A different secret samples differently; the public seed changes nothing.

@@ -26,12 +26,14 @@ functions of the private batches and carry no privacy guarantee.
 
 import dataclasses
 import math
-from typing import Callable, Optional
+from typing import Callable
+from typing import Optional
 
-from absl import logging
 import keras
+from absl import logging
 
 from tf_dpsat import accounting
+
 # Package-internal argument checks shared with the accounting module.
 from tf_dpsat import validation
 

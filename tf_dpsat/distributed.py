@@ -38,7 +38,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Dict, Iterable, NamedTuple, Optional, Sequence, Tuple
+from typing import Any
+from typing import Dict
+from typing import Iterable
+from typing import NamedTuple
+from typing import Optional
+from typing import Sequence
+from typing import Tuple
 
 import keras
 import numpy as np

@@ -20,10 +20,10 @@ Relative to the ideal Gaussian, a pair is cut off only when its radius
 exceeds 9.49, an event of probability exp(-9.49^2 / 2) = 2^-65 (at most
 2^-64 allowing for the rounding of u1); `tf_dpsat.accounting` adds that mass
 to delta. (TensorFlow's sampler spends two words per pair; the third is the
-price of the tails.) The same ops run in
-graph mode, under XLA and on every replica of a tf.distribute strategy (Philox bits are identical across them; the
-transcendental functions may differ in the last bit), so a run's noise does
-not depend on how it was compiled.
+price of the tails.) The same ops run in graph mode, under XLA and on every
+replica of a tf.distribute strategy (Philox bits are identical across them;
+the transcendental functions may differ in the last bit), so a run's noise
+does not depend on how it was compiled.
 
 The noise is a pure function of a stateless seed: reproducible when the seed
 is known, which is why the optimizer keeps its key secret (see

@@ -35,7 +35,11 @@ References:
 
 import math
 import warnings
-from typing import Any, List, NamedTuple, Optional, Sequence
+from typing import Any
+from typing import List
+from typing import NamedTuple
+from typing import Optional
+from typing import Sequence
 
 import keras
 import numpy as np
@@ -56,7 +60,7 @@ PERTURBATION_EPSILON = 1e-16
 
 def perturb(params: Sequence[tf.Tensor], direction: Sequence[tf.Tensor],
             rho: float) -> List[tf.Tensor]:
-    """params + rho * d / (||d|| + 1e-16): where DP-SAT takes gradients.
+    """Params + rho * d / (||d|| + 1e-16): where DP-SAT takes gradients.
 
     A zero direction (the first step) leaves the params unchanged.
 

@@ -43,7 +43,9 @@ Reproducibility:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any
+from typing import Callable
+from typing import Optional
 
 import scipy.stats
 import tensorflow as tf

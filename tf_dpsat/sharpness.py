@@ -22,7 +22,12 @@ as a private output (like the training loss, see
 from a public `seed`: they describe the weights, they add no privacy.
 """
 
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any
+from typing import Callable
+from typing import NamedTuple
+from typing import Optional
+from typing import Sequence
+from typing import Union
 
 import keras
 import numpy as np
@@ -370,7 +375,8 @@ class _LossSurface:
         validation.check_int("number of examples", n)
         self.num_examples = n
         self.batches = [
-            (tf.nest.map_structure(lambda t: t[i:i + batch_size], x),
+            # The lambda runs at once, inside this iteration.
+            (tf.nest.map_structure(lambda t: t[i:i + batch_size], x),  # noqa: B023
              y[i:i + batch_size]) for i in range(0, n, batch_size)]
         self._model = model
         self._per_example_loss = _per_example_loss_fn(loss)

@@ -8,7 +8,8 @@ none is an `assert`, which `python -O` removes.
 
 import math
 import numbers
-from typing import Any, Optional
+from typing import Any
+from typing import Optional
 
 
 class UserError(ValueError):

@@ -65,12 +65,14 @@ import logging
 import math
 import sys
 import textwrap
-from typing import Callable, Optional, Sequence
+from typing import Callable
+from typing import Optional
+from typing import Sequence
 
 import dp_accounting
+import numpy as np
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
-import numpy as np
 
 from tf_dpsat import validation
 

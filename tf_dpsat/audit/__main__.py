@@ -1,4 +1,4 @@
-"""Command line of the one-run privacy audit: `python -m tf_dpsat.audit`.
+r"""Command line of the one-run privacy audit: `python -m tf_dpsat.audit`.
 
 Trains one DP-SAT model with canaries (see `tf_dpsat.audit`), prints the
 claimed epsilon next to the audit's lower bound and optionally writes them as
@@ -13,7 +13,8 @@ import argparse
 import json
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Optional
+from typing import Sequence
 
 from tf_dpsat import audit
 

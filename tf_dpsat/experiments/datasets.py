@@ -29,7 +29,10 @@ import pickle
 import socket
 import threading
 import zlib
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any
+from typing import Optional
+from typing import Sequence
+from typing import Tuple
 
 import numpy as np
 import tensorflow as tf

@@ -7,8 +7,9 @@ wrapper: `tf_dpsat.make_private(model)` is applied afterwards.
 
 Models:
   `dpnas_cifar` / `dpnas_fmnist`: DPNASNet, the architectures found by
-    neural architecture search under DP-SGD in Cheng et al., "DPNAS: Neural Architecture Search for Deep
-    Learning with Differential Privacy" (AAAI 2022), as used for CIFAR-10 and
+    neural architecture search under DP-SGD in Cheng et al., "DPNAS: Neural
+    Architecture Search for Deep Learning with Differential Privacy" (AAAI
+    2022), as used for CIFAR-10 and
     Fashion-MNIST by Park, Kim, Choi and Lee, "Differentially Private
     Sharpness-Aware Training" (ICML 2023).  529,434 and 214,570 parameters.
   `tb_cnn`: The end-to-end tanh CNNs of Tramer and Boneh, "Differentially
@@ -45,7 +46,8 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Callable, Sequence
+from typing import Callable
+from typing import Sequence
 
 import keras
 from keras import layers

@@ -13,7 +13,10 @@ import json
 import math
 import os
 import statistics
-from typing import Any, Dict, List, Sequence
+from typing import Any
+from typing import Dict
+from typing import List
+from typing import Sequence
 
 from tf_dpsat.experiments import training
 

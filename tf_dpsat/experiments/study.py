@@ -22,7 +22,11 @@ import json
 import math
 import os
 import statistics
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
+from typing import Dict
+from typing import List
+from typing import Optional
+from typing import Sequence
 
 from tf_dpsat import validation
 
@@ -336,8 +340,11 @@ def markdown_table(summary: Dict[str, Any]) -> str:
 
 
 def plot(summary: Dict[str, Any], path: str, title: str = "") -> None:
-    """Writes a PNG: accuracy against rho per direction (DP-SGD as a band),
-    and the top Hessian eigenvalue per cell."""
+    """Writes the study's PNG.
+
+    Accuracy against rho per direction (DP-SGD as a band), and the top
+    Hessian eigenvalue per cell.
+    """
     import matplotlib  # Lazy: only the plot needs it.
 
     matplotlib.use("Agg")

@@ -81,7 +81,13 @@ import os
 import platform
 import tempfile
 import time
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any
+from typing import Dict
+from typing import List
+from typing import NamedTuple
+from typing import Optional
+from typing import Sequence
+from typing import Tuple
 
 import keras
 import numpy as np
@@ -655,8 +661,10 @@ def make_plan(config: TrainConfig, num_examples: int) -> RunPlan:
 
 
 def delta_parts(config: TrainConfig, plan: RunPlan, num_params: int) -> Optional[Dict[str, float]]:
-    """The run's delta: the accountant's, the noise sampler's tail, the padding's
-    overflow, and their total (`tf_dpsat.accounting.delta_breakdown`).
+    """The run's delta and its parts.
+
+    The accountant's, the noise sampler's tail, the padding's overflow, and
+    their total (`tf_dpsat.accounting.delta_breakdown`).
 
     Args:
       config: The run's configuration.
@@ -884,9 +892,12 @@ def run_secret(config: TrainConfig, resuming: bool = False) -> int:
 
 def _agreed_secret(config: TrainConfig, strategy: Optional[tf.distribute.Strategy],
                    chief: bool, resuming: bool) -> int:
-    """The run's secret on every worker: the chief's (`run_secret`), sent to
-    the others by one collective, so that they sample the same global batches
-    and key the noise alike. Only the chief reads or creates the secret file."""
+    """The run's secret on every worker.
+
+    The chief's (`run_secret`), sent to the others by one collective, so that
+    they sample the same global batches and key the noise alike. Only the
+    chief reads or creates the secret file.
+    """
     secret = run_secret(config, resuming=resuming) if chief else 0
     if config.distribution != "multi_worker":
         return secret
@@ -983,8 +994,10 @@ def _make_optimizer(config: TrainConfig, plan: RunPlan) -> keras.optimizers.Opti
 
 
 def _set_noise_key(model: keras.Model, secret: Optional[int]) -> None:
-    """Keys the DP optimizer's noise by the run's secret (None: keep its own
-    fresh OS-entropy key)."""
+    """Keys the DP optimizer's noise by the run's secret.
+
+    None keeps the optimizer's own fresh OS-entropy key.
+    """
     if secret is not None and isinstance(model.optimizer, DPSATKeras):
         model.optimizer.set_noise_key(_derived_seed(secret, _SEED_NOISE))
 
@@ -1176,8 +1189,11 @@ def _plot(path: str, history: List[Dict[str, Any]], title: str,
 
 
 class _Evaluate(keras.callbacks.Callback):
-    """Adds `<split>_loss` / `<split>_accuracy` to the epoch logs every `every`
-    epochs and after the last, for each split ("test", "validation")."""
+    """Adds `<split>_loss` / `<split>_accuracy` to the epoch logs.
+
+    Every `every` epochs and after the last, for each split ("test",
+    "validation").
+    """
 
     def __init__(self, splits: Dict[str, tf.data.Dataset], every: int, last_epoch: int,
                  local: bool = False):
@@ -1243,9 +1259,12 @@ class _Sharpness(keras.callbacks.Callback):
 
 
 class _DropNonPrivateLogs(keras.callbacks.Callback):
-    """Removes the non-private training diagnostics from the batch and epoch
-    logs. First in the callback list: Keras hands every later callback (the
-    recorder, TensorBoard, History, the progress bar) the same dict."""
+    """Removes the non-private training diagnostics from the logs.
+
+    From the batch and epoch logs. First in the callback list: Keras hands
+    every later callback (the recorder, TensorBoard, History, the progress
+    bar) the same dict.
+    """
 
     def _drop(self, logs):
         for key in accounting.NON_PRIVATE_DIAGNOSTICS:
@@ -1568,7 +1587,8 @@ def train(config: TrainConfig,
 
 
 def _fit(model: keras.Model, config: TrainConfig, plan: RunPlan, dataset: data.Dataset,
-         held_out: Optional[Validation], run: _Run, extra_callbacks: Sequence[keras.callbacks.Callback],
+         held_out: Optional[Validation], run: _Run,
+         extra_callbacks: Sequence[keras.callbacks.Callback],
          secret: int, strategy: Optional[tf.distribute.Strategy] = None) -> None:
     sharpness_data = (sharpness_batch(config, dataset) if config.sharpness_examples
                       else None)

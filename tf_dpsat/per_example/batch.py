@@ -8,7 +8,9 @@ an `EngineResult`: the clipped sum, the norms and the clipping, from which
 """
 
 import dataclasses
-from typing import Any, List, Optional
+from typing import Any
+from typing import List
+from typing import Optional
 
 import tensorflow as tf
 

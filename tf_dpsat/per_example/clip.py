@@ -12,7 +12,8 @@ References:
   Abadi et al. "Deep Learning with Differential Privacy". CCS 2016.
 """
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
+from typing import Sequence
 
 import tensorflow as tf
 

@@ -6,7 +6,9 @@ vectorized one), and combines the slices' sums and counts.
 """
 
 import dataclasses
-from typing import Any, List, Optional
+from typing import Any
+from typing import List
+from typing import Optional
 
 import tensorflow as tf
 from absl import logging

@@ -32,7 +32,10 @@ References:
 """
 
 import contextlib
-from typing import Any, Callable, Dict, List
+from typing import Any
+from typing import Callable
+from typing import Dict
+from typing import List
 
 import keras
 import tensorflow as tf

@@ -9,7 +9,9 @@ and register one.
 """
 
 import dataclasses
-from typing import Any, Dict, Optional
+from typing import Any
+from typing import Dict
+from typing import Optional
 
 import tensorflow as tf
 

@@ -52,8 +52,9 @@ def _fold(t: tf.Tensor) -> tf.Tensor:
 
 
 class ConvRule(base.Rule):
-    """keras.layers.Conv1D / Conv2D (channels_last, any stride, padding
-    "same"/"valid", dilation, groups) and DepthwiseConv2D.
+    """The rule of convolutions: Conv1D, Conv2D and DepthwiseConv2D.
+
+    Channels last, any stride, padding "same"/"valid", dilation, groups.
 
     Direct per-example kernel gradients come from one filter-gradient op with
     the batch folded into the channels: example b's channels form groups of

@@ -40,8 +40,11 @@ class AffineNormRule(base.Rule):
         return z, tf.cast(z, layer.compute_dtype)
 
     def _per_unit(self, record, d, layout):
-        """{role: [units, *param.shape]}: the per-unit gradients of the
-        record's trainable gamma and beta."""
+        """The per-unit gradients of the record's trainable gamma and beta.
+
+        Returns:
+          {role: [units, *param.shape]}.
+        """
         shape = self._param_shape(record.layer, len(d.shape))
         keep = [i for i, s in enumerate(shape) if s != 1 and i > 0]
         perm = [0] + [i for i in range(1, len(shape)) if i not in keep] + keep
