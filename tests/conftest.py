@@ -31,3 +31,11 @@ def mirrored_strategy():
     if len(devices) < 2:
         pytest.skip("needs 2 logical CPU devices (configured in conftest.py)")
     return tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks every test not marked `slow` as `quick` (`pytest -m quick`)."""
+    del config
+    for item in items:
+        if item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.quick)
