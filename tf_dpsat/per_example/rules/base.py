@@ -179,8 +179,8 @@ def rule_for(layer) -> Rule:
 # (direct per-unit gradients, shifted inputs of ghost norms) before the rule
 # computes its norms over chunks of units. Below it the whole batch is
 # computed at once, which is faster; above it the chunks bound the memory of
-# large batches. The bound keeps tb_cnn at batch 256 (two slices of 128
-# units) on the whole-batch route.
+# large batches. The bound keeps tb_cnn at batch 256 on the CPU default of
+# two slices (128 units each) on the whole-batch route.
 CHUNK_ELEMENTS = 1 << 24
 
 
