@@ -260,4 +260,11 @@ def make_private(model: keras.Model) -> keras.Model:
     if not inputs:
         raise ValueError(f"make_private needs a model with defined inputs; "
                          f"build '{model.name}' with a keras.Input first.")
+    try:
+        # The model's own structure (a tensor, a list or a dict), where Keras
+        # records it: the DP model then takes its inputs as the model did.
+        inputs, outputs = model.input, model.output
+    except (AttributeError, ValueError):
+        # A Sequential model never called: one input, one output.
+        (inputs,), (outputs,) = inputs, outputs
     return DPFunctional(inputs=inputs, outputs=outputs, name=model.name)
