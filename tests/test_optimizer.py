@@ -757,7 +757,7 @@ def test_dp_model_with_plain_optimizer_is_refused():
 
 def test_mixed_float16_names_the_real_cause():
     # Under mixed_float16 Keras wraps the optimizer in a LossScaleOptimizer;
-    # the refusal must say that mixed precision is the cause and float32
+    # the refusal must say that mixed precision is the cause and bfloat16
     # the fix, not ask for the DPSATKeras the user already passed.
     x, y = make_data("dense", n=8)
     keras.mixed_precision.set_global_policy("mixed_float16")
@@ -771,8 +771,8 @@ def test_mixed_float16_names_the_real_cause():
     _assert_refused_without_weight_change(
         model, x, y, ValueError,
         r"mixed precision.*LossScaleOptimizer: float16 loss scaling is not "
-        r"supported by DP per-example clipping yet.*"
-        r"set_global_policy\('float32'\)")
+        r"supported by DP per-example clipping.*"
+        r"set_global_policy\('mixed_bfloat16'\).*'float32'")
 
 
 def test_nested_batch_normalization_is_refused():

@@ -138,11 +138,11 @@ class _PrivateTrainStep:
                 f"{type(self).__name__} '{self.name}' computes in "
                 f"{self.dtype_policy.name} (mixed precision), so Keras wrapped "
                 f"{type(inner).__name__} in a LossScaleOptimizer: float16 loss "
-                "scaling is not supported by DP per-example clipping yet (it "
+                "scaling is not supported by DP per-example clipping (it "
                 "would scale the gradients that are clipped). Build the model "
-                "under the float32 policy, "
-                "keras.mixed_precision.set_global_policy('float32'); "
-                "mixed-precision support is tracked separately.")
+                "under keras.mixed_precision.set_global_policy("
+                "'mixed_bfloat16'), which needs no loss scaling, or "
+                "'float32'.")
         if not hasattr(optimizer, "private_train_step"):
             raise TypeError(
                 f"{type(self).__name__} is a differentially private model but "
