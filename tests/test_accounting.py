@@ -67,6 +67,7 @@ def test_calibration_is_close_to_tensorflow_privacy_and_within_target():
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "pld"])
+@pytest.mark.slow
 def test_calibration_is_smallest_within_tolerance(accountant):
     kwargs = dict(sampling_probability=1 / 25, steps=750, accountant=accountant)
     sigma = accounting.calibrate_noise_multiplier(target_epsilon=3.0, **kwargs)

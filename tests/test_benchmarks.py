@@ -186,6 +186,7 @@ def test_batch_slices_are_passed_and_reported():
     assert [r["batch_slices"] for r in rows] == [2, 1]
 
 
+@pytest.mark.slow
 def test_in_process_group_without_isolation():
     cfg = step_time.Config(models=["tiny"], batch_sizes=[4],
                            modes=["nonprivate", "dpsgd"], jit=[False],

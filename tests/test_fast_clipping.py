@@ -224,6 +224,7 @@ def test_padding_dropped_with_and_without_nonfinite_examples(case, nonfinite):
 
 
 @pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum"])
+@pytest.mark.slow
 def test_microbatches_match_vectorized(reduction):
     # The fast path takes the units' loss gradients from the batch loss:
     # times 4 units for a mean over the batch, times 1 for a sum.

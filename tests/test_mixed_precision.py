@@ -75,6 +75,7 @@ def _relative_gap(policy_a, policy_b, initial, make_optimizer, x, y,
     return np.linalg.norm(a - b) / np.linalg.norm(a - _flat(initial))
 
 
+@pytest.mark.slow
 def test_bfloat16_training_matches_float32_as_plain_training_does():
     # bfloat16 keeps 8 significant bits: every product and sum of the
     # forward and backward passes is off by up to 2^-9 relative, so four
@@ -198,6 +199,7 @@ def test_bfloat16_noise_is_float32():
     assert np.mean(as_bfloat16 != noise) > 0.95
 
 
+@pytest.mark.slow
 def test_bfloat16_dp_model_saves_and_loads(tmp_path):
     x, y = _data(n=16)
     model = _cnn("mixed_bfloat16", private=True)
@@ -256,6 +258,7 @@ def _layers_model(policy):
         keras.mixed_precision.set_global_policy("float32")
 
 
+@pytest.mark.slow
 def test_every_rule_family_runs_in_bfloat16():
     # The same weights and batch under both policies: the bfloat16 clipped
     # sum differs from the float32 one by bfloat16 rounding (2^-9 relative

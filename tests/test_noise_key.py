@@ -124,6 +124,7 @@ def test_unseeded_optimizers_draw_fresh_noise_and_set_noise_key_aligns_them():
     np.testing.assert_array_equal(aligned[0], seeded)  # the seed is the key
 
 
+@pytest.mark.slow
 def test_set_noise_key_takes_effect_after_tracing():
     def run(first_key, second_key):
         model = private_model()

@@ -343,6 +343,7 @@ def test_fast_step_evaluates_a_row_wise_loss_once(slices):
 
 # ------------------------------------------------------------ sample weights
 
+@pytest.mark.slow
 def test_zero_weight_examples_contribute_nothing():
     # Padding rows: weight 0 and garbage (even NaN) inputs. With
     # expected_batch_size fixed, training on the padded batches must equal
@@ -371,6 +372,7 @@ def test_sample_weights_scale_per_example_losses():
     assert max_diff(weights(model), expected) < 1e-5
 
 
+@pytest.mark.slow
 def test_nonfinite_example_is_dropped_and_counted():
     x, y = make_data("dense", n=8)
     x_bad = x.copy()
@@ -675,6 +677,7 @@ def test_save_load_resume_is_bitwise(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_weights_are_never_left_perturbed():
     # After fit the weights are w_T (the update of w_{T-1}), never
     # w_T + eps: evaluate/predict/save see what the reference computes.
@@ -1017,6 +1020,7 @@ def _one_weight_step(x, sample_weight, **kwargs):
     return float(model.trainable_variables[0].numpy()[0, 0]) - 1.0
 
 
+@pytest.mark.slow
 def test_default_divisor_is_the_batch_not_the_count_of_examples():
     # Five real rows and three zero-weight padding rows: the clipped sum is
     # 5 C = 2.5 and the default divisor is the batch's 8 rows, so
