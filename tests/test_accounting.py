@@ -67,6 +67,7 @@ def test_calibration_is_close_to_tensorflow_privacy_and_within_target():
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "pld"])
+@pytest.mark.slow
 def test_calibration_is_smallest_within_tolerance(accountant):
     kwargs = dict(sampling_probability=1 / 25, steps=750, accountant=accountant)
     sigma = accounting.calibrate_noise_multiplier(target_epsilon=3.0, **kwargs)
@@ -324,6 +325,7 @@ def test_cli_reports_bad_input(capsys):
     assert "delta=0.0 > 0" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_subprocess():
     result = subprocess.run(
         [sys.executable, "-m", "tf_dpsat.accounting", "--num_examples=60000",
@@ -335,6 +337,7 @@ def test_cli_subprocess():
     assert "Poisson sampling (*):" in result.stdout
 
 
+@pytest.mark.slow
 def test_import_registers_no_absl_flags():
     # In a fresh interpreter: the training binary defines --epsilon/--delta, so
     # importing the accounting module must not define flags of its own.
@@ -448,6 +451,7 @@ def test_statement_with_zero_poisson_epsilon_does_not_divide_by_zero():
     assert "differ by epsilon 0" in text
 
 
+@pytest.mark.slow
 def test_cli_runs_without_warnings_and_every_option_has_help():
     env = dict(os.environ, PYTHONWARNINGS="default", TF_CPP_MIN_LOG_LEVEL="3")
     result = subprocess.run(

@@ -120,6 +120,7 @@ _REACHABLE = 2.548
 
 
 @pytest.mark.parametrize("auditor", audit.AUDITORS)
+@pytest.mark.slow
 def test_real_optimizer_stays_below_its_claim(auditor):
     result = audit.one_run_audit(auditor=auditor, **_SMALL)
     # If the training is (1, 1e-5)-DP, the bound exceeds 1 with probability
@@ -134,6 +135,7 @@ def test_real_optimizer_stays_below_its_claim(auditor):
 
 @pytest.mark.parametrize("auditor", audit.AUDITORS)
 @pytest.mark.parametrize("control", ["no_noise", "no_clipping"])
+@pytest.mark.slow
 def test_controls_are_caught(auditor, control):
     result = audit.one_run_audit(auditor=auditor, control=control, **_SMALL)
     # The claim stays epsilon = 1; a bound >= 2 refutes it at 95% confidence
@@ -162,6 +164,7 @@ def _run_cli(*args):
                           env=env, timeout=300, check=False)
 
 
+@pytest.mark.slow
 def test_cli_help_documents_every_option_without_runpy_warning():
     result = _run_cli("--help")
     assert result.returncode == 0, result.stderr
@@ -176,6 +179,7 @@ def test_cli_help_documents_every_option_without_runpy_warning():
     assert all(action.help for action in actions)
 
 
+@pytest.mark.slow
 def test_cli_writes_the_result_as_json(tmp_path):
     output = tmp_path / "audit.json"
     # q = 500 / ~1550 and 30 steps: an in-canary is never sampled with

@@ -56,6 +56,7 @@ def report(tmp_path_factory):
     return json.loads(out.read_text()), out
 
 
+@pytest.mark.slow
 def test_json_schema(report):
     data, _ = report
     assert data["schema_version"] == step_time.SCHEMA_VERSION
@@ -103,6 +104,7 @@ def test_table_lists_every_row(report):
     assert all(line.startswith("|") and line.endswith("|") for line in table)
 
 
+@pytest.mark.slow
 def test_memory_subprocess():
     cfg = step_time.Config(models=["tiny"], batch_sizes=[4], modes=["dpsat"],
                            jit=[False], memory_steps=2)
@@ -165,6 +167,7 @@ def test_clipping_is_passed_only_when_accepted():
             step_time.make_optimizer("dpsgd", cfg)
 
 
+@pytest.mark.slow
 def test_batch_slices_are_passed_and_reported():
     cfg = step_time.Config(models=["tiny"], batch_sizes=[4],
                            modes=["nonprivate", "dpsat"], jit=[False],
@@ -183,6 +186,7 @@ def test_batch_slices_are_passed_and_reported():
     assert [r["batch_slices"] for r in rows] == [2, 1]
 
 
+@pytest.mark.slow
 def test_in_process_group_without_isolation():
     cfg = step_time.Config(models=["tiny"], batch_sizes=[4],
                            modes=["nonprivate", "dpsgd"], jit=[False],

@@ -240,6 +240,7 @@ def chief_outputs(epochs):
             "accuracy_epsilon.png", "tensorboard"}
 
 
+@pytest.mark.slow
 def test_two_workers_train_the_weights_of_one_process(tmp_path):
     run = dict(RUN, epochs=1, noise_multiplier=0.0, dp_seed=7)
     training.train(training.TrainConfig(**dict(run, keras_verbose=0),
@@ -295,6 +296,7 @@ def secret_encodings(secret):
             secret.to_bytes(8, "little"), secret.to_bytes(8, "big")]
 
 
+@pytest.mark.slow
 def test_two_workers_resume_a_run_on_the_chiefs_secret(tmp_path):
     # No --dp_seed: the sampling key is the secret file's, which only the
     # chief reads; the other worker samples the same rows only if it received
@@ -327,6 +329,7 @@ def test_two_workers_resume_a_run_on_the_chiefs_secret(tmp_path):
             assert encoding.decode("latin-1") not in out + err
 
 
+@pytest.mark.slow
 def test_two_workers_add_the_noise_of_one_process(tmp_path):
     # One DP-SGD step on the whole set (q = 1: every example, whatever the
     # key): lr 1 and a first step of momentum SGD move the weights by the

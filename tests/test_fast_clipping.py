@@ -168,6 +168,7 @@ LAYER_RUNS = sorted([(case, False) for case in LAYER_CASES] +
 
 
 @pytest.mark.parametrize("case, jit", LAYER_RUNS)
+@pytest.mark.slow
 def test_layer_matches_vectorized(case, jit):
     build, shape = LAYER_CASES[case]
     x, y = _images(12, shape)
@@ -202,6 +203,7 @@ def test_padding_and_nonfinite_examples_are_dropped():
                                   "conv2d_same_strided",
                                   "conv2d_ghost", "group_norm_affine"])
 @pytest.mark.parametrize("nonfinite", [None, "active", "padded"])
+@pytest.mark.slow
 def test_padding_dropped_with_and_without_nonfinite_examples(case, nonfinite):
     # Padded rows (weight 0) full of finite garbage, with no non-finite
     # example (no masking runs: zero factors remove the padding), with an Inf
@@ -224,6 +226,7 @@ def test_padding_dropped_with_and_without_nonfinite_examples(case, nonfinite):
 
 
 @pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum"])
+@pytest.mark.slow
 def test_microbatches_match_vectorized(reduction):
     # The fast path takes the units' loss gradients from the batch loss:
     # times 4 units for a mean over the batch, times 1 for a sum.
@@ -332,6 +335,7 @@ def test_map_unit_chunks_concatenates_in_order():
                                          ("dpnas_fmnist", (28, 28, 1)),
                                          ("resnet10_gn", (28, 28, 1)),
                                          ("mlp", (8, 8, 1))])
+@pytest.mark.slow
 def test_paper_models_match_vectorized(name, shape):
     def build():
         return models.build_model(name, shape, 10, seed=0)
@@ -343,6 +347,7 @@ def test_paper_models_match_vectorized(name, shape):
     _compare(build, x, y, clip=0.05, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_training_with_rho_matches_vectorized():
     # Several DP-SAT steps (norms taken at the perturbed weights), momentum.
     build, shape = LAYER_CASES["group_norm_affine"]
@@ -424,6 +429,7 @@ def _user_scale_model():
                 input_shape=(3, 5))
 
 
+@pytest.mark.slow
 def test_user_rule_matches_vectorized():
     build = _user_scale_model()
     with pytest.raises(per_example.Unsupported, match="_UserScale"):
@@ -476,6 +482,7 @@ FALLBACK_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(FALLBACK_CASES))
+@pytest.mark.slow
 def test_fallback_warns_once_and_fast_names_the_cause(case, caplog):
     build, shape, dtype, cause = FALLBACK_CASES[case]
     rng = np.random.default_rng(0)
@@ -551,6 +558,7 @@ for _ in range(4):
 """
 
 
+@pytest.mark.slow
 def test_xla_compiles_the_fast_step_once(tmp_path):
     # XLA writes one file per compilation into its persistent cache. Four
     # steps on new data must compile once: an op that needs a compile-time
@@ -636,6 +644,7 @@ TIED_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(TIED_CASES))
+@pytest.mark.slow
 def test_weight_used_outside_its_layer_falls_back_or_refuses(case):
     # The fast rules see a layer's weights only inside the layer; a use
     # elsewhere (here 72-93% of the gradient before the check) must send
@@ -696,6 +705,7 @@ FROZEN_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(FROZEN_CASES))
+@pytest.mark.slow
 def test_partly_frozen_layer_is_exact(case):
     # Norms and sums cover the trainable variables only, matched to them
     # by identity: a frozen kernel used to crash (bias given the kernel's

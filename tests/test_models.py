@@ -186,6 +186,7 @@ def test_dpnas_all_primitives():
 
 
 @pytest.mark.parametrize("key", sorted(EXPECTED))
+@pytest.mark.slow
 def test_train_on_batch(key):
     model = _model(key)
     model.compile(
@@ -236,6 +237,7 @@ def test_compile_jit_compile_true():
     assert np.isfinite(float(model.train_on_batch(x, y)))
 
 
+@pytest.mark.slow
 def test_xla_train_step_in_process():
     # Under op determinism XLA has no MaxPool gradient, so only pooling-free
     # models can be checked here; see the subprocess test for the others.
@@ -263,6 +265,7 @@ for name, shape in [("tb_cnn", (28, 28, 1)), ("dpnas", (28, 28, 1))]:
 """
 
 
+@pytest.mark.slow
 def test_xla_train_step_with_max_pooling():
     # Max-pooling models under XLA, in a fresh interpreter without
     # TF_DETERMINISTIC_OPS (TensorFlow reads it once, at start-up).

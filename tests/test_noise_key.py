@@ -107,6 +107,7 @@ def test_noise_key_is_in_no_saved_file_nor_config(tmp_path):
         assert_key_absent(path.read_bytes(), KEY, path.name)
 
 
+@pytest.mark.slow
 def test_unseeded_optimizers_draw_fresh_noise_and_set_noise_key_aligns_them():
     clean = flat(fit_steps(private_model(noise_multiplier=0.0)))
     a, b = (flat(fit_steps(private_model())) for _ in range(2))
@@ -123,6 +124,7 @@ def test_unseeded_optimizers_draw_fresh_noise_and_set_noise_key_aligns_them():
     np.testing.assert_array_equal(aligned[0], seeded)  # the seed is the key
 
 
+@pytest.mark.slow
 def test_set_noise_key_takes_effect_after_tracing():
     def run(first_key, second_key):
         model = private_model()
@@ -146,6 +148,7 @@ def test_set_noise_key_validates_without_echoing_the_key(key, error):
     assert str(2**63 - 1) not in str(info.value)
 
 
+@pytest.mark.slow
 def test_loaded_model_trains_on_with_fresh_noise_unless_seeded(tmp_path):
     for seed in (None, 9):
         original = private_model(seed=seed)
@@ -184,6 +187,7 @@ def test_saved_file_alone_does_not_reproduce_the_noise(tmp_path):
     assert 1.2 < np.std(residual) < 1.65, np.std(residual)
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_keeps_the_key_secret_and_settable(
         mirrored_strategy, tmp_path):
     results = []

@@ -161,6 +161,7 @@ REFERENCE_RUNS = sorted(
 
 
 @pytest.mark.parametrize("case, model_name, clipping", REFERENCE_RUNS)
+@pytest.mark.slow
 def test_matches_reference(case, model_name, clipping):
     build = MODELS[model_name]
     x, y = make_data(model_name)
@@ -222,6 +223,7 @@ def test_reference_with_regularizers_and_weight_decay():
 
 @pytest.mark.parametrize("reduction", ["sum", "sum_over_batch_size",
                                        "mean_with_sample_weight"])
+@pytest.mark.slow
 def test_any_loss_reduction_gives_per_example_losses(reduction):
     # For one example all three reductions give that example's loss (times
     # its weight), so the DP step must match the reference with the
@@ -287,6 +289,7 @@ def test_row_wise_losses_are_only_keras_own():
 
 
 @pytest.mark.parametrize("loss", [_coupled_loss, _CallOverridden()])
+@pytest.mark.slow
 def test_loss_coupling_examples_is_differentiated_per_example(loss):
     # Differentiating this loss over the batch would give each example a
     # gradient that depends on the others; the fast path must take it per
@@ -302,6 +305,7 @@ def test_loss_coupling_examples_is_differentiated_per_example(loss):
 
 @pytest.mark.parametrize("clipping", ["fast", "vectorized"])
 @pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum"])
+@pytest.mark.slow
 def test_reported_loss_is_the_compiled_loss(clipping, reduction):
     # rho = 0: the step's predictions are at the current weights, so the
     # loss it reports is Keras's compiled loss of the batch there.
@@ -319,6 +323,7 @@ def test_reported_loss_is_the_compiled_loss(clipping, reduction):
 
 
 @pytest.mark.parametrize("slices", [1, 2])
+@pytest.mark.slow
 def test_fast_step_evaluates_a_row_wise_loss_once(slices):
     x, y = make_data("dense", n=8)
     counts = {}
@@ -338,6 +343,7 @@ def test_fast_step_evaluates_a_row_wise_loss_once(slices):
 
 # ------------------------------------------------------------ sample weights
 
+@pytest.mark.slow
 def test_zero_weight_examples_contribute_nothing():
     # Padding rows: weight 0 and garbage (even NaN) inputs. With
     # expected_batch_size fixed, training on the padded batches must equal
@@ -366,6 +372,7 @@ def test_sample_weights_scale_per_example_losses():
     assert max_diff(weights(model), expected) < 1e-5
 
 
+@pytest.mark.slow
 def test_nonfinite_example_is_dropped_and_counted():
     x, y = make_data("dense", n=8)
     x_bad = x.copy()
@@ -458,6 +465,7 @@ NOISE_STEP = dict(learning_rate=1.0, momentum=0.0, l2_norm_clip=NOISE_CLIP,
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.slow
 def test_noise_statistics(jit_compile):
     x, y = noise_data(0)
     kwargs = dict(batch_size=NOISE_BATCH, **NOISE_STEP)
@@ -479,6 +487,7 @@ def test_one_sampler_in_graph_mode_and_xla():
     assert max_diff(weights(graph), weights(xla)) < 1e-5
 
 
+@pytest.mark.slow
 def test_same_seed_is_bitwise_reproducible_and_none_is_fresh():
     x, y = make_data("conv", n=16)
     runs = [fit_private(conv_model, x, y, noise_multiplier=1.0, seed=s)[0]
@@ -489,6 +498,7 @@ def test_same_seed_is_bitwise_reproducible_and_none_is_fresh():
     assert not all(np.array_equal(u, v) for u, v in zip(a, c))
 
 
+@pytest.mark.slow
 def test_dataset_of_unknown_length_counts_only_real_steps():
     # Keras starts one more step function when a dataset of unknown length
     # runs out; that must neither count a step nor touch the weights.
@@ -514,6 +524,7 @@ def test_dataset_of_unknown_length_counts_only_real_steps():
 # ------------------------------------------------------- XLA, accumulation
 
 @pytest.mark.parametrize("clipping", ["fast", "vectorized"])
+@pytest.mark.slow
 def test_xla_matches_graph_mode(clipping):
     x, y = make_data("conv")
     graph, _, _ = fit_private(conv_model, x, y, l2_norm_clip=0.5,
@@ -524,6 +535,7 @@ def test_xla_matches_graph_mode(clipping):
 
 
 @pytest.mark.parametrize("cls_kwargs", [{}, {"direction": "momentum"}])
+@pytest.mark.slow
 def test_accumulation_equals_large_batch(cls_kwargs):
     # k = 3 physical batches of 4 make one logical step of 12; the
     # perturbation is computed once per logical step (the authors' code
@@ -537,6 +549,7 @@ def test_accumulation_equals_large_batch(cls_kwargs):
     assert max_diff(weights(big), weights(acc)) < 1e-5
 
 
+@pytest.mark.slow
 def test_accumulation_adds_noise_once_per_logical_step():
     # k = 2 physical batches of 8 must carry the noise of one step of 16
     # (std sigma C / B on the update), not sqrt(2) times more.
@@ -552,6 +565,7 @@ def test_accumulation_adds_noise_once_per_logical_step():
 # ----------------------------------------------------------- tf.distribute
 
 @pytest.mark.parametrize("clipping", ["fast", "vectorized"])
+@pytest.mark.slow
 def test_mirrored_strategy_matches_one_device(mirrored_strategy, clipping):
     x, y = make_data("conv")
     kwargs = dict(l2_norm_clip=0.5, rho=0.05, clipping=clipping)
@@ -577,6 +591,7 @@ def _mirrored_fit(strategy, x, y, *, batch_size, budget=None, **kwargs):
     return model, opt
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_batches_without_a_step_change_nothing(
         mirrored_strategy):
     # Under tf.distribute the update runs on every physical batch and is
@@ -600,6 +615,7 @@ def test_mirrored_strategy_batches_without_a_step_change_nothing(
     assert max_diff(weights(two), weights(budgeted)) < 1e-5
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_noise_scale(mirrored_strategy):
     # Each replica adds its share; the aggregated noise std is sigma C / B.
     x, y = noise_data(2)
@@ -640,6 +656,7 @@ def test_config_round_trip_holds_every_argument():
     assert tf_dpsat.DPSAMKeras.from_config(sam.get_config()).queries_per_step == 2
 
 
+@pytest.mark.slow
 def test_save_load_resume_is_bitwise(tmp_path):
     x, y = make_data("conv", n=32)
     kwargs = dict(l2_norm_clip=0.5, rho=0.05, noise_multiplier=1.0, seed=9)
@@ -660,6 +677,7 @@ def test_save_load_resume_is_bitwise(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_weights_are_never_left_perturbed():
     # After fit the weights are w_T (the update of w_{T-1}), never
     # w_T + eps: evaluate/predict/save see what the reference computes.
@@ -742,7 +760,7 @@ def test_dp_model_with_plain_optimizer_is_refused():
 
 def test_mixed_float16_names_the_real_cause():
     # Under mixed_float16 Keras wraps the optimizer in a LossScaleOptimizer;
-    # the refusal must say that mixed precision is the cause and float32
+    # the refusal must say that mixed precision is the cause and bfloat16
     # the fix, not ask for the DPSATKeras the user already passed.
     x, y = make_data("dense", n=8)
     keras.mixed_precision.set_global_policy("mixed_float16")
@@ -756,8 +774,8 @@ def test_mixed_float16_names_the_real_cause():
     _assert_refused_without_weight_change(
         model, x, y, ValueError,
         r"mixed precision.*LossScaleOptimizer: float16 loss scaling is not "
-        r"supported by DP per-example clipping yet.*"
-        r"set_global_policy\('float32'\)")
+        r"supported by DP per-example clipping.*"
+        r"set_global_policy\('mixed_bfloat16'\).*'float32'")
 
 
 def test_nested_batch_normalization_is_refused():
@@ -835,6 +853,7 @@ def test_dp_sequential_and_make_private_share_weights():
         x, y, verbose=0, return_dict=True)
 
 
+@pytest.mark.slow
 def test_step_budget_stops_updates():
     x, y = make_data("dense", n=40)
     budgeted = tf_dpsat.make_private(dense_model())
@@ -884,6 +903,7 @@ def test_dropout_trains_with_distinct_masks():
     ("dense", "vectorized", {"num_microbatches": 3}),
     ("dense", "fast", {"cls": tf_dpsat.DPSAMKeras}),
 ])
+@pytest.mark.slow
 def test_batch_slices_give_the_same_training(model_name, clipping, extra):
     # Noise on (the same seed), clipping binding on some examples, rho > 0:
     # 1, 2 and 3 slices take the same steps and report the same metrics.
@@ -909,6 +929,7 @@ def test_batch_slices_give_the_same_training(model_name, clipping, extra):
 
 
 @pytest.mark.parametrize("clipping", ["fast", "vectorized"])
+@pytest.mark.slow
 def test_batch_slices_with_fewer_examples_than_slices(clipping):
     # 9 examples in batches of 8: the last batch has one example, so two of
     # its three slices are empty (the batch size is only known at run time).
@@ -929,6 +950,7 @@ def _dropout_model():
                              keras.layers.Dropout(0.5), keras.layers.Dense(3)])
 
 
+@pytest.mark.slow
 def test_vectorized_slices_draw_the_masks_of_the_whole_batch():
     # Each example's dropout seed follows from its index in the whole batch,
     # so slicing changes nothing.
@@ -940,6 +962,7 @@ def test_vectorized_slices_draw_the_masks_of_the_whole_batch():
     assert max_diff(*got) < 1e-6
 
 
+@pytest.mark.slow
 def test_fast_path_slices_draw_distinct_masks():
     # Identical examples: equal predictions would mean a mask drawn twice.
     x = np.ones((8, 6), np.float32)
@@ -997,6 +1020,7 @@ def _one_weight_step(x, sample_weight, **kwargs):
     return float(model.trainable_variables[0].numpy()[0, 0]) - 1.0
 
 
+@pytest.mark.slow
 def test_default_divisor_is_the_batch_not_the_count_of_examples():
     # Five real rows and three zero-weight padding rows: the clipped sum is
     # 5 C = 2.5 and the default divisor is the batch's 8 rows, so
@@ -1036,6 +1060,7 @@ def test_microbatches_of_fixed_batches_move_one_clipped_mean():
     assert b - a == pytest.approx((0.5 - 0.0425) / 4, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_refused_step_updates_no_metric():
     # Budget 1: of three batches only the first is used. The epoch's logs
     # must be those of that batch alone: the refused batches' loss, clipped

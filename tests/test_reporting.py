@@ -36,6 +36,7 @@ def _final(model_dir):
         return json.load(f)["private"]["final_test_accuracy"]
 
 
+@pytest.mark.slow
 def test_summary_matches_each_runs_results(runs):
     _, dirs = runs
     summary = reporting.summarize_runs(list(dirs.values()))
@@ -73,6 +74,7 @@ def test_refuses_different_experiments_and_unfinished_runs(runs, tmp_path):
         reporting.summarize_runs([other])
 
 
+@pytest.mark.slow
 def test_binary_writes_table_json_and_plot(runs, tmp_path):
     root, dirs = runs
     out_json, out_png = tmp_path / "summary.json", tmp_path / "summary.png"

@@ -203,6 +203,7 @@ def _finite_difference_hessian(model, x, y, step=1e-6):
 # derivative of it is wrong, which this test catches without the rewrite).
 @pytest.mark.parametrize("strides, padding",
                          [(1, "valid"), (2, "same"), (1, "same")])
+@pytest.mark.slow
 def test_max_pooling_model_matches_finite_differences(strides, padding):
     model = _pooling_model(strides, padding)
     _, y = _tiny_data(n=30, seed=15)

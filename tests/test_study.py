@@ -91,6 +91,7 @@ def test_summary_refuses_two_runs_of_one_cell_and_seed(tmp_path):
         study.summarize([str(tmp_path / "a"), str(tmp_path / "b")])
 
 
+@pytest.mark.slow
 def test_runner_trains_pairs_resumes_and_summarises(tmp_path):
     command = [sys.executable, str(REPO / "examples" / "study.py"),
                f"--study_dir={tmp_path}", "--rhos=0.1", "--directions=gradient",

@@ -260,6 +260,7 @@ def logical_steps(batches, plan):
     return steps
 
 
+@pytest.mark.slow
 def test_pipeline_static_shapes_inclusion_rate_and_inert_padding():
     n, batch, epochs = 40, 8, 200  # q = 0.2, 5 steps per epoch, 1000 steps.
     images, labels = id_dataset(n)
@@ -371,6 +372,7 @@ def train_steps(config, batches_per_step):
 
 
 @pytest.mark.parametrize("method", ["dpsat", "dpsam"])
+@pytest.mark.slow
 def test_padded_step_equals_unpadded_step(method):
     # Two DP steps (the second one perturbed by the first's gradient), each on
     # 70 real rows: once exactly, once padded to 128 with zero-weight rows.
@@ -389,6 +391,7 @@ def test_padded_step_equals_unpadded_step(method):
     assert max(np.max(np.abs(u - i)) for u, i in zip(unpadded, initial)) > 1e-3
 
 
+@pytest.mark.slow
 def test_padded_accumulated_step_equals_unpadded_step():
     # A logical batch of 70 real rows padded to k * 32 rows and cut into k
     # physical batches of 32 gives the same update as the 70 rows at once.
@@ -416,6 +419,7 @@ def test_padded_accumulated_step_equals_unpadded_step():
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_on_tfds_mock_data(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     config = training.TrainConfig(
@@ -462,6 +466,7 @@ def test_unprepared_tfds_dataset_fails_fast_naming_the_flags(tmp_path, monkeypat
     dict(sampling="shuffle"),
     dict(direction="momentum", physical_batch_size=64),
 ])
+@pytest.mark.slow
 def test_methods_and_samplings_run(tmp_path, overrides):
     config = small_config(max_train_examples=400, batch_size=50,
                           model_dir=str(tmp_path), **overrides)
@@ -495,6 +500,7 @@ class _CrashAfterFirstEpoch(keras.callbacks.Callback):
             raise _Interrupt()
 
 
+@pytest.mark.slow
 def test_resume_matches_an_uninterrupted_run(tmp_path):
     def config(name, **overrides):
         return small_config(epochs=2, physical_batch_size=64, dp_seed=None,
@@ -534,6 +540,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     assert again["steps"] == 30 and again["completed"]
 
 
+@pytest.mark.slow
 def test_distribution_mirrored_trains_like_one_device(tmp_path, monkeypatch,
                                                      mirrored_strategy):
     # MirroredStrategy over 2 local devices (the session's, see conftest.py):
@@ -554,6 +561,7 @@ def test_distribution_mirrored_trains_like_one_device(tmp_path, monkeypatch,
         np.testing.assert_allclose(y, x, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_resume_without_the_secret_file_is_refused(tmp_path):
     config = small_config(epochs=2, model_dir=str(tmp_path), dp_seed=None)
     with pytest.raises(_Interrupt):
@@ -578,6 +586,7 @@ def run_binary(*args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_binary_smoke_run_on_digits(tmp_path):
     result = run_binary("--dataset=digits", "--model=mlp", "--epochs=1",
                         "--batch_size=100", f"--model_dir={tmp_path}",
@@ -590,6 +599,7 @@ def test_binary_smoke_run_on_digits(tmp_path):
     assert "epsilon:" in result.stdout  # The Keras epoch line shows epsilon.
 
 
+@pytest.mark.slow
 def test_binary_console_has_no_native_start_up_noise(tmp_path):
     # As a user runs it: no TF_CPP_MIN_LOG_LEVEL, no CUDA_VISIBLE_DEVICES.
     # -X importtime lists every import on stderr: the digits route must not
@@ -623,6 +633,7 @@ def _history(epochs, evaluated=True):
 
 
 @pytest.mark.parametrize("epochs", [1, 2, 3, 40])
+@pytest.mark.slow
 def test_accuracy_epsilon_plot_is_readable_at_any_length(epochs):
     config = small_config(epsilon=2.5)
     title = training._plot_title(config, training.make_plan(config, 1500))
@@ -700,6 +711,7 @@ DIGITS_RUN = ("--dataset=digits", "--model=mlp", "--epochs=1", "--batch_size=100
               "--keras_verbose=2")
 
 
+@pytest.mark.slow
 def test_binary_draws_a_secret_per_run_and_keeps_it_out_of_every_output(tmp_path):
     runs = [run_binary(*DIGITS_RUN, f"--model_dir={tmp_path / name}")
             for name in ("a", "b")]
@@ -735,6 +747,7 @@ def test_binary_draws_a_secret_per_run_and_keeps_it_out_of_every_output(tmp_path
             assert encoding.decode("latin-1") not in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_binary_dp_seed_reproduces_bitwise_and_is_not_published(tmp_path):
     runs = [run_binary(*DIGITS_RUN, "--dp_seed=5", f"--model_dir={tmp_path / name}")
             for name in ("c", "d")]
@@ -765,6 +778,7 @@ def test_binary_dp_seed_reproduces_bitwise_and_is_not_published(tmp_path):
         results["privacy_statement"].split())
 
 
+@pytest.mark.slow
 def test_non_private_diagnostics_are_kept_apart_and_can_be_left_out(tmp_path, capsys):
     kept = training.train(small_config(model_dir=str(tmp_path / "kept")))
     assert set(kept["non_private_diagnostics"]["history"][0]) == {
@@ -796,6 +810,7 @@ def test_non_private_diagnostics_are_kept_apart_and_can_be_left_out(tmp_path, ca
     assert not tags & {f"epoch_{n}" for n in accounting.NON_PRIVATE_DIAGNOSTICS}
 
 
+@pytest.mark.slow
 def test_binary_fails_fast_without_data(tmp_path):
     start = time.monotonic()
     # --nodownload: a CI machine with a network must not fetch CIFAR-10 here.
@@ -816,6 +831,7 @@ def test_binary_fails_fast_without_data(tmp_path):
             for f in FMNIST_FILES),
     reason=f"Fashion-MNIST IDX files not in {datasets.DEBIAN_FASHION_MNIST_DIR} "
            "(apt-get install dataset-fashion-mnist; .ci/run does)")
+@pytest.mark.slow
 def test_fashion_mnist_one_epoch_dpsat_reaches_75_percent(tmp_path):
     # One epoch of DP-SAT at epsilon 3 on all 60,000 examples, expected batch
     # 256: 234 noisy steps, sigma ~0.65. Measured 78.5-78.8% over three seeds
@@ -846,6 +862,7 @@ def _assert_one_line_error(result, expected):
     assert result.stderr.rstrip("\n").splitlines()[-1] == expected
 
 
+@pytest.mark.slow
 def test_binary_batch_larger_than_dataset_is_one_line_error():
     _assert_one_line_error(
         run_binary("--dataset=digits", "--model=mlp", "--batch_size=5000"),
@@ -853,12 +870,14 @@ def test_binary_batch_larger_than_dataset_is_one_line_error():
         "--batch_size.")
 
 
+@pytest.mark.slow
 def test_binary_usage_error_skips_the_docstring():
     result = run_binary("--dataset=digits", "--model=mlp", "extra")
     _assert_one_line_error(result, "error: Unexpected arguments: extra; every "
                            "option is a --flag (see --help).")
 
 
+@pytest.mark.slow
 def test_binary_model_dir_of_another_run_is_one_line_error(tmp_path):
     (tmp_path / training.STATE_FILE).write_text(json.dumps(
         {"config": {"learning_rate": 123.0}, "epochs_done": 0}))
@@ -873,6 +892,7 @@ def test_binary_model_dir_of_another_run_is_one_line_error(tmp_path):
 
 
 @pytest.mark.parametrize("corrupt", ["truncated", "not_gzip"])
+@pytest.mark.slow
 def test_binary_corrupt_idx_gz_is_one_line_error(tmp_path, corrupt):
     for name in FMNIST_FILES:
         with open(tmp_path / name, "wb") as f:
@@ -909,6 +929,7 @@ def test_physical_batch_larger_than_the_batch_is_refused():
             noise_multiplier=1.0), 60000)
 
 
+@pytest.mark.slow
 def test_binary_help_lists_its_own_flags():
     result = run_binary("--help")  # absl's --help exits with status 1.
     # absl prints the main module's key flags under the script's path.
@@ -933,6 +954,7 @@ def test_report_counts_the_same_steps_as_the_plan_and_the_cli():
             "as the trainer runs)") in report
 
 
+@pytest.mark.slow
 def test_binary_epsilon_below_the_floor_is_one_line_error():
     _assert_one_line_error(
         run_binary("--dataset=digits", "--model=mlp", "--batch_size=100",
@@ -967,6 +989,7 @@ def test_split_validation_holds_out_a_fixed_public_choice():
         training.split_validation(dataset, 10)
 
 
+@pytest.mark.slow
 def test_validation_examples_shrink_the_accounted_set_and_are_reported(tmp_path):
     # digits: 1500 training examples (tf_dpsat.experiments.datasets); 300 held out leave
     # N = 1200, so q = 100 / 1200 and round(1200 / 100) = 12 steps (the
@@ -992,6 +1015,7 @@ def test_validation_examples_shrink_the_accounted_set_and_are_reported(tmp_path)
                                     model_dir=str(tmp_path)))
 
 
+@pytest.mark.slow
 def test_a_run_started_before_a_new_field_resumes_with_its_default(tmp_path):
     config = small_config(epochs=2, model_dir=str(tmp_path), dp_seed=None)
     with pytest.raises(_Interrupt):
@@ -1003,6 +1027,7 @@ def test_a_run_started_before_a_new_field_resumes_with_its_default(tmp_path):
     assert training.train(config)["steps"] == 30
 
 
+@pytest.mark.slow
 def test_sharpness_examples_are_measured_at_each_evaluation(tmp_path):
     config = small_config(epochs=2, sharpness_examples=64, model_dir=str(tmp_path))
     result = training.train(config)

@@ -17,6 +17,7 @@ to change:
 """
 
 import tensorflow as tf
+from keras.src.backend import AutocastScope
 from keras.src.losses.losses import LossFunctionWrapper  # noqa: F401
 from keras.src.models.functional import Functional
 
@@ -25,7 +26,18 @@ try:  # Read only by compiled_by_xla, which copes with its absence.
 except ImportError:  # pragma: no cover
     _control_flow_util = None
 
-__all__ = ["Functional", "LossFunctionWrapper", "compiled_by_xla"]
+__all__ = ["Functional", "LossFunctionWrapper", "autocast", "compiled_by_xla"]
+
+
+def autocast(layer) -> AutocastScope:
+    """The scope in which `layer`'s variables read as its `__call__` sees them.
+
+    Under a mixed-precision policy `Layer.__call__` reads float32 variables
+    cast to the compute dtype (bfloat16); a fast rule runs in the layer's
+    place, so it needs the same scope. Keras has no public API for it.
+    """
+    cast = (layer.autocast and layer.compute_dtype != layer.variable_dtype)
+    return AutocastScope(layer.compute_dtype if cast else None)
 
 
 def compiled_by_xla() -> bool:

@@ -138,11 +138,11 @@ class _PrivateTrainStep:
                 f"{type(self).__name__} '{self.name}' computes in "
                 f"{self.dtype_policy.name} (mixed precision), so Keras wrapped "
                 f"{type(inner).__name__} in a LossScaleOptimizer: float16 loss "
-                "scaling is not supported by DP per-example clipping yet (it "
+                "scaling is not supported by DP per-example clipping (it "
                 "would scale the gradients that are clipped). Build the model "
-                "under the float32 policy, "
-                "keras.mixed_precision.set_global_policy('float32'); "
-                "mixed-precision support is tracked separately.")
+                "under keras.mixed_precision.set_global_policy("
+                "'mixed_bfloat16'), which needs no loss scaling, or "
+                "'float32'.")
         if not hasattr(optimizer, "private_train_step"):
             raise TypeError(
                 f"{type(self).__name__} is a differentially private model but "
@@ -260,4 +260,11 @@ def make_private(model: keras.Model) -> keras.Model:
     if not inputs:
         raise ValueError(f"make_private needs a model with defined inputs; "
                          f"build '{model.name}' with a keras.Input first.")
+    try:
+        # The model's own structure (a tensor, a list or a dict), where Keras
+        # records it: the DP model then takes its inputs as the model did.
+        inputs, outputs = model.input, model.output
+    except (AttributeError, ValueError):
+        # A Sequential model never called: one input, one output.
+        (inputs,), (outputs,) = inputs, outputs
     return DPFunctional(inputs=inputs, outputs=outputs, name=model.name)

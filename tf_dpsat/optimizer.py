@@ -205,6 +205,9 @@ class DPSATKeras(keras.optimizers.Optimizer):
         per-example backward passes (any model); "auto" (default) is "fast"
         where it applies and "vectorized" elsewhere (a warning names the
         cause once). All three give the same result.
+        Under the `mixed_bfloat16` policy "fast" computes the passes in
+        bfloat16 and the norms, clip factors, clipped sums and noise in
+        float32; `mixed_float16` (loss scaling) is refused.
       batch_slices: the batch is clipped as this many slices of whole units
         (examples or microbatches), each with its own forward and backward
         pass; their clipped sums are added before the noise, so the step is

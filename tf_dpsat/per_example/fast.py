@@ -32,6 +32,7 @@ References:
 """
 
 import contextlib
+import dataclasses
 from typing import Any
 from typing import Callable
 from typing import Dict
@@ -155,7 +156,8 @@ class _Interpreter:
                 raise rules.Unsupported(f"masked input to layer '{layer.name}'")
             saved = {}
             with keras.StatelessScope(state_mapping=mapping,
-                                      collect_losses=True) as scope:
+                                      collect_losses=True) as scope, \
+                    _compat.autocast(layer):
                 z, out = rule.forward(layer, x, saved, self._tape.watch)
             if scope.losses:
                 raise rules.Unsupported(f"layer '{layer.name}' adds losses")
@@ -265,6 +267,22 @@ def forward(model, variables, x, tape: tf.GradientTape, mapping=None):
     return outputs, interpreter.records
 
 
+def in_float32(records, deltas):
+    """The records' saved tensors and the deltas, cast to float32.
+
+    Under a mixed-precision policy the forward and backward passes compute in
+    bfloat16. The norms, the clip factors and the clipped sums are taken
+    from the same float32 copies (the cast is exact), so each unit's clipped
+    gradient has norm <= C up to float32 rounding, not bfloat16 rounding.
+    """
+    as_float32 = lambda t: (tf.cast(t, tf.float32) if t.dtype.is_floating
+                            else t)
+    records = [dataclasses.replace(
+        r, saved={k: as_float32(v) for k, v in r.saved.items()})
+        for r in records]
+    return records, [as_float32(d) for d in deltas]
+
+
 def per_unit_sq_norms(records, deltas, layout):
     """Squared per-unit gradient norms summed over layers, and rule caches."""
     total, caches = None, []
@@ -336,6 +354,7 @@ def clipped_sum(model, variables, params, batch: batch_lib.Batch,
         tf.nest.flatten(y_pred), [r.z for r in records],
         output_gradients=tf.nest.flatten(loss_grads),
         unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    records, deltas = in_float32(records, deltas)
     sq, caches = per_unit_sq_norms(records, deltas, layout)
     # Rounding can make a ghost norm slightly negative; NaN stays NaN.
     norms = tf.sqrt(tf.where(sq < 0, tf.zeros_like(sq), sq))

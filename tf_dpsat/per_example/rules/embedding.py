@@ -23,7 +23,7 @@ class EmbeddingRule(base.Rule):
         saved["ids"] = ids
         z = ops.take(layer.embeddings, ids, axis=0)
         watch(z)
-        return z, z
+        return z, ops.cast(z, layer.compute_dtype)  # as Embedding.call
 
     def sq_norms(self, record, d, layout):
         ids = tf.reshape(record.saved["ids"], [layout.units, -1])
