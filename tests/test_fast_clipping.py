@@ -244,90 +244,51 @@ def test_xla_fast_path_matches_vectorized():
     _compare(build, x, y, clip=0.5, jit=True)
 
 
-def _force_chunks(monkeypatch, chunk):
-    """Makes every rule that asks chunk its norm work in `chunk` units.
-
-    Returns the list of (units, chunk) the rules were given.
-    """
-    given = []
-
-    def chunk_units(layout, per_unit_elements):
-        del per_unit_elements
-        units = None if layout.xla or layout.units <= chunk else chunk
-        given.append((layout.units, units))
-        return units
-
-    monkeypatch.setattr(per_example.rules.base, "chunk_units", chunk_units)
-    return given
-
-
-def _chunked_build(case):
-    if case == "tb_cnn":
-        return (lambda: models.build_model("tb_cnn", (32, 32, 3), 10,
-                                           seed=0)), (32, 32, 3)
-    return LAYER_CASES[case]
-
-
-@pytest.mark.parametrize("case", ["conv2d_same_strided", "conv2d_ghost",
-                                  "conv2d_groups", "conv1d", "depthwise",
-                                  "tb_cnn"])
-@pytest.mark.parametrize("num_microbatches", [None, 6])
-def test_chunked_conv_norms_and_sums_match_vectorized(case, num_microbatches,
-                                                      monkeypatch):
-    # Norms computed over chunks of 5 units (12 examples: 5, 5, 2; 6
-    # microbatches of 2: 5, 1), with padded rows of weight 0 full of
-    # garbage: norms, sums and counts equal the vectorized engine's.
-    given = _force_chunks(monkeypatch, 5)
-    build, shape = _chunked_build(case)
+@pytest.mark.parametrize("case, num_microbatches, jit", [
+    ("conv2d_same_strided", None, False),
+    ("conv2d_ghost", 6, False),
+    ("group_norm_affine", None, False),
+    ("dense_sequence_ghost", None, True),
+    ("conv2d_same_strided", 6, True),
+])
+@pytest.mark.slow
+def test_chunks_match_vectorized_whole_batch(case, num_microbatches, jit):
+    # 12 examples in chunks of 5 units (5, 5, 2; 6 microbatches of 2: 5, 1),
+    # each chunk in two slices, with padded rows of weight 0 full of
+    # garbage (microbatch 2 all padding): the norms, sums, counts and
+    # predictions of the fast and vectorized engines in chunks equal the
+    # vectorized whole batch's.
+    build, shape = LAYER_CASES[case]
     x, y = _images(12, shape)
     x[5] = 1e3
     weights = np.ones(12, np.float32)
-    weights[[5, 9]] = 0.0
-    results = {}
-    for path in ("fast", "vectorized"):
-        model, opt = _compiled(build(), path, l2_norm_clip=0.5,
+    weights[[4, 5, 9]] = 0.0
+    clip = _median_clip(build, x, y)
+    runs = {}
+    for path, chunk_units in (("vectorized", None), ("fast", 5),
+                              ("vectorized", 5)):
+        model, opt = _compiled(build(), path, jit, l2_norm_clip=clip,
                                num_microbatches=num_microbatches,
-                               batch_slices=1)
-        results[path] = _clipped(model, opt, x, y, weights,
-                                 num_microbatches=num_microbatches)
-    units = 12 if num_microbatches is None else 6
-    assert (units, 5) in given  # the conv rules took the chunked route
-    (fast, fstats, _), (vec, vstats, _) = (results["fast"],
-                                          results["vectorized"])
-    np.testing.assert_allclose(fstats["norms"].numpy(),
-                               vstats["norms"].numpy(), rtol=1e-4, atol=1e-5)
-    for a, b in zip(fast, vec):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=2e-5,
-                                   rtol=1e-4)
-    for key in ("examples", "clipped", "nonfinite"):
-        assert float(fstats[key]) == float(vstats[key]), key
-
-
-def test_chunk_units_is_decided_by_elements():
-    # 2^24 values: 512 units of 36,864 (a 3x3x64->64 kernel) hold 18.9M,
-    # so chunks of 2^24 // 36,864 = 455 units; 256 units (9.4M) need none,
-    # nor does XLA or a dynamic batch; a unit above the bound is a chunk.
-    base = per_example.rules.base
-    assert base.CHUNK_ELEMENTS == 1 << 24
-    assert base.chunk_units(base.Layout(512, 1), 36864) == 455
-    assert base.chunk_units(base.Layout(256, 1), 36864) is None
-    assert base.chunk_units(base.Layout(512, 1, xla=True), 36864) is None
-    assert base.chunk_units(base.Layout(tf.constant(512), 1), 36864) is None
-    assert base.chunk_units(base.Layout(2, 1), 1 << 25) == 1
-
-
-def test_map_unit_chunks_concatenates_in_order():
-    # Per-unit sums of 7 units of 2 rows each, in chunks of 3 (3, 3, 1):
-    # row r holds r, so unit u sums 2u + (2u + 1) = 4u + 1.
-    base = per_example.rules.base
-    t = tf.reshape(tf.range(14, dtype=tf.float32), [14, 1])
-
-    def unit_sums(parts, layout):
-        return tf.reduce_sum(tf.reshape(parts[0], [layout.units, -1]), 1)
-
-    got = tf.function(lambda: base.map_unit_chunks(
-        unit_sums, [t], base.Layout(7, 2), 3))()
-    np.testing.assert_array_equal(got.numpy(), 4 * np.arange(7) + 1)
+                               batch_slices=2, chunk_units=chunk_units)
+        runs[path, chunk_units] = _clipped(model, opt, x, y, weights,
+                                           jit=jit,
+                                           num_microbatches=num_microbatches)
+    ref_sums, ref_stats, ref_pred = runs["vectorized", None]
+    assert float(ref_stats["examples"]) == (9 if num_microbatches is None
+                                            else 5)
+    assert 0 < float(ref_stats["clipped"]) < float(ref_stats["examples"])
+    for key in (("fast", 5), ("vectorized", 5)):
+        sums, stats, pred = runs[key]
+        np.testing.assert_allclose(stats["norms"].numpy(),
+                                   ref_stats["norms"].numpy(), rtol=1e-4,
+                                   atol=1e-5, err_msg=str(key))
+        for a, b in zip(sums, ref_sums):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), atol=2e-5,
+                                       rtol=1e-4, err_msg=str(key))
+        for name in ("units", "examples", "clipped", "nonfinite"):
+            assert float(stats[name]) == float(ref_stats[name]), (key, name)
+        np.testing.assert_allclose(pred.numpy(), ref_pred.numpy(), atol=1e-5,
+                                   rtol=1e-5)
 
 
 @pytest.mark.parametrize("name, shape", [("tb_cnn", (32, 32, 3)),

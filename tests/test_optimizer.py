@@ -564,12 +564,22 @@ def test_accumulation_adds_noise_once_per_logical_step():
 
 # ----------------------------------------------------------- tf.distribute
 
-@pytest.mark.parametrize("clipping", ["fast", "vectorized"])
+@pytest.mark.parametrize("clipping, chunk_units", [("fast", None),
+                                                   ("vectorized", None),
+                                                   ("fast", 3)])
 @pytest.mark.slow
-def test_mirrored_strategy_matches_one_device(mirrored_strategy, clipping):
+def test_mirrored_strategy_matches_one_device(mirrored_strategy, clipping,
+                                              chunk_units, monkeypatch):
+    # With chunk_units=3 each replica's 4 examples run as chunks of 3 and 1.
     x, y = make_data("conv")
-    kwargs = dict(l2_norm_clip=0.5, rho=0.05, clipping=clipping)
+    kwargs = dict(l2_norm_clip=0.5, rho=0.05, clipping=clipping,
+                  chunk_units=chunk_units)
     single, _, _ = fit_private(conv_model, x, y, **kwargs)
+    chunked = []
+    in_chunks = per_example.engine._clipped_sum_in_chunks
+    monkeypatch.setattr(per_example.engine, "_clipped_sum_in_chunks",
+                        lambda model, batch, *args: chunked.append(
+                            batch.units) or in_chunks(model, batch, *args))
     with mirrored_strategy.scope():
         model = tf_dpsat.make_private(conv_model())
         opt = tf_dpsat.DPSATKeras(learning_rate=0.5, momentum=0.9,
@@ -577,6 +587,7 @@ def test_mirrored_strategy_matches_one_device(mirrored_strategy, clipping):
         model.compile(optimizer=opt, loss=XENT)
     model.fit(x, y, batch_size=8, shuffle=False, verbose=0)
     assert max_diff(weights(single), weights(model)) < 1e-5
+    assert set(chunked) == ({4} if chunk_units else set())
 
 
 def _mirrored_fit(strategy, x, y, *, batch_size, budget=None, **kwargs):
@@ -639,15 +650,15 @@ def test_config_round_trip_holds_every_argument():
         noise_multiplier=1.3, rho=0.02, num_microbatches=4,
         gradient_accumulation_steps=2, seed=11,
         direction="momentum", clipping="vectorized", batch_slices=3,
-        weight_decay=0.001, name="dp")
+        chunk_units=64, weight_decay=0.001, name="dp")
     config = opt.get_config()
     for key, value in dict(learning_rate=0.3, momentum=0.5, nesterov=True,
                            l2_norm_clip=0.7, noise_multiplier=1.3, rho=0.02,
                            num_microbatches=4, expected_batch_size=None,
                            gradient_accumulation_steps=2, seed=11,
                            direction="momentum", clipping="vectorized",
-                           batch_slices=3, weight_decay=0.001,
-                           name="dp").items():
+                           batch_slices=3, chunk_units=64,
+                           weight_decay=0.001, name="dp").items():
         assert config[key] == pytest.approx(value) if isinstance(
             value, float) else config[key] == value, key
     clone = tf_dpsat.DPSATKeras.from_config(config)
@@ -708,6 +719,7 @@ def test_weights_are_never_left_perturbed():
     ({"direction": "sideways"}, "direction"),
     ({"clipping": "ghostly"}, "clipping"),
     ({"batch_slices": 0}, "Expected batch_slices=0 >= 1."),
+    ({"chunk_units": 0}, "Expected chunk_units=0 >= 1."),
     ({"clipnorm": 1.0}, "clipnorm=1.0"),
     ({"clipvalue": 1.0}, "clipvalue=1.0"),
     ({"global_clipnorm": 1.0}, "global_clipnorm=1.0"),
@@ -944,6 +956,69 @@ def test_batch_slices_with_fewer_examples_than_slices(clipping):
     np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-6)
 
 
+@pytest.mark.parametrize("model_name, clipping, extra", [
+    ("conv", "fast", {}),
+    ("conv", "vectorized", {}),
+    ("dense", "fast", {"num_microbatches": 6}),  # chunks of 5 and 1 units
+    ("dense", "fast", {"cls": tf_dpsat.DPSAMKeras, "batch_slices": 2}),
+])
+@pytest.mark.slow
+def test_chunks_give_the_same_training(model_name, clipping, extra):
+    # Batches of 12 units in chunks of 5 (5, 5 and 2: a loop over two full
+    # chunks and a remainder), with noise (the same seed), clipping binding
+    # on some examples and rho > 0: the same steps and metrics as the whole
+    # batch at once, up to float32 summation order.
+    build = MODELS[model_name]
+    x, y = make_data(model_name, n=24)
+    units = extra.get("num_microbatches")
+    clip = dp_reference.median_norm(build(), x[:12], y[:12], XENT, units)
+    results = {}
+    for chunk_units in (None, 5):
+        kwargs = dict(l2_norm_clip=clip, rho=0.05, noise_multiplier=0.3,
+                      clipping=clipping, chunk_units=chunk_units, **extra)
+        model, opt, hist = fit_private(build, x, y, batch_size=12, epochs=2,
+                                       **kwargs)
+        results[chunk_units] = (weights(model), hist.history)
+    ref_weights, ref_history = results[None]
+    assert 0 < ref_history["grad_norm_clipped_fraction"][0] < 1
+    got_weights, history = results[5]
+    assert max_diff(got_weights, ref_weights) < 1e-5
+    for key, values in ref_history.items():
+        np.testing.assert_allclose(history[key], values, rtol=1e-5,
+                                   err_msg=key)
+
+
+def test_chunk_count():
+    # ceil(units / chunk_units); one chunk without a bound or for a batch
+    # whose size is only known at run time.
+    assert per_example.chunk_count(12, 5) == 3
+    assert per_example.chunk_count(256, 256) == 1
+    assert per_example.chunk_count(257, 256) == 2
+    assert per_example.chunk_count(2048, 256) == 8
+    assert per_example.chunk_count(12, None) == 1
+    assert per_example.chunk_count(tf.constant(12), 5) == 1
+    assert tf_dpsat.DPSATKeras(noise_multiplier=1.0).chunk_units == 256
+
+
+def test_batch_up_to_chunk_units_traces_the_unchunked_step():
+    # At most chunk_units units: the same ops as chunk_units=None (the
+    # default keeps the step of batches up to 256 as it was); above it, a
+    # loop over chunks.
+    x, y = make_data("conv", n=8)
+
+    def ops(chunk_units):
+        model = tf_dpsat.make_private(conv_model())
+        model.compile(optimizer=tf_dpsat.DPSATKeras(
+            noise_multiplier=1.0, chunk_units=chunk_units), loss=XENT)
+        return graph_ops.train_graph_ops(model, x, y)
+
+    unchunked = ops(None)
+    assert ops(8) == unchunked
+    assert "While" not in unchunked and "StatelessWhile" not in unchunked
+    chunked = ops(3)
+    assert chunked["While"] + chunked["StatelessWhile"] == 1
+
+
 def _dropout_model():
     keras.utils.set_random_seed(0)
     return keras.Sequential([keras.Input((6,)), keras.layers.Dense(8),
@@ -957,18 +1032,21 @@ def test_vectorized_slices_draw_the_masks_of_the_whole_batch():
     x, y = make_data("dense", n=16)
     got = [weights(fit_private(_dropout_model, x, y, l2_norm_clip=0.5,
                                rho=0.05, clipping="vectorized",
-                               batch_slices=slices)[0])
-           for slices in (1, 2)]
-    assert max_diff(*got) < 1e-6
+                               batch_slices=slices, chunk_units=chunk)[0])
+           for slices, chunk in ((1, None), (2, None), (1, 3))]
+    assert max_diff(got[0], got[1]) < 1e-6
+    assert max_diff(got[0], got[2]) < 1e-6
 
 
+@pytest.mark.parametrize("chunk_units", [None, 3])
 @pytest.mark.slow
-def test_fast_path_slices_draw_distinct_masks():
+def test_fast_path_slices_draw_distinct_masks(chunk_units):
     # Identical examples: equal predictions would mean a mask drawn twice.
     x = np.ones((8, 6), np.float32)
     y = np.zeros(8, np.int64)
     model = tf_dpsat.make_private(_dropout_model())
-    opt = tf_dpsat.DPSATKeras(noise_multiplier=0.0, rho=0.0, batch_slices=2)
+    opt = tf_dpsat.DPSATKeras(noise_multiplier=0.0, rho=0.0, batch_slices=2,
+                              chunk_units=chunk_units)
     model.compile(optimizer=opt, loss=XENT)
     model.train_on_batch(x, y)
     variables = model.trainable_variables

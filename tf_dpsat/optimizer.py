@@ -217,6 +217,17 @@ class DPSATKeras(keras.optimizers.Optimizer):
         (default): 2 on a CPU outside XLA and tf.distribute, where that
         pays (benchmarks/README.md), else 1
         (`tf_dpsat.per_example.slice_count`).
+      chunk_units: a batch of more units (examples or microbatches) than
+        this is clipped in chunks of at most this many units, one after the
+        other (a `tf.while_loop`; each chunk is cut into `batch_slices`
+        slices), so that the per-example work of at most `chunk_units`
+        units is in memory at once: a large batch then takes less memory
+        than its non-private step (benchmarks/README.md). The step is the
+        same up to float rounding (the fast path draws dropout masks per
+        slice). Default 256, below which the
+        step is the same as without chunks; None clips the whole batch at
+        once. A batch whose size is only known when the step runs (a
+        partial last batch) is clipped at once.
       **kwargs: `name`, `weight_decay`, `use_ema`, ... of
         `keras.optimizers.Optimizer`. `clipnorm`, `clipvalue` and
         `global_clipnorm` are refused: they would act on the noisy gradient.
@@ -246,6 +257,7 @@ class DPSATKeras(keras.optimizers.Optimizer):
         direction: str = "gradient",
         clipping: str = "auto",
         batch_slices: Optional[int] = None,
+        chunk_units: Optional[int] = per_example.DEFAULT_CHUNK_UNITS,
         **kwargs,
     ):
         for name in ("clipnorm", "clipvalue", "global_clipnorm"):
@@ -300,6 +312,8 @@ class DPSATKeras(keras.optimizers.Optimizer):
                                                 CLIPPING_PATHS)
         self.batch_slices = validation.check_int("batch_slices", batch_slices,
                                                  allow_none=True)
+        self.chunk_units = validation.check_int("chunk_units", chunk_units,
+                                                allow_none=True)
         validation.check_int("seed", seed, minimum=0, allow_none=True)
         self.seed = seed
         if (not self._supports_accumulation and
@@ -537,7 +551,8 @@ class DPSATKeras(keras.optimizers.Optimizer):
         """The batch's clipped per-unit gradients at `params`, summed."""
         sums = per_example.clipped_sum(
             model, variables, params, batch, l2_norm_clip=self.l2_norm_clip,
-            engine=self.clipping, batch_slices=self.batch_slices)
+            engine=self.clipping, batch_slices=self.batch_slices,
+            chunk_units=self.chunk_units)
         self.traced_batch_slices = sums.slices
         return sums
 
@@ -702,6 +717,7 @@ class DPSATKeras(keras.optimizers.Optimizer):
             "direction": self.direction,
             "clipping": self.clipping,
             "batch_slices": self.batch_slices,
+            "chunk_units": self.chunk_units,
         })
         return config
 

@@ -38,8 +38,10 @@ Example (a rule for a layer computing x * scale):
 from tf_dpsat.per_example import clip
 from tf_dpsat.per_example import rules
 from tf_dpsat.per_example.batch import Batch
+from tf_dpsat.per_example.engine import DEFAULT_CHUNK_UNITS
 from tf_dpsat.per_example.engine import ENGINES
 from tf_dpsat.per_example.engine import ClippedSum
+from tf_dpsat.per_example.engine import chunk_count
 from tf_dpsat.per_example.engine import clipped_sum
 from tf_dpsat.per_example.engine import slice_count
 from tf_dpsat.per_example.fast import check_supported
@@ -51,6 +53,7 @@ from tf_dpsat.per_example.rules import group
 from tf_dpsat.per_example.rules import mask_examples
 from tf_dpsat.per_example.rules import register_rule
 
-__all__ = ["Batch", "ClippedSum", "ENGINES", "Layout", "Record", "Rule",
-           "Unsupported", "check_supported", "clip", "clipped_sum", "group",
+__all__ = ["Batch", "ClippedSum", "DEFAULT_CHUNK_UNITS", "ENGINES", "Layout",
+           "Record", "Rule", "Unsupported", "check_supported", "chunk_count",
+           "clip", "clipped_sum", "group",
            "mask_examples", "register_rule", "rules", "slice_count"]

@@ -143,8 +143,29 @@ class Batch:
             x, y, sample_weight, weights = tf.nest.map_structure(
                 rows, (self.x, self.y, self.sample_weight, self.weights))
             out.append(Batch(x, y, sample_weight, weights, last - first,
-                             self.size, first))
+                             self.size, self.first + first))
         return out
+
+    def take(self, first, units: int) -> "Batch":
+        """Units [first, first + units) of this batch, with static shapes.
+
+        Args:
+          first: the first unit (a Python int, or a tensor inside a loop).
+          units: how many units (a Python int).
+        """
+        start, rows = first * self.size, units * self.size
+
+        def take_rows(t):
+            if t is None:
+                return None
+            rest = len(t.shape) - 1
+            return tf.slice(t, tf.stack([start] + [0] * rest),
+                            [rows] + [-1] * rest)
+
+        x, y, sample_weight, weights = tf.nest.map_structure(
+            take_rows, (self.x, self.y, self.sample_weight, self.weights))
+        return Batch(x, y, sample_weight, weights, units, self.size,
+                     self.first + first)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """The entry point: the clipped sum of a batch at given weights.
 
-`clipped_sum` cuts the batch into slices of whole units, has an engine clip
-and sum each slice (the fast engine where every layer has a rule, else the
-vectorized one), and combines the slices' sums and counts.
+`clipped_sum` cuts a large batch into chunks of whole units, clipped one
+after the other, and each chunk (or the whole batch) into slices of whole
+units, clipped side by side; an engine clips and sums each slice (the fast
+engine where every layer has a rule, else the vectorized one), and the
+slices' and chunks' sums and counts are combined.
 """
 
 import dataclasses
@@ -23,6 +25,13 @@ from tf_dpsat.per_example import rules
 from tf_dpsat.per_example import vectorized
 
 ENGINES = ("auto", "fast", "vectorized")
+
+# The default most units per chunk (`DPSATKeras(chunk_units=...)`): a batch
+# up to it is clipped whole, as the step-time benchmarks measure it; a
+# larger one holds the per-example work of this many units at a time, so
+# its memory grows with the batch only through the model's inputs, outputs
+# and sums (benchmarks/README.md).
+DEFAULT_CHUNK_UNITS = 256
 
 # (model, cause) pairs already logged when "auto" fell back.
 _FALLBACKS_LOGGED = set()
@@ -49,7 +58,9 @@ class ClippedSum:
         it anyway; else None.
       engine: "fast" or "vectorized" (both, joined by "+", if slices
         differed).
-      slices: the number of slices the batch was cut into.
+      slices: the number of slices the batch (or each chunk) was cut into.
+      chunks: the number of chunks clipped one after the other (1: the
+        whole batch at once).
     """
     summed: List[tf.Tensor]
     norms: tf.Tensor
@@ -62,6 +73,24 @@ class ClippedSum:
     loss: Optional[tf.Tensor]
     engine: str
     slices: int
+    chunks: int = 1
+
+
+def chunk_count(units, chunk_units: Optional[int]) -> int:
+    """How many chunks `clipped_sum` clips a batch of `units` units in.
+
+    1 (the whole batch at once) when `chunk_units` is None, when the batch
+    has at most `chunk_units` units, or when its size is only known when the
+    step runs (a loop over chunks needs static shapes).
+
+    Args:
+      units: the batch's units (a Python int, or a tensor for a dynamic
+        batch).
+      chunk_units: the most units per chunk, or None.
+    """
+    if chunk_units is None or not isinstance(units, int):
+        return 1
+    return -(-units // chunk_units)
 
 
 def slice_count(batch_slices: Optional[int] = None) -> int:
@@ -86,7 +115,8 @@ def slice_count(batch_slices: Optional[int] = None) -> int:
 
 def clipped_sum(model, variables, params, batch: batch_lib.Batch, *,
                 l2_norm_clip: float, engine: str = "auto",
-                batch_slices: Optional[int] = None) -> ClippedSum:
+                batch_slices: Optional[int] = None,
+                chunk_units: Optional[int] = None) -> ClippedSum:
     """Clips each unit's gradient at `params` to norm C and sums them.
 
     Each unit's gradient g_u (of its compiled loss, plus data-dependent
@@ -106,19 +136,136 @@ def clipped_sum(model, variables, params, batch: batch_lib.Batch, *,
         per model and cause).
       batch_slices: cut the batch into this many slices of whole units, each
         with its own forward and backward pass; None picks `slice_count()`.
+      chunk_units: clip a batch of more units than this in chunks of at
+        most this many units, one after the other (`chunk_count`), each cut
+        into `batch_slices` slices; None clips the whole batch at once.
 
     Returns:
       A `ClippedSum`.
     """
     seeds = batch_lib.Seeds.of(model)
-    parts = [_clipped_sum_of_slice(model, variables, params, part, seeds,
-                                   l2_norm_clip, engine)
-             for part in batch.slices(slice_count(batch_slices))]
+    count = slice_count(batch_slices)
+
+    def clip_chunk(chunk: batch_lib.Batch) -> ClippedSum:
+        parts = [_clipped_sum_of_slice(model, variables, params, part, seeds,
+                                       l2_norm_clip, engine)
+                 for part in chunk.slices(count)]
+        return parts[0] if len(parts) == 1 else _combine(model, parts)
+
+    if chunk_count(batch.units, chunk_units) == 1:
+        result = clip_chunk(batch)
+    else:
+        result = _clipped_sum_in_chunks(model, batch, chunk_units, clip_chunk)
     if seeds.generators:  # The next step draws fresh dropout masks.
         _replicas.assign_per_replica(
             [g.state for g in seeds.generators],
             [s + tf.constant([0, 1], s.dtype) for s in seeds.values])
-    return parts[0] if len(parts) == 1 else _combine(model, parts)
+    return result
+
+
+def _clipped_sum_in_chunks(model, batch: batch_lib.Batch, chunk: int,
+                           clip_chunk) -> ClippedSum:
+    """The clipped sum of a static batch, `chunk` units at a time.
+
+    The full chunks run in a `tf.while_loop` without parallel iterations,
+    so each chunk's forward and backward pass, norms and sums are freed
+    before the next chunk starts. The first chunk runs before the loop (it
+    fixes the shapes and dtypes that the loop carries) and the remainder
+    after it, each held back by a dependency. The clipped sums are
+    accumulated in float32.
+    """
+    full, rest = divmod(batch.units, chunk)
+    head = clip_chunk(batch.take(0, chunk))
+    sums = _ChunkSums.of(head, full)
+    if full > 1:
+        # The loop's slicing waits on the index, which waits on chunk 0.
+        with tf.control_dependencies(sums.flat()):
+            start = tf.constant(1)
+
+        def body(i, *carried):
+            part = clip_chunk(batch.take(i * chunk, chunk))
+            return (i + 1,) + _ChunkSums(*carried).add(i, part).carried()
+
+        _, *carried = tf.while_loop(lambda i, *_: i < full, body,
+                                    (start,) + sums.carried(),
+                                    parallel_iterations=1)
+        sums = _ChunkSums(*carried)
+    part = sums.result(model, head, full)
+    if not rest:
+        return part
+    with tf.control_dependencies(sums.flat()):
+        tail = batch.take(full * chunk, rest)
+    return _combine(model, [part, clip_chunk(tail)], chunks=full + 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ChunkSums:
+    """What the loop over chunks carries: sums, counts, norms, predictions.
+
+    Attributes:
+      summed: float32 sums of the clipped gradients, one per variable.
+      counts: float32 scalars: units, examples, clipped, nonfinite,
+        extra_loss and the sum of the chunks' losses (0 without one).
+      norms: a TensorArray of the chunks' norms.
+      y_pred: TensorArrays of the chunks' predictions, one per leaf.
+    """
+    summed: list
+    counts: list
+    norms: tf.TensorArray
+    y_pred: list
+
+    _COUNTS = ("units", "examples", "clipped", "nonfinite", "extra_loss")
+
+    @classmethod
+    def of(cls, head: ClippedSum, chunks: int) -> "_ChunkSums":
+        """The sums of the first chunk, in arrays for `chunks` chunks."""
+        array = lambda t: tf.TensorArray(t.dtype, size=chunks,
+                                         element_shape=t.shape).write(0, t)
+        return cls([tf.cast(g, tf.float32) for g in head.summed],
+                   cls._counts(head), array(head.norms),
+                   [array(t) for t in tf.nest.flatten(head.y_pred)])
+
+    @classmethod
+    def _counts(cls, part: ClippedSum) -> list:
+        loss = (tf.constant(0.0) if part.loss is None
+                else tf.cast(part.loss, tf.float32))
+        return [getattr(part, f) for f in cls._COUNTS] + [loss]
+
+    def add(self, index, part: ClippedSum) -> "_ChunkSums":
+        """These sums and those of chunk `index`."""
+        return _ChunkSums(
+            [s + tf.cast(g, tf.float32)
+             for s, g in zip(self.summed, part.summed)],
+            [c + v for c, v in zip(self.counts, self._counts(part))],
+            self.norms.write(index, part.norms),
+            [a.write(index, t) for a, t in
+             zip(self.y_pred, tf.nest.flatten(part.y_pred))])
+
+    def carried(self) -> tuple:
+        return self.summed, self.counts, self.norms, self.y_pred
+
+    def flat(self) -> list:
+        return self.summed + self.counts
+
+    def result(self, model, head: ClippedSum, chunks: int) -> ClippedSum:
+        """The ClippedSum of `chunks` equal chunks, like `head` in form."""
+        units, examples, clipped, nonfinite, extra_loss, loss = self.counts
+        if head.loss is None:
+            loss = None
+        else:
+            # A mean loss over equal chunks is the mean of their means.
+            if not losses.loss_reduction_is_sum(model):
+                loss = loss / chunks
+            loss = tf.cast(loss, head.loss.dtype)
+        return ClippedSum(
+            summed=[tf.cast(s, g.dtype)
+                    for s, g in zip(self.summed, head.summed)],
+            norms=self.norms.concat(),
+            y_pred=tf.nest.pack_sequence_as(
+                head.y_pred, [a.concat() for a in self.y_pred]),
+            units=units, examples=examples, clipped=clipped,
+            nonfinite=nonfinite, extra_loss=extra_loss, loss=loss,
+            engine=head.engine, slices=head.slices, chunks=chunks)
 
 
 def _engine_result(model, variables, params, batch, seeds, l2_norm_clip,
@@ -172,8 +319,8 @@ def _clipped_sum_of_slice(model, variables, params, batch, seeds,
         slices=1)
 
 
-def _combine(model, parts: List[ClippedSum]) -> ClippedSum:
-    """One ClippedSum from those of the batch's slices."""
+def _combine(model, parts: List[ClippedSum], chunks: int = 1) -> ClippedSum:
+    """One ClippedSum from those of consecutive slices (or chunks)."""
     total = lambda field: tf.add_n([getattr(p, field) for p in parts])
     loss = None
     if all(p.loss is not None for p in parts):
@@ -197,4 +344,5 @@ def _combine(model, parts: List[ClippedSum]) -> ClippedSum:
         units=total("units"), examples=total("examples"),
         clipped=total("clipped"), nonfinite=total("nonfinite"),
         extra_loss=total("extra_loss"), loss=loss,
-        engine="+".join(engines), slices=len(parts))
+        engine="+".join(engines),
+        slices=len(parts) if chunks == 1 else parts[0].slices, chunks=chunks)

@@ -56,7 +56,9 @@ def clipped_sum(model, variables, params, batch: batch_lib.Batch,
     grads, y_pred, extra = tf.vectorized_map(
         unit_gradient,
         (tf.nest.map_structure(group, (batch.x, batch.y, batch.sample_weight)),
-         tf.range(batch.first, batch.first + units)))
+         # A range from 0: XLA needs its bounds constant inside a loop
+         # over chunks, where `batch.first` is the loop's index.
+         tf.range(units) + batch.first))
     n = batch_lib.batch_size(batch.x)
     y_pred = tf.nest.map_structure(
         lambda t: tf.reshape(t, tf.concat([[n], tf.shape(t)[2:]], 0)), y_pred)

@@ -175,64 +175,6 @@ def rule_for(layer) -> Rule:
 
 # ------------------------------------------------------------- helpers
 
-# The most float32 values one layer's per-unit norm work may hold at once
-# (direct per-unit gradients, shifted inputs of ghost norms) before the rule
-# computes its norms over chunks of units. Below it the whole batch is
-# computed at once, which is faster; above it the chunks bound the memory of
-# large batches. The bound keeps tb_cnn at batch 256 on the CPU default of
-# two slices (128 units each) on the whole-batch route.
-CHUNK_ELEMENTS = 1 << 24
-
-
-def chunk_units(layout: Layout, per_unit_elements: int) -> Optional[int]:
-    """Units per chunk for norm work of `per_unit_elements` values per unit.
-
-    None means the whole batch at once: the work fits `CHUNK_ELEMENTS`, the
-    batch is dynamic (the decision is static), or XLA compiles the step
-    (its shapes must be static within a loop).
-    """
-    if layout.xla or not isinstance(layout.units, int):
-        return None
-    if layout.units * per_unit_elements <= CHUNK_ELEMENTS:
-        return None
-    return max(1, CHUNK_ELEMENTS // per_unit_elements)
-
-
-def map_unit_chunks(fn, tensors, layout: Layout, chunk: int) -> tf.Tensor:
-    """Applies `fn` to chunks of `chunk` units, one after the other: [units].
-
-    Args:
-      fn: maps (tensors sliced to the examples of some units, their
-        `Layout`) to a per-unit tensor [units of the slice].
-      tensors: per-example tensors [B, ...].
-      layout: the batch's layout (static units).
-      chunk: units per chunk; the last chunk holds the remainder.
-
-    A `tf.while_loop` without parallel iterations frees each chunk's
-    intermediates before the next starts; static slices in a Python loop
-    would leave the executor free to run them all at once.
-    """
-    size = layout.size
-    full, rest = divmod(layout.units, chunk)
-    sub = Layout(chunk, size, xla=layout.xla)
-    rows = chunk * size
-
-    def body(i, out):
-        start = i * rows
-        parts = [t[start:start + rows] for t in tensors]
-        return i + 1, out.write(i, fn(parts, sub))
-
-    out = tf.TensorArray(tf.float32, size=full, element_shape=[chunk])
-    _, out = tf.while_loop(lambda i, _: i < full, body, (0, out),
-                           parallel_iterations=1)
-    results = [out.concat()]
-    if rest:
-        start = full * rows
-        results.append(fn([t[start:] for t in tensors],
-                          Layout(rest, size, xla=layout.xla)))
-    return tf.concat(results, 0) if len(results) > 1 else results[0]
-
-
 def group(t: tf.Tensor, layout: Layout) -> tf.Tensor:
     """[B, ..., C] -> [units, positions per unit, C].
 

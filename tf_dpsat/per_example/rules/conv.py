@@ -102,15 +102,12 @@ class ConvRule(base.Rule):
                   strides=[1, sh, sw, 1], padding=layer.padding.upper(),
                   dilations=[1, dh, dw, 1])
 
-    def _per_unit_kernel(self, record, d, layout, a=None):
-        """[units, *kernel.shape] per-unit kernel gradients (direct).
-
-        `a` is the layer's input (default: the saved one), `d` its gradient.
-        """
+    def _per_unit_kernel(self, record, d, layout):
+        """[units, *kernel.shape] per-unit kernel gradients (direct)."""
         if layout.xla:
             return self._per_unit_kernel_by_shifts(record, d, layout)
         layer = record.layer
-        a = record.saved["a"] if a is None else a
+        a = record.saved["a"]
         d = d[:, None] if layer.rank == 1 else d
         (kh, kw), _, _ = self._geometry(layer)
         c_in, c_out = layer.kernel.shape[-2], layer.kernel.shape[-1]
@@ -156,37 +153,17 @@ class ConvRule(base.Rule):
             k *= size
         return base.ghost_is_cheaper(positions, k, d_out)
 
-    def _ghost_sq_norms(self, record, a, d, layout):
-        """Per-unit ghost norms of the kernel from input `a`, gradient `d`."""
-        layer = record.layer
-        shifts = _shifted_inputs(a, *self._geometry(layer), layer.padding)
-        gram = tf.add_n([base.gram(base.group(s, layout)) for s in shifts])
-        return tf.reduce_sum(gram * base.gram(base.group(d, layout)), [1, 2])
-
-    def _direct_sq_norms(self, record, a, d, layout):
-        """Per-unit squared norms of the direct kernel gradients."""
-        per_unit = self._per_unit_kernel(record, d, layout, a)
-        return clip.sum_of_squares(tf.reshape(per_unit, [layout.units, -1]), 1)
-
     def sq_norms(self, record, d, layout):
         layer = record.layer
         grouped_d = base.group(d, layout)
         terms, cache = [], {}
         kernel = "kernel" in record.variables
-        ghost = kernel and self._use_ghost(layer, grouped_d.shape[1],
-                                           grouped_d.shape[2])
-        chunk = (base.chunk_units(layout, self._norm_elements(
-            record, ghost, grouped_d.shape[1])) if kernel else None)
-        a = record.saved["a"]
-        if chunk is not None:
-            # Large batch: norms chunk by chunk; the sum is then one filter
-            # gradient of the scaled d (`_kernel_sum`) instead of a cache.
-            fn = self._ghost_sq_norms if ghost else self._direct_sq_norms
-            terms.append(base.map_unit_chunks(
-                lambda t, sub: fn(record, t[0], t[1], sub), [a, d], layout,
-                chunk))
-        elif ghost:
-            terms.append(self._ghost_sq_norms(record, a, d, layout))
+        if kernel and self._use_ghost(layer, grouped_d.shape[1],
+                                      grouped_d.shape[2]):
+            shifts = _shifted_inputs(record.saved["a"], *self._geometry(layer),
+                                     layer.padding)
+            gram = tf.add_n([base.gram(base.group(s, layout)) for s in shifts])
+            terms.append(tf.reduce_sum(gram * base.gram(grouped_d), [1, 2]))
         elif kernel:
             per_unit = self._per_unit_kernel(record, d, layout)
             cache["kernel"] = per_unit
@@ -197,19 +174,6 @@ class ConvRule(base.Rule):
             cache["bias"] = bias
             terms.append(clip.sum_of_squares(bias, 1))
         return tf.add_n(terms), cache
-
-    def _norm_elements(self, record, ghost, positions):
-        """Values per unit that the kernel's norm work holds at once."""
-        kernel = record.layer.kernel.shape
-        if not ghost:  # the per-unit kernel gradient
-            elements = 1
-            for size in kernel:
-                elements *= size
-            return elements
-        # The shifted inputs: one per kernel offset, each with the positions
-        # of d and the input's channels.
-        (kh, kw), _, _ = self._geometry(record.layer)
-        return kh * kw * positions * kernel[-2]
 
     def sums(self, record, d, cache, factors, layout, keep):
         grads = {}
