@@ -78,7 +78,7 @@ def test_summary_pairs_by_seed_with_a_t_interval(tmp_path):
     assert summary["chosen"] == "dpsat_rho0.03_gradient"
     table = study.markdown_table(summary)
     assert "| dpsat_rho0.1_gradient | 3 | 76.00 +- 11.00 | 81.00 +- 11.00 | " \
-           "+1.00 [-1.48, +3.48] | 9 +- 1 |" in table
+           "+1.00 [-1.48, +3.48] | 9 +- 1 | -2 [-2, -2] |" in table
     assert "dpsat_rho0.03_gradient (chosen)" in table
     study.plot(summary, str(tmp_path / "study.png"), title="t")
     assert (tmp_path / "study.png").stat().st_size > 10_000

@@ -313,13 +313,14 @@ def markdown_table(summary: Dict[str, Any]) -> str:
         std = f" +- {100 * stat['std']:.2f}" if stat["std"] is not None else ""
         return f"{100 * stat['mean']:.2f}{std}"
 
-    def diff(entry, key):
+    def diff(entry, key, scale=100.0, form="+.2f"):
         paired = entry.get(f"paired_{key}")
         if not paired or paired["mean"] is None:
             return "-"
-        interval = (f" [{100 * paired['ci95'][0]:+.2f}, {100 * paired['ci95'][1]:+.2f}]"
+        low, high = paired["ci95"] or (None, None)
+        interval = (f" [{scale * low:{form}}, {scale * high:{form}}]"
                     if paired["ci95"] else "")
-        return f"{100 * paired['mean']:+.2f}{interval}"
+        return f"{scale * paired['mean']:{form}}{interval}"
 
     def eig(entry):
         stat = entry["top_hessian_eigenvalue"]
@@ -328,14 +329,16 @@ def markdown_table(summary: Dict[str, Any]) -> str:
         return f"{stat['mean']:.3g}" + (f" +- {stat['std']:.2g}" if stat["std"] else "")
 
     lines = ["| cell | seeds | validation acc. (%) | test acc. (%) | "
-             "paired test diff. vs DP-SGD (95% CI) | top Hessian eigenvalue |",
-             "|---|---|---|---|---|---|"]
+             "paired test diff. vs DP-SGD (95% CI) | top Hessian eigenvalue | "
+             "paired eigenvalue diff. vs DP-SGD (95% CI) |",
+             "|---|---|---|---|---|---|---|"]
     for entry in summary["cells"]:
         mark = " (chosen)" if entry["name"] == summary["chosen"] else ""
         lines.append(
             f"| {entry['name']}{mark} | {len(entry['seeds'])} | "
             f"{pct(entry['validation_accuracy'])} | {pct(entry['test_accuracy'])} | "
-            f"{diff(entry, 'test_accuracy')} | {eig(entry)} |")
+            f"{diff(entry, 'test_accuracy')} | {eig(entry)} | "
+            f"{diff(entry, 'top_hessian_eigenvalue', scale=1.0, form='+.3g')} |")
     return "\n".join(lines)
 
 
