@@ -327,8 +327,9 @@ def test_float16_overflowing_example_is_dropped(engine):
     # dropped (its norm is not finite), so sensitivity stays <= C; the sum
     # of the other seven is finite and equals the sum with the example's
     # weight 0 (a NaN leaking from inf * 0 would make it NaN).
-    models = _float32_and_float16()
-    model = models["mixed_float16"]
+    model = _cnn("mixed_float16", private=True)
+    model.compile(optimizer=tf_dpsat.DPSATKeras(noise_multiplier=1.0),
+                  loss=XENT)
     x, y = _data(n=8, seed=1)
     overflow = _clipped_sum(model, x, y, [1.0] * 7 + [4.0], 0.5, engine,
                             loss_scale=2.0**15)
@@ -348,6 +349,7 @@ def test_float16_overflowing_example_is_dropped(engine):
     assert float(kept.nonfinite) == 0
 
 
+@pytest.mark.slow
 def test_default_loss_scale_keeps_small_gradients():
     # Sample weights 2^-16 scale every gradient down: the Dense layer's
     # deltas (about 0.1 unweighted) fall to ~1.5e-6, below float16's
