@@ -15,6 +15,7 @@ from absl import logging
 
 from tf_dpsat import _compat
 from tf_dpsat import _replicas
+from tf_dpsat import validation
 from tf_dpsat.per_example import batch as batch_lib
 from tf_dpsat.per_example import clip
 from tf_dpsat.per_example import fast
@@ -86,7 +87,8 @@ def slice_count(batch_slices: Optional[int] = None) -> int:
 
 def clipped_sum(model, variables, params, batch: batch_lib.Batch, *,
                 l2_norm_clip: float, engine: str = "auto",
-                batch_slices: Optional[int] = None) -> ClippedSum:
+                batch_slices: Optional[int] = None,
+                loss_scale: float = 1.0) -> ClippedSum:
     """Clips each unit's gradient at `params` to norm C and sums them.
 
     Each unit's gradient g_u (of its compiled loss, plus data-dependent
@@ -106,13 +108,23 @@ def clipped_sum(model, variables, params, batch: batch_lib.Batch, *,
         per model and cause).
       batch_slices: cut the batch into this many slices of whole units, each
         with its own forward and backward pass; None picks `slice_count()`.
+      loss_scale: S > 0, a static loss scale for float16 passes: each unit's
+        loss is multiplied by S before the backward pass and its gradient
+        divided by S in float32 before its norm is taken, so norms, clip
+        factors and sums are those of the true gradient. A unit whose
+        scaled gradient overflows float16 is dropped like any non-finite
+        one. 1 (default) scales nothing.
 
     Returns:
       A `ClippedSum`.
+
+    Raises:
+      ValueError: `loss_scale` is not a finite number > 0.
     """
+    loss_scale = validation.check_positive("loss_scale", loss_scale)
     seeds = batch_lib.Seeds.of(model)
     parts = [_clipped_sum_of_slice(model, variables, params, part, seeds,
-                                   l2_norm_clip, engine)
+                                   l2_norm_clip, engine, loss_scale)
              for part in batch.slices(slice_count(batch_slices))]
     if seeds.generators:  # The next step draws fresh dropout masks.
         _replicas.assign_per_replica(
@@ -122,17 +134,19 @@ def clipped_sum(model, variables, params, batch: batch_lib.Batch, *,
 
 
 def _engine_result(model, variables, params, batch, seeds, l2_norm_clip,
-                   engine):
+                   engine, loss_scale):
     """(engine name, EngineResult) of the engine that applies."""
     if engine != "vectorized":
         try:
             return "fast", fast.clipped_sum(model, variables, params, batch,
                                             seeds, l2_norm_clip,
-                                            _compat.compiled_by_xla())
+                                            _compat.compiled_by_xla(),
+                                            loss_scale)
         except rules.Unsupported as error:
             _fast_engine_refused(model, error, engine)
     return "vectorized", vectorized.clipped_sum(model, variables, params,
-                                                batch, seeds, l2_norm_clip)
+                                                batch, seeds, l2_norm_clip,
+                                                loss_scale)
 
 
 def _fast_engine_refused(model, error, engine) -> None:
@@ -150,9 +164,9 @@ def _fast_engine_refused(model, error, engine) -> None:
 
 
 def _clipped_sum_of_slice(model, variables, params, batch, seeds,
-                          l2_norm_clip, engine) -> ClippedSum:
+                          l2_norm_clip, engine, loss_scale) -> ClippedSum:
     name, result = _engine_result(model, variables, params, batch, seeds,
-                                  l2_norm_clip, engine)
+                                  l2_norm_clip, engine, loss_scale)
     norms, clipping = result.norms, result.clipping
     count = lambda mask: tf.reduce_sum(tf.cast(mask, tf.float32))
     return ClippedSum(
