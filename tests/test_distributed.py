@@ -16,13 +16,13 @@ import subprocess
 import sys
 import time
 import types
-import zipfile
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import file_trees
 import tf_dpsat
 from tf_dpsat import distributed
 from tf_dpsat.experiments import training
@@ -276,21 +276,6 @@ class _CrashAfterFirstEpoch(keras.callbacks.Callback):
         raise _Interrupt()
 
 
-def tree_bytes(root, skip=()):
-    """{relative path: bytes} of every file under root, .keras members unpacked."""
-    found = {}
-    for path in sorted(pathlib.Path(root).rglob("*")):
-        if not path.is_file() or path.name in skip:
-            continue
-        name = str(path.relative_to(root))
-        found[name] = path.read_bytes()
-        if path.suffix == ".keras":
-            with zipfile.ZipFile(path) as archive:
-                for member in archive.namelist():
-                    found[f"{name}:{member}"] = archive.read(member)
-    return found
-
-
 def secret_encodings(secret):
     return [str(secret).encode(), f"{secret:x}".encode(), f"{secret:016x}".encode(),
             secret.to_bytes(8, "little"), secret.to_bytes(8, "big")]
@@ -321,7 +306,7 @@ def test_two_workers_resume_a_run_on_the_chiefs_secret(tmp_path):
             chief_outputs(2) | {training.SECRET_FILE})
     # The secret is in no written file and no worker's output.
     secret = training._read_secret(str(resumed / training.SECRET_FILE))
-    files = tree_bytes(resumed, skip=(training.SECRET_FILE,))
+    files = file_trees.tree_bytes(resumed, skip=(training.SECRET_FILE,))
     for encoding in secret_encodings(secret):
         for name, blob in files.items():
             assert encoding not in blob, name

@@ -418,8 +418,8 @@ def _masked_embedding():
                 dtype="int32")
 
 
-def _float16_dense():
-    return _seq(lambda: keras.layers.Dense(4, dtype="mixed_float16"),
+def _float64_dense():
+    return _seq(lambda: keras.layers.Dense(4, dtype="float64"),
                 lambda: keras.layers.Dense(3), input_shape=(5,))
 
 
@@ -436,8 +436,9 @@ FALLBACK_CASES = {
                      r"no fast rule for layer '\w+' \(_Scale\)"),
     "mask_zero": (_masked_embedding(), (5,), "int32",
                   r"\(Embedding\): mask_zero=True"),
-    "float16": (_float16_dense(), (5,), "float32",
-                r"\(Dense\) computes in float16 \(mixed precision\)"),
+    "float64": (_float64_dense(), (5,), "float32",
+                r"\(Dense\) computes in float64; the fast rules compute in "
+                r"float32, bfloat16 and float16 only"),
     "lstm": (_lstm(), (2, 5), "float32", r"no fast rule for layer '\w+' \(LSTM\)"),
 }
 

@@ -6,7 +6,9 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import tensorflow as tf
 
 from tf_dpsat.experiments import study
 
@@ -78,7 +80,7 @@ def test_summary_pairs_by_seed_with_a_t_interval(tmp_path):
     assert summary["chosen"] == "dpsat_rho0.03_gradient"
     table = study.markdown_table(summary)
     assert "| dpsat_rho0.1_gradient | 3 | 76.00 +- 11.00 | 81.00 +- 11.00 | " \
-           "+1.00 [-1.48, +3.48] | 9 +- 1 |" in table
+           "+1.00 [-1.48, +3.48] | 9 +- 1 | -2 [-2, -2] |" in table
     assert "dpsat_rho0.03_gradient (chosen)" in table
     study.plot(summary, str(tmp_path / "study.png"), title="t")
     assert (tmp_path / "study.png").stat().st_size > 10_000
@@ -133,3 +135,25 @@ def test_runner_trains_pairs_resumes_and_summarises(tmp_path):
     refused = subprocess.run(command + ["--seed=1"], capture_output=True, text=True,
                              env=env, timeout=600)
     assert refused.returncode != 0 and "--seed is set by the study" in refused.stderr
+    # The 1-D landscapes of both runs along two shared random directions.
+    runs = [str(tmp_path / "dpsgd_s3"), str(tmp_path / "dpsat_rho0.1_gradient_s3")]
+    drawn = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "loss_landscape.py"),
+         f"--run_dirs={','.join(runs)}", "--labels=DP-SGD,DP-SAT",
+         "--num_examples=64", "--radii=-0.5,0,0.5", "--directions=2",
+         f"--output_json={tmp_path}/landscape.json", f"--plot={tmp_path}/landscape.png"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert drawn.returncode == 0, drawn.stderr[-2000:]
+    assert (tmp_path / "landscape.png").stat().st_size > 10_000
+    landscape = json.loads((tmp_path / "landscape.json").read_text())
+    assert "not private" in landscape["note"].lower()
+    final = study.load_final_model(runs[0], 64)
+    # At alpha = 0 every direction evaluates the final weights: the mean
+    # cross-entropy of the saved model's softmax on those 64 examples.
+    probabilities = tf.nn.softmax(final.model.predict(final.x, verbose=0)).numpy()
+    expected = -np.mean(np.log(probabilities[np.arange(64), final.y]))
+    losses = landscape["landscapes"]["DP-SGD"]["losses"]
+    assert len(losses) == 2 and [row[1] for row in losses] == pytest.approx(
+        [expected] * 2, rel=1e-4)
+    # Away from the minimum the loss rises along both directions.
+    assert all(min(row[0], row[2]) > row[1] for row in losses)

@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import time
-import zipfile
 
 import keras
 import numpy as np
@@ -23,6 +22,7 @@ import pytest
 import tensorflow as tf
 from absl import flags
 
+import file_trees
 from tf_dpsat import accounting
 from tf_dpsat import sampling
 from tf_dpsat import sharpness
@@ -681,21 +681,6 @@ def test_accuracy_epsilon_plot_of_a_non_private_run():
     assert list(fig.axes[0].get_lines()[0].get_xdata()) == [1]
 
 
-def tree_bytes(root, skip=()):
-    """{relative path: bytes} of every file under root, .keras members unpacked."""
-    found = {}
-    for path in sorted(pathlib.Path(root).rglob("*")):
-        if not path.is_file() or path.name in skip:
-            continue
-        name = str(path.relative_to(root))
-        found[name] = path.read_bytes()
-        if path.suffix == ".keras":  # a zip: members may be compressed
-            with zipfile.ZipFile(path) as archive:
-                for member in archive.namelist():
-                    found[f"{name}:{member}"] = archive.read(member)
-    return found
-
-
 def secret_encodings(secret):
     return [str(secret).encode(), f"{secret:x}".encode(), f"{secret:X}".encode(),
             f"{secret:016x}".encode(), secret.to_bytes(8, "little"),
@@ -738,7 +723,7 @@ def test_binary_draws_a_secret_per_run_and_keeps_it_out_of_every_output(tmp_path
     # The secret is in no other file (checkpoint, state.json, results.json,
     # TensorBoard, plot) and in no log line.
     for secret, name, result in zip(secrets, ("a", "b"), runs):
-        files = tree_bytes(tmp_path / name, skip=(training.SECRET_FILE,))
+        files = file_trees.tree_bytes(tmp_path / name, skip=(training.SECRET_FILE,))
         assert {"results.json", "state.json", "checkpoint-0001.keras"} <= set(files)
         assert any(n.startswith("tensorboard") for n in files)
         for encoding in secret_encodings(secret):

@@ -33,8 +33,9 @@ def autocast(layer) -> AutocastScope:
     """The scope in which `layer`'s variables read as its `__call__` sees them.
 
     Under a mixed-precision policy `Layer.__call__` reads float32 variables
-    cast to the compute dtype (bfloat16); a fast rule runs in the layer's
-    place, so it needs the same scope. Keras has no public API for it.
+    cast to the compute dtype (bfloat16 or float16); a fast rule runs in the
+    layer's place, so it needs the same scope. Keras has no public API for
+    it.
     """
     cast = (layer.autocast and layer.compute_dtype != layer.variable_dtype)
     return AutocastScope(layer.compute_dtype if cast else None)

@@ -128,21 +128,37 @@ class _PrivateTrainStep:
         tf.cond(step.refused, lambda: tf.constant(False), update_metrics)
         return self.get_metrics_result()
 
+    def compile(self, optimizer="rmsprop", *args, **kwargs):
+        """Keras's `compile`; a DP optimizer is never wrapped for loss scaling.
+
+        Under `mixed_float16` Keras wraps the optimizer in a dynamic
+        `LossScaleOptimizer` (`auto_scale_loss=True`); a DP optimizer scales
+        each example's loss by its own static `loss_scale` instead, so it is
+        compiled unwrapped.
+
+        Raises:
+          ValueError: for a DP optimizer wrapped in a LossScaleOptimizer.
+        """
+        _refuse_loss_scale_optimizer(optimizer)
+        if hasattr(optimizer, "private_train_step"):
+            kwargs["auto_scale_loss"] = False
+        return super().compile(optimizer, *args, **kwargs)
+
+    def compile_from_config(self, config):
+        """Compiles a loaded model as it was compiled, through `compile`.
+
+        Keras skips compiling a loaded model whose class overrides
+        `compile`; this is what it does otherwise.
+        """
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built and self.optimizer is not None:
+            # Creates the optimizer's variables, to load the saved ones into.
+            self.optimizer.build(self.trainable_variables)
+
     def _private_optimizer(self):
         """The DP optimizer, or an error naming why training would not be DP."""
         optimizer = self.optimizer
-        inner = getattr(optimizer, "inner_optimizer", None)
-        if (isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and
-                hasattr(inner, "private_train_step")):
-            raise ValueError(
-                f"{type(self).__name__} '{self.name}' computes in "
-                f"{self.dtype_policy.name} (mixed precision), so Keras wrapped "
-                f"{type(inner).__name__} in a LossScaleOptimizer: float16 loss "
-                "scaling is not supported by DP per-example clipping (it "
-                "would scale the gradients that are clipped). Build the model "
-                "under keras.mixed_precision.set_global_policy("
-                "'mixed_bfloat16'), which needs no loss scaling, or "
-                "'float32'.")
+        _refuse_loss_scale_optimizer(optimizer)
         if not hasattr(optimizer, "private_train_step"):
             raise TypeError(
                 f"{type(self).__name__} is a differentially private model but "
@@ -187,6 +203,22 @@ class _PrivateTrainStep:
             return super().evaluate(*args, **kwargs)
         finally:
             self._dp_evaluating = False
+
+
+def _refuse_loss_scale_optimizer(optimizer) -> None:
+    """Raises for a DP optimizer inside Keras's dynamic LossScaleOptimizer."""
+    inner = getattr(optimizer, "inner_optimizer", None)
+    if (isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and
+            hasattr(inner, "private_train_step")):
+        raise ValueError(
+            f"{type(inner).__name__} wrapped in a keras LossScaleOptimizer is "
+            "refused: its dynamic loss scale skips a step and halves the "
+            "scale whenever any gradient of the batch overflows, a decision "
+            "on the whole private batch without noise, so training would "
+            "not be differentially private. Compile with the "
+            f"{type(inner).__name__} itself: under mixed_float16 it scales "
+            "each example's loss by a static loss_scale (default 2**5) and "
+            "drops an example whose gradient overflows.")
 
 
 @keras.saving.register_keras_serializable(package="tf_dpsat")

@@ -56,6 +56,15 @@ DIRECTIONS = ("gradient", "momentum")
 CLIPPING_PATHS = per_example.ENGINES
 # Added to the perturbation direction's norm (the authors' value).
 PERTURBATION_EPSILON = 1e-16
+# The static loss scale where a layer computes in float16 and the user set
+# none. The scaled loss is one unit's, not the batch mean that Keras scales
+# (Keras's initial dynamic scale, 2**15, is meant for gradients B times
+# smaller), and a unit whose scaled gradient overflows float16 (largest
+# value 65504) is dropped from the sum. Before clipping an example's
+# gradient entries can reach the hundreds, so the scale stays small; 2**5
+# still lifts per-example deltas down to 2**-14 / 2**5 (float16's smallest
+# normal number, unscaled) to full float16 precision.
+DEFAULT_FLOAT16_LOSS_SCALE = 2.0**5
 
 
 def perturb(params: Sequence[tf.Tensor], direction: Sequence[tf.Tensor],
@@ -205,9 +214,9 @@ class DPSATKeras(keras.optimizers.Optimizer):
         per-example backward passes (any model); "auto" (default) is "fast"
         where it applies and "vectorized" elsewhere (a warning names the
         cause once). All three give the same result.
-        Under the `mixed_bfloat16` policy "fast" computes the passes in
-        bfloat16 and the norms, clip factors, clipped sums and noise in
-        float32; `mixed_float16` (loss scaling) is refused.
+        Under the `mixed_bfloat16` and `mixed_float16` policies both engines
+        compute the passes in bfloat16 / float16 and the norms, clip
+        factors, clipped sums and noise in float32.
       batch_slices: the batch is clipped as this many slices of whole units
         (examples or microbatches), each with its own forward and backward
         pass; their clipped sums are added before the noise, so the step is
@@ -221,16 +230,30 @@ class DPSATKeras(keras.optimizers.Optimizer):
         this is clipped in chunks of at most this many units, one after the
         other (a `tf.while_loop`; each chunk is cut into `batch_slices`
         slices), so that the per-example work of at most `chunk_units`
-        units is in memory at once: a large batch then takes less memory
-        than its non-private step (benchmarks/README.md). The step is the
+        units is in memory at once (tb_cnn at batch 1024 and 2048 then
+        takes less memory than its non-private step: benchmarks/README.md).
+        The step is the
         same up to float rounding (the fast path draws dropout masks per
-        slice). Default 256, below which the
-        step is the same as without chunks; None clips the whole batch at
-        once. A batch whose size is only known when the step runs (a
-        partial last batch) is clipped at once.
+        slice). Default 256: a batch up to it traces the same step as
+        without chunks. None clips the whole batch at once, as is a batch
+        whose size is only known when the step runs (a partial last batch).
+      loss_scale: the static loss scale S > 0 of float16 passes (the
+        `mixed_float16` policy): each unit's loss is multiplied by S before
+        its backward pass, so that small gradients do not underflow float16,
+        and its gradient divided by S in float32 before its norm is taken,
+        so the clipping sees the true gradient. A unit whose scaled
+        gradient overflows float16 is dropped (it counts in the non-private
+        `nonfinite_gradients` diagnostic: lower S if it grows). The scale
+        never changes: Keras's dynamic `LossScaleOptimizer` skips a step
+        when any gradient of the batch overflows, an un-noised decision on
+        the whole batch, so it is refused. None (default): 2**5 where a
+        layer computes in float16 (`DEFAULT_FLOAT16_LOSS_SCALE`), else 1 (no
+        scaling). A power of two scales and unscales exactly.
       **kwargs: `name`, `weight_decay`, `use_ema`, ... of
         `keras.optimizers.Optimizer`. `clipnorm`, `clipvalue` and
-        `global_clipnorm` are refused: they would act on the noisy gradient.
+        `global_clipnorm` are refused: they would act on the noisy gradient;
+        so is `loss_scale_factor` (Keras's scale of the batch loss): use
+        `loss_scale`.
 
     References:
       Park, Kim, Choi, Lee. "Differentially Private Sharpness-Aware Training".
@@ -258,6 +281,7 @@ class DPSATKeras(keras.optimizers.Optimizer):
         clipping: str = "auto",
         batch_slices: Optional[int] = None,
         chunk_units: Optional[int] = per_example.DEFAULT_CHUNK_UNITS,
+        loss_scale: Optional[float] = None,
         **kwargs,
     ):
         for name in ("clipnorm", "clipvalue", "global_clipnorm"):
@@ -269,8 +293,12 @@ class DPSATKeras(keras.optimizers.Optimizer):
                     " `l2_norm_clip`.")
             kwargs.pop(name, None)
         if kwargs.get("loss_scale_factor") is not None:
-            raise ValueError("loss_scale_factor is not supported: loss scaling "
-                             "would change the per-example gradient norms.")
+            raise ValueError(
+                f"{type(self).__name__} does not accept loss_scale_factor="
+                f"{kwargs['loss_scale_factor']}: Keras would unscale the "
+                "summed gradient after the clipping, which would then bound "
+                "the scaled per-example gradients. Pass loss_scale= instead: "
+                "each example's gradient is unscaled before it is clipped.")
         kwargs.pop("loss_scale_factor", None)
         super().__init__(learning_rate=learning_rate, **kwargs)
         validation.check_non_negative("momentum", momentum)
@@ -316,6 +344,8 @@ class DPSATKeras(keras.optimizers.Optimizer):
                                                 allow_none=True)
         validation.check_int("seed", seed, minimum=0, allow_none=True)
         self.seed = seed
+        self.loss_scale = (None if loss_scale is None else
+                           validation.check_positive("loss_scale", loss_scale))
         if (not self._supports_accumulation and
                 self._accumulation_steps > 1):
             raise ValueError(
@@ -552,9 +582,19 @@ class DPSATKeras(keras.optimizers.Optimizer):
         sums = per_example.clipped_sum(
             model, variables, params, batch, l2_norm_clip=self.l2_norm_clip,
             engine=self.clipping, batch_slices=self.batch_slices,
-            chunk_units=self.chunk_units)
+            chunk_units=self.chunk_units,
+            loss_scale=self._loss_scale(model))
         self.traced_batch_slices = sums.slices
         return sums
+
+    def _loss_scale(self, model) -> float:
+        """S of `loss_scale`: the user's, else the default under float16."""
+        if self.loss_scale is not None:
+            return self.loss_scale
+        if any(getattr(layer, "compute_dtype", None) == "float16"
+               for layer in model._flatten_layers()):
+            return DEFAULT_FLOAT16_LOSS_SCALE
+        return 1.0
 
     def _regularization_gradients(self, model, variables):
         """Gradients of weight regularizers: data-independent, never clipped."""
@@ -718,6 +758,7 @@ class DPSATKeras(keras.optimizers.Optimizer):
             "clipping": self.clipping,
             "batch_slices": self.batch_slices,
             "chunk_units": self.chunk_units,
+            "loss_scale": self.loss_scale,
         })
         return config
 

@@ -25,6 +25,7 @@ import statistics
 from typing import Any
 from typing import Dict
 from typing import List
+from typing import NamedTuple
 from typing import Optional
 from typing import Sequence
 
@@ -33,9 +34,13 @@ from tf_dpsat import validation
 __all__ = [
     "BASELINE",
     "Cell",
+    "FinalModel",
+    "LANDSCAPE_NOTE",
     "Run",
     "grid",
     "has_sharpness",
+    "load_final_model",
+    "loss_landscape",
     "markdown_table",
     "measure_sharpness",
     "plot",
@@ -48,6 +53,11 @@ __all__ = [
 BASELINE = "dpsgd"
 _RESULTS_FILE = "results.json"
 SHARPNESS_FILE = "sharpness.json"
+LANDSCAPE_NOTE = (
+    "NOT private: the mean training loss along random directions, measured on "
+    "the first training examples of each run (tf_dpsat.sharpness.loss_slice). "
+    "A function of those private examples, without noise: a diagnostic, "
+    "outside the (epsilon, delta) guarantee.")
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -160,22 +170,23 @@ def has_sharpness(directory: str) -> bool:
     return run is not None and run["top_hessian_eigenvalue"] is not None
 
 
-def measure_sharpness(directory: str, num_examples: int) -> Dict[str, Any]:
-    """Measures a finished run's final top Hessian eigenvalue; writes sharpness.json.
+class FinalModel(NamedTuple):
+    """A finished run's last checkpoint and the training examples measured on."""
 
-    The same measurement as the binary's `--sharpness_examples` (the first
-    `num_examples` training examples after the run's validation split,
-    `training.top_eigenvalue`), on the run's last checkpoint: for runs that
-    were trained without that flag.
+    model: Any
+    x: Any
+    y: Any
+    checkpoint: str
+    eval_batch_size: int
 
-    Args:
-      directory: A finished run's `--model_dir`.
-      num_examples: Training examples to measure on.
 
-    Returns:
-      What sharpness.json holds: the eigenvalue, whether the power iteration
-      converged, the number of examples and iterations, and a note that it
-      is not private.
+def load_final_model(directory: str, num_examples: int) -> FinalModel:
+    """A finished run's final model and its first `num_examples` training examples.
+
+    The examples are those of the binary's `--sharpness_examples`: the first
+    `num_examples` training examples after the run's validation split, the
+    same in every run of a study. They are private training data: whatever
+    is measured on them is a non-private diagnostic.
 
     Raises:
       UserError: The run is not finished.
@@ -196,13 +207,65 @@ def measure_sharpness(directory: str, num_examples: int) -> Dict[str, Any]:
                                            config.validation_examples)
     x, y = training.sharpness_batch(config, dataset)
     model = keras.models.load_model(os.path.join(directory, state["checkpoint"]))
-    result = training.top_eigenvalue(model, x, y, batch_size=config.eval_batch_size)
+    return FinalModel(model, x, y, state["checkpoint"], config.eval_batch_size)
+
+
+def measure_sharpness(directory: str, num_examples: int) -> Dict[str, Any]:
+    """Measures a finished run's final top Hessian eigenvalue; writes sharpness.json.
+
+    The same measurement as the binary's `--sharpness_examples`
+    (`training.top_eigenvalue` on `load_final_model`'s examples), on the
+    run's last checkpoint: for runs that were trained without that flag.
+
+    Args:
+      directory: A finished run's `--model_dir`.
+      num_examples: Training examples to measure on.
+
+    Returns:
+      What sharpness.json holds: the eigenvalue, whether the power iteration
+      converged, the number of examples and iterations, and a note that it
+      is not private.
+
+    Raises:
+      UserError: The run is not finished.
+    """
+    from tf_dpsat.experiments import training
+
+    final = load_final_model(directory, num_examples)
+    result = training.top_eigenvalue(final.model, final.x, final.y,
+                                     batch_size=final.eval_batch_size)
     measured = {"top_hessian_eigenvalue": result.eigenvalue,
                 "converged": result.converged, "iterations": result.iterations,
-                "num_examples": num_examples, "checkpoint": state["checkpoint"],
+                "num_examples": num_examples, "checkpoint": final.checkpoint,
                 "note": training.SHARPNESS_NOTE}
     write_json(os.path.join(directory, SHARPNESS_FILE), measured)
     return measured
+
+
+def loss_landscape(directory: str, num_examples: int, radii: Sequence[float],
+                   directions: int) -> Dict[str, Any]:
+    """The training loss of a finished run's final model along random directions.
+
+    `tf_dpsat.sharpness.loss_slice` along `directions` filter-normalised
+    random directions (public seeds 0, 1, ...; the same directions for every
+    run of one architecture), on `load_final_model`'s examples: the 1-D
+    landscapes of Li et al. (2018). Not private, like the eigenvalue.
+
+    Returns:
+      radii, the losses per direction, their mean per radius, the number of
+      examples, the checkpoint, and the note that it is not private.
+    """
+    from tf_dpsat import sharpness
+
+    final = load_final_model(directory, num_examples)
+    losses = [sharpness.loss_slice(final.model, final.x, final.y,
+                                   loss=final.model.loss, radii=radii, seed=seed,
+                                   batch_size=final.eval_batch_size).losses.tolist()
+              for seed in range(directions)]
+    return {"radii": [float(r) for r in radii], "losses": losses,
+            "mean_loss": [statistics.fmean(column) for column in zip(*losses)],
+            "num_examples": num_examples, "checkpoint": final.checkpoint,
+            "note": LANDSCAPE_NOTE}
 
 
 def _t_quantile_975(dof: int) -> float:
@@ -313,13 +376,14 @@ def markdown_table(summary: Dict[str, Any]) -> str:
         std = f" +- {100 * stat['std']:.2f}" if stat["std"] is not None else ""
         return f"{100 * stat['mean']:.2f}{std}"
 
-    def diff(entry, key):
+    def diff(entry, key, scale=100.0, form="+.2f"):
         paired = entry.get(f"paired_{key}")
         if not paired or paired["mean"] is None:
             return "-"
-        interval = (f" [{100 * paired['ci95'][0]:+.2f}, {100 * paired['ci95'][1]:+.2f}]"
+        low, high = paired["ci95"] or (None, None)
+        interval = (f" [{scale * low:{form}}, {scale * high:{form}}]"
                     if paired["ci95"] else "")
-        return f"{100 * paired['mean']:+.2f}{interval}"
+        return f"{scale * paired['mean']:{form}}{interval}"
 
     def eig(entry):
         stat = entry["top_hessian_eigenvalue"]
@@ -328,14 +392,16 @@ def markdown_table(summary: Dict[str, Any]) -> str:
         return f"{stat['mean']:.3g}" + (f" +- {stat['std']:.2g}" if stat["std"] else "")
 
     lines = ["| cell | seeds | validation acc. (%) | test acc. (%) | "
-             "paired test diff. vs DP-SGD (95% CI) | top Hessian eigenvalue |",
-             "|---|---|---|---|---|---|"]
+             "paired test diff. vs DP-SGD (95% CI) | top Hessian eigenvalue | "
+             "paired eigenvalue diff. vs DP-SGD (95% CI) |",
+             "|---|---|---|---|---|---|---|"]
     for entry in summary["cells"]:
         mark = " (chosen)" if entry["name"] == summary["chosen"] else ""
         lines.append(
             f"| {entry['name']}{mark} | {len(entry['seeds'])} | "
             f"{pct(entry['validation_accuracy'])} | {pct(entry['test_accuracy'])} | "
-            f"{diff(entry, 'test_accuracy')} | {eig(entry)} |")
+            f"{diff(entry, 'test_accuracy')} | {eig(entry)} | "
+            f"{diff(entry, 'top_hessian_eigenvalue', scale=1.0, form='+.3g')} |")
     return "\n".join(lines)
 
 

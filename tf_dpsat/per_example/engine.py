@@ -17,6 +17,7 @@ from absl import logging
 
 from tf_dpsat import _compat
 from tf_dpsat import _replicas
+from tf_dpsat import validation
 from tf_dpsat.per_example import batch as batch_lib
 from tf_dpsat.per_example import clip
 from tf_dpsat.per_example import fast
@@ -116,7 +117,8 @@ def slice_count(batch_slices: Optional[int] = None) -> int:
 def clipped_sum(model, variables, params, batch: batch_lib.Batch, *,
                 l2_norm_clip: float, engine: str = "auto",
                 batch_slices: Optional[int] = None,
-                chunk_units: Optional[int] = None) -> ClippedSum:
+                chunk_units: Optional[int] = None,
+                loss_scale: float = 1.0) -> ClippedSum:
     """Clips each unit's gradient at `params` to norm C and sums them.
 
     Each unit's gradient g_u (of its compiled loss, plus data-dependent
@@ -139,16 +141,26 @@ def clipped_sum(model, variables, params, batch: batch_lib.Batch, *,
       chunk_units: clip a batch of more units than this in chunks of at
         most this many units, one after the other (`chunk_count`), each cut
         into `batch_slices` slices; None clips the whole batch at once.
+      loss_scale: S > 0, a static loss scale for float16 passes: each unit's
+        loss is multiplied by S before the backward pass and its gradient
+        divided by S in float32 before its norm is taken, so norms, clip
+        factors and sums are those of the true gradient. A unit whose
+        scaled gradient overflows float16 is dropped like any non-finite
+        one. 1 (default) scales nothing.
 
     Returns:
       A `ClippedSum`.
+
+    Raises:
+      ValueError: `loss_scale` is not a finite number > 0.
     """
+    loss_scale = validation.check_positive("loss_scale", loss_scale)
     seeds = batch_lib.Seeds.of(model)
     count = slice_count(batch_slices)
 
     def clip_chunk(chunk: batch_lib.Batch) -> ClippedSum:
         parts = [_clipped_sum_of_slice(model, variables, params, part, seeds,
-                                       l2_norm_clip, engine)
+                                       l2_norm_clip, engine, loss_scale)
                  for part in chunk.slices(count)]
         return parts[0] if len(parts) == 1 else _combine(model, parts)
 
@@ -269,17 +281,19 @@ class _ChunkSums:
 
 
 def _engine_result(model, variables, params, batch, seeds, l2_norm_clip,
-                   engine):
+                   engine, loss_scale):
     """(engine name, EngineResult) of the engine that applies."""
     if engine != "vectorized":
         try:
             return "fast", fast.clipped_sum(model, variables, params, batch,
                                             seeds, l2_norm_clip,
-                                            _compat.compiled_by_xla())
+                                            _compat.compiled_by_xla(),
+                                            loss_scale)
         except rules.Unsupported as error:
             _fast_engine_refused(model, error, engine)
     return "vectorized", vectorized.clipped_sum(model, variables, params,
-                                                batch, seeds, l2_norm_clip)
+                                                batch, seeds, l2_norm_clip,
+                                                loss_scale)
 
 
 def _fast_engine_refused(model, error, engine) -> None:
@@ -297,9 +311,9 @@ def _fast_engine_refused(model, error, engine) -> None:
 
 
 def _clipped_sum_of_slice(model, variables, params, batch, seeds,
-                          l2_norm_clip, engine) -> ClippedSum:
+                          l2_norm_clip, engine, loss_scale) -> ClippedSum:
     name, result = _engine_result(model, variables, params, batch, seeds,
-                                  l2_norm_clip, engine)
+                                  l2_norm_clip, engine, loss_scale)
     norms, clipping = result.norms, result.clipping
     count = lambda mask: tf.reduce_sum(tf.cast(mask, tf.float32))
     return ClippedSum(

@@ -267,20 +267,27 @@ def forward(model, variables, x, tape: tf.GradientTape, mapping=None):
     return outputs, interpreter.records
 
 
-def in_float32(records, deltas):
-    """The records' saved tensors and the deltas, cast to float32.
+def in_float32(records, deltas, loss_scale: float = 1.0):
+    """The records' saved tensors and the true deltas, in float32.
 
     Under a mixed-precision policy the forward and backward passes compute in
-    bfloat16. The norms, the clip factors and the clipped sums are taken
-    from the same float32 copies (the cast is exact), so each unit's clipped
-    gradient has norm <= C up to float32 rounding, not bfloat16 rounding.
+    bfloat16 or float16. The norms, the clip factors and the clipped sums are
+    taken from the same float32 copies (the cast is exact), so each unit's
+    clipped gradient has norm <= C up to float32 rounding, not to the
+    rounding of the passes. Under float16 the backward pass carried the
+    loss scaled by `loss_scale`: the deltas are divided by it here, before
+    any norm, so what is clipped is the true gradient (a power of two
+    divides exactly).
     """
     as_float32 = lambda t: (tf.cast(t, tf.float32) if t.dtype.is_floating
                             else t)
     records = [dataclasses.replace(
         r, saved={k: as_float32(v) for k, v in r.saved.items()})
         for r in records]
-    return records, [as_float32(d) for d in deltas]
+    deltas = [as_float32(d) for d in deltas]
+    if loss_scale != 1:
+        deltas = [d / loss_scale for d in deltas]
+    return records, deltas
 
 
 def per_unit_sq_norms(records, deltas, layout):
@@ -316,7 +323,7 @@ def clipped_sums(records, deltas, caches, factors, keep, variables, layout):
 
 def clipped_sum(model, variables, params, batch: batch_lib.Batch,
                 seeds: batch_lib.Seeds, l2_norm_clip: float,
-                xla: bool) -> batch_lib.EngineResult:
+                xla: bool, loss_scale: float = 1.0) -> batch_lib.EngineResult:
     """The clipped sum of `batch` at `params`: one forward, one backward pass.
 
     Args:
@@ -328,6 +335,8 @@ def clipped_sum(model, variables, params, batch: batch_lib.Batch,
       seeds: the step's dropout seeds.
       l2_norm_clip: the clip norm C.
       xla: whether the step is compiled by XLA.
+      loss_scale: the static loss scale S of float16 passes (1: none); the
+        backward pass starts from S times each unit's loss gradient.
 
     Raises:
       Unsupported: naming the part of the model no rule covers exactly.
@@ -350,11 +359,15 @@ def clipped_sum(model, variables, params, batch: batch_lib.Batch,
                                                 batch.units)
     else:
         loss_grads, loss = from_batch
+    if loss_scale != 1:
+        loss_grads = tf.nest.map_structure(
+            lambda g: tf.cast(tf.cast(g, tf.float32) * loss_scale, g.dtype),
+            loss_grads)
     deltas = tape.gradient(
         tf.nest.flatten(y_pred), [r.z for r in records],
         output_gradients=tf.nest.flatten(loss_grads),
         unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    records, deltas = in_float32(records, deltas)
+    records, deltas = in_float32(records, deltas, loss_scale)
     sq, caches = per_unit_sq_norms(records, deltas, layout)
     # Rounding can make a ghost norm slightly negative; NaN stays NaN.
     norms = tf.sqrt(tf.where(sq < 0, tf.zeros_like(sq), sq))

@@ -16,9 +16,18 @@ from tf_dpsat.per_example import clip
 from tf_dpsat.per_example import losses
 
 
+def _unscale(gradient, loss_scale: float):
+    """The gradient divided by S, in float32 (the dtype of the norms)."""
+    if isinstance(gradient, tf.IndexedSlices):  # an embedding's gradient
+        return tf.IndexedSlices(tf.cast(gradient.values, tf.float32) /
+                                loss_scale, gradient.indices,
+                                gradient.dense_shape)
+    return tf.cast(gradient, tf.float32) / loss_scale
+
+
 def clipped_sum(model, variables, params, batch: batch_lib.Batch,
-                seeds: batch_lib.Seeds,
-                l2_norm_clip: float) -> batch_lib.EngineResult:
+                seeds: batch_lib.Seeds, l2_norm_clip: float,
+                loss_scale: float = 1.0) -> batch_lib.EngineResult:
     """The clipped sum of `batch` at `params`, from stacked per-unit gradients.
 
     Args:
@@ -29,6 +38,9 @@ def clipped_sum(model, variables, params, batch: batch_lib.Batch,
       seeds: the step's dropout seeds; unit u of the slice draws the masks
         of unit `batch.first + u` of the step's batch.
       l2_norm_clip: the clip norm C.
+      loss_scale: the static loss scale S of float16 passes (1: none): each
+        unit's loss is multiplied by S and its float32 gradient divided by S
+        before its norm is taken.
     """
     units, size = batch.units, batch.size
 
@@ -49,8 +61,12 @@ def clipped_sum(model, variables, params, batch: batch_lib.Batch,
                 extra = tf.add_n([tf.reduce_sum(tf.cast(l, tf.float32))
                                   for l in scope.losses])
                 loss = loss + extra
+            if loss_scale != 1:
+                loss = loss * loss_scale
         grads = tape.gradient(
             loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        if loss_scale != 1:
+            grads = [_unscale(g, loss_scale) for g in grads]
         return grads, y_pred, extra
 
     grads, y_pred, extra = tf.vectorized_map(

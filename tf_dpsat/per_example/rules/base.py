@@ -151,10 +151,10 @@ def rule_for(layer) -> Rule:
     name = f"layer '{layer.name}' ({type(layer).__name__})"
     # A rule replaces layer.__call__, so anything __call__ adds beyond
     # call() is left to the vectorized engine.
-    if layer.compute_dtype not in ("float32", "bfloat16"):
+    if layer.compute_dtype not in ("float32", "bfloat16", "float16"):
         raise Unsupported(
-            f"{name} computes in {layer.compute_dtype} (mixed precision); "
-            "the fast rules compute in float32 and bfloat16 only")
+            f"{name} computes in {layer.compute_dtype}; the fast rules "
+            "compute in float32, bfloat16 and float16 only")
     if getattr(layer, "quantization_mode", None):
         raise Unsupported(f"no fast rule for quantized {name}")
     if getattr(layer, "lora_enabled", False):
