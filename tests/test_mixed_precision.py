@@ -115,7 +115,7 @@ class _Clipped(NamedTuple):
 
 
 def _clipped_sum(model, x, y, weights, l2_norm_clip, engine,
-                 loss_scale=1.0) -> _Clipped:
+                 loss_scale=1.0, chunk_units=None) -> _Clipped:
     """The clipped sum of one batch at the model's weights."""
     variables = model.trainable_variables
     x, y, weights = (tf.constant(x), tf.constant(y),
@@ -129,7 +129,7 @@ def _clipped_sum(model, x, y, weights, l2_norm_clip, engine,
         result = per_example.clipped_sum(
             model, variables, params, per_example.Batch.from_keras(x, y, weights),
             l2_norm_clip=l2_norm_clip, engine=engine, batch_slices=1,
-            loss_scale=loss_scale)
+            loss_scale=loss_scale, chunk_units=chunk_units)
         engines.append(result.engine)
         return result.summed, result.norms, result.y_pred, result.nonfinite
 
@@ -169,6 +169,31 @@ def test_clipping_bound_holds(engine, policy, loss_scale):
     change = np.linalg.norm(_flat([a.numpy() - b.numpy() for a, b in
                                    zip(with_it.summed, without.summed)]))
     assert c * (1 - 1e-5) <= change <= c * (1 + 1e-5), change / c
+
+
+@pytest.mark.parametrize("policy, loss_scale", [
+    ("mixed_bfloat16", 1.0),
+    ("mixed_float16", tf_dpsat.optimizer.DEFAULT_FLOAT16_LOSS_SCALE)])
+def test_chunks_keep_the_sums_and_dtypes(policy, loss_scale):
+    # 8 examples in chunks of 3 (3, 3, 2): the float32 sums and norms and
+    # the predictions (in the policy's output dtype) equal the whole
+    # batch's up to float32 summation order.
+    x, y = _data(n=8, seed=2)
+    model = _cnn(policy, private=True)
+    model.compile(optimizer=tf_dpsat.DPSATKeras(noise_multiplier=1.0),
+                  loss=XENT)
+    whole, chunked = (_clipped_sum(model, x, y, [1.0] * 8, 0.05, "fast",
+                                   loss_scale, chunk_units=chunk)
+                      for chunk in (None, 3))
+    assert all(s.dtype == tf.float32 for s in chunked.summed)
+    assert chunked.y_pred.dtype == whole.y_pred.dtype
+    for a, b in zip(chunked.summed, whole.summed):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5,
+                                   atol=1e-7)
+    np.testing.assert_allclose(chunked.norms.numpy(), whole.norms.numpy(),
+                               rtol=1e-5)
+    np.testing.assert_array_equal(chunked.y_pred.numpy(),
+                                  whole.y_pred.numpy())
 
 
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
