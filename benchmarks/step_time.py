@@ -201,6 +201,8 @@ class Config:
     memory_jit: Optional[list[bool]] = None
     clipping: Optional[str] = None
     batch_slices: Optional[int] = None
+    # None: the library's default; 0: chunk_units=None (every batch at once).
+    chunk_units: Optional[int] = None
     learning_rate: float = 0.05
     momentum: float = 0.9
     l2_norm_clip: float = 1.0
@@ -281,6 +283,8 @@ def make_optimizer(mode: str, cfg: Config) -> keras.optimizers.Optimizer:
                 f"--{name}={value} was given but this tf_dpsat's "
                 f"{cls.__name__} has no `{name}` argument.")
         kwargs[name] = value
+    if cfg.chunk_units is not None:
+        kwargs["chunk_units"] = cfg.chunk_units or None
     return cls(**kwargs)
 
 
@@ -501,6 +505,7 @@ def base_row(model_name: str, batch_size: int, mode: str,
         "optimizer": None,
         "clipping": None,
         "batch_slices": None,
+        "chunk_units": None,
         "steps_timed": 0,
         "rounds_timed": 0,
         "median_step_s": math.nan,
@@ -554,6 +559,7 @@ def _trainer_row(trainer: Trainer) -> dict[str, Any]:
         # What the traced step used (one slice under XLA by default).
         "batch_slices": getattr(trainer.optimizer, "traced_batch_slices",
                                 None),
+        "chunk_units": getattr(trainer.optimizer, "chunk_units", None),
         "first_call_s": trainer.first_call_s,
         "warmup_step_s": list(trainer.warmup_s),
         "skipped": trainer.skipped,
@@ -747,6 +753,8 @@ def _child_argv(cfg: Config, model_name: str, batch_size: int, jit: bool,
         argv.append(f"--clipping={cfg.clipping}")
     if cfg.batch_slices is not None:
         argv.append(f"--batch_slices={cfg.batch_slices}")
+    if cfg.chunk_units is not None:
+        argv.append(f"--chunk_units={cfg.chunk_units or 'none'}")
     return argv
 
 
@@ -1079,6 +1087,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _chunk_units(text: str) -> int:
+    # 0 stands for chunk_units=None: no chunks.
+    return 0 if text == "none" else _positive_int(text)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.step_time",
@@ -1123,6 +1136,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_slices", type=_positive_int, default=None,
                    help="passed to DPSATKeras/DPSAMKeras as batch_slices= "
                         "when given (default: the library's choice)")
+    p.add_argument("--chunk_units", type=_chunk_units, default=None,
+                   help="passed to DPSATKeras/DPSAMKeras as chunk_units= when "
+                        "given; 'none' clips every batch at once (default: "
+                        "the library's choice)")
     p.add_argument("--learning_rate", type=float, default=Config.learning_rate)
     p.add_argument("--momentum", type=float, default=Config.momentum)
     p.add_argument("--l2_norm_clip", type=float, default=Config.l2_norm_clip)

@@ -20,12 +20,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+import tf_dpsat  # noqa: E402
 from benchmarks import step_time  # noqa: E402
 
 ROW_KEYS = {
     "model", "model_description", "input_shape", "parameters", "batch_size",
     "jit", "jit_effective", "mode", "optimizer", "clipping", "batch_slices",
-    "steps_timed",
+    "chunk_units", "steps_timed",
     "median_step_s", "p25_step_s", "p75_step_s", "min_step_s",
     "examples_per_s", "first_call_s", "traces", "retraces_while_timed",
     "final_loss", "round_medians_s", "step_times_s", "memory", "error",
@@ -184,6 +185,26 @@ def test_batch_slices_are_passed_and_reported():
             for r in step_time.time_group("tiny", 4, jit, default)
             if r["mode"] == "dpsat"]
     assert [r["batch_slices"] for r in rows] == [2, 1]
+
+
+def test_chunk_units_are_passed_to_the_optimizer_and_the_children():
+    # Unset: the library's default; "none" (0 in the config): no chunks.
+    args = step_time.parser().parse_args(["--chunk_units=none"])
+    assert args.chunk_units == 0
+    assert step_time.parser().parse_args(["--chunk_units=64"]).chunk_units == 64
+    with pytest.raises(SystemExit):
+        step_time.parser().parse_args(["--chunk_units=0"])
+    cfg = step_time.Config(models=["tiny"], batch_sizes=[4], modes=["dpsat"],
+                           jit=[False])
+    assert (step_time.make_optimizer("dpsat", cfg).chunk_units ==
+            tf_dpsat.per_example.DEFAULT_CHUNK_UNITS)
+    for given, expected, flag in ((0, None, "--chunk_units=none"),
+                                  (64, 64, "--chunk_units=64")):
+        chosen = dataclasses.replace(cfg, chunk_units=given)
+        assert step_time.make_optimizer("dpsat", chosen).chunk_units == expected
+        assert flag in step_time._child_argv(chosen, "tiny", 4, False, "dpsat")
+    assert not any(a.startswith("--chunk_units")
+                   for a in step_time._child_argv(cfg, "tiny", 4, False, "dpsat"))
 
 
 @pytest.mark.slow

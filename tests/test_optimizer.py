@@ -995,12 +995,12 @@ def test_chunk_count():
     assert per_example.chunk_count(2048, 256) == 8
     assert per_example.chunk_count(12, None) == 1
     assert per_example.chunk_count(tf.constant(12), 5) == 1
-    assert tf_dpsat.DPSATKeras(noise_multiplier=1.0).chunk_units == 256
+    assert tf_dpsat.DPSATKeras(noise_multiplier=1.0).chunk_units == 512
 
 
 def test_batch_up_to_chunk_units_traces_the_unchunked_step():
     # At most chunk_units units: the same ops as chunk_units=None (the
-    # default keeps the step of batches up to 256 as it was); above it, a
+    # default keeps the step of batches up to 512 as it was); above it, a
     # loop over chunks.
     x, y = make_data("conv", n=8)
 

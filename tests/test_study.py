@@ -132,6 +132,10 @@ def test_runner_trains_pairs_resumes_and_summarises(tmp_path):
         json.loads((tmp_path / "dpsat_rho0.1_gradient_s3" / "sharpness.json")
                    .read_text())["top_hessian_eigenvalue"]
         - saved["top_hessian_eigenvalue"])]
+    # Disjoint sets of 32 examples: the first is what sharpness.json measured.
+    by_subset = study.eigenvalue_by_subset(str(tmp_path / "dpsgd_s3"), 32, 2)
+    assert by_subset[0] == pytest.approx(saved["top_hessian_eigenvalue"], rel=1e-6)
+    assert by_subset[1] != pytest.approx(by_subset[0], rel=1e-6)
     refused = subprocess.run(command + ["--seed=1"], capture_output=True, text=True,
                              env=env, timeout=600)
     assert refused.returncode != 0 and "--seed is set by the study" in refused.stderr

@@ -233,8 +233,9 @@ class DPSATKeras(keras.optimizers.Optimizer):
         units is in memory at once (tb_cnn at batch 1024 and 2048 then
         takes less memory than its non-private step: benchmarks/README.md).
         The step is the same up to float rounding (the fast path draws
-        dropout masks per slice). Default 256: a batch up to it traces the
-        same step as without chunks. None clips the whole batch at once, as
+        dropout masks per slice). Default 512: a batch up to it (such as
+        a Poisson batch of expected size 256, padded to about 350 rows)
+        traces the same step as without chunks. None clips the whole batch at once, as
         is a batch whose size is only known when the step runs (a partial
         last batch).
       loss_scale: the static loss scale S > 0 of float16 passes (the

@@ -38,6 +38,7 @@ __all__ = [
     "LANDSCAPE_NOTE",
     "Run",
     "grid",
+    "eigenvalue_by_subset",
     "has_sharpness",
     "load_final_model",
     "loss_landscape",
@@ -240,6 +241,24 @@ def measure_sharpness(directory: str, num_examples: int) -> Dict[str, Any]:
                 "note": training.SHARPNESS_NOTE}
     write_json(os.path.join(directory, SHARPNESS_FILE), measured)
     return measured
+
+
+def eigenvalue_by_subset(directory: str, num_examples: int,
+                         subsets: int) -> List[float]:
+    """A finished run's final top Hessian eigenvalue on disjoint example sets.
+
+    Subset k holds training examples k * N to (k + 1) * N - 1 in
+    `load_final_model`'s order, so subset 0 is what `measure_sharpness`
+    measures with the same N. The spread over subsets is how much the
+    measurement depends on which examples it sees. Not private.
+    """
+    from tf_dpsat.experiments import training
+
+    final = load_final_model(directory, num_examples * subsets)
+    return [training.top_eigenvalue(
+        final.model, final.x[k * num_examples:(k + 1) * num_examples],
+        final.y[k * num_examples:(k + 1) * num_examples],
+        batch_size=final.eval_batch_size).eigenvalue for k in range(subsets)]
 
 
 def loss_landscape(directory: str, num_examples: int, radii: Sequence[float],
