@@ -191,9 +191,11 @@ def _clipped_sum_in_chunks(model, batch: batch_lib.Batch, chunk: int,
     head = clip_chunk(batch.take(0, chunk))
     sums = _ChunkSums.of(head, full)
     if full > 1:
-        # The loop's slicing waits on the index, which waits on chunk 0.
-        with tf.control_dependencies(sums.flat()):
-            start = tf.constant(1)
+        # The loop starts from an index computed from chunk 0's sums, not a
+        # constant: XLA inlines a loop whose trip count it knows (one
+        # iteration for two chunks), and a control dependency would then no
+        # longer keep the two chunks apart.
+        start = 1 + _zero_after(sums.summed + sums.counts)
 
         def body(i, *carried):
             part = clip_chunk(batch.take(i * chunk, chunk))
@@ -206,9 +208,20 @@ def _clipped_sum_in_chunks(model, batch: batch_lib.Batch, chunk: int,
     part = sums.result(model, head, full)
     if not rest:
         return part
-    with tf.control_dependencies(sums.flat()):
-        tail = batch.take(full * chunk, rest)
+    # The remainder is sliced from an offset computed from the sums so far.
+    tail = batch.take(full * chunk + _zero_after(sums.summed + sums.counts), rest)
     return _combine(model, [part, clip_chunk(tail)], chunks=full + 1)
+
+
+def _zero_after(tensors) -> tf.Tensor:
+    """An int32 zero that XLA cannot fold, computed from `tensors`.
+
+    Whatever reads it runs after them, under XLA too (a data dependency,
+    which XLA keeps; a control dependency it may drop). It is 0 for any
+    values, NaN included.
+    """
+    nan = tf.math.is_nan(tf.add_n([tf.reduce_sum(t) for t in tensors]))
+    return tf.minimum(tf.cast(nan, tf.int32), 0)
 
 
 @dataclasses.dataclass(frozen=True)
