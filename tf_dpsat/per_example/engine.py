@@ -195,7 +195,7 @@ def _clipped_sum_in_chunks(model, batch: batch_lib.Batch, chunk: int,
         # constant: XLA inlines a loop whose trip count it knows (one
         # iteration for two chunks), and a control dependency would then no
         # longer keep the two chunks apart.
-        start = 1 + _zero_after(sums.summed + sums.counts)
+        start = 1 + _zero_after(sums.flat())
 
         def body(i, *carried):
             part = clip_chunk(batch.take(i * chunk, chunk))
@@ -209,7 +209,7 @@ def _clipped_sum_in_chunks(model, batch: batch_lib.Batch, chunk: int,
     if not rest:
         return part
     # The remainder is sliced from an offset computed from the sums so far.
-    tail = batch.take(full * chunk + _zero_after(sums.summed + sums.counts), rest)
+    tail = batch.take(full * chunk + _zero_after(sums.flat()), rest)
     return _combine(model, [part, clip_chunk(tail)], chunks=full + 1)
 
 
