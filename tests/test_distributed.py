@@ -242,7 +242,7 @@ def chief_outputs(epochs):
 
 @pytest.mark.slow
 def test_two_workers_train_the_weights_of_one_process(tmp_path):
-    run = dict(RUN, epochs=1, noise_multiplier=0.0, dp_seed=7)
+    run = dict(RUN, epochs=1, noise_multiplier=0.0, dp_seed=7, sharpness_examples=64)
     training.train(training.TrainConfig(**dict(run, keras_verbose=0),
                                         model_dir=str(tmp_path / "one")))
     outputs = run_two_workers(tmp_path, *flags_of(**run),
@@ -261,6 +261,18 @@ def test_two_workers_train_the_weights_of_one_process(tmp_path):
     assert (two_results["private"]["final_test_loss"] ==
             pytest.approx(one_results["private"]["final_test_loss"], rel=1e-4))
     assert two_results["flags"]["distribution"] == "multi_worker"
+    # The sharpness, measured by each worker in the strategy's scope: that of
+    # the chief's final weights, measured here without a strategy, and close
+    # to that of one process (weights equal to 1e-4).
+    model = keras.models.load_model(tmp_path / "two" / "checkpoint-0001.keras")
+    dataset = training.load_data(training.TrainConfig(**run))
+    expected = training.top_eigenvalue(
+        model, *training.sharpness_batch(training.TrainConfig(**run), dataset),
+        batch_size=RUN["eval_batch_size"])
+    two_sharpness = two_results["sharpness"]["final_top_hessian_eigenvalue"]
+    assert two_sharpness == pytest.approx(expected.eigenvalue, rel=1e-4)
+    assert two_sharpness == pytest.approx(
+        one_results["sharpness"]["final_top_hessian_eigenvalue"], rel=1e-2)
     # The chief writes the run's files; the other worker nothing; only the
     # chief prints the epoch line.
     assert {p.name for p in (tmp_path / "two").iterdir()} == chief_outputs(1)

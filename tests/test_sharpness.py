@@ -156,6 +156,36 @@ def test_private_model_measures_like_its_plain_copy_and_keeps_its_weights():
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
 
 
+def test_model_of_a_strategy_measures_in_its_scope_like_the_exact_hessian(
+        mirrored_strategy):
+    # As Keras callbacks run during a distributed fit: a DP model built in a
+    # 2-replica MirroredStrategy's scope, measured in that scope (its mirrored
+    # variables cannot be differentiated in cross-replica context).
+    x, y = _tiny_data(seed=16)
+    reference = _tiny_mlp(seed=15)
+    hessian = _exact_hessian(reference, x, y)
+    eigenvalues = np.sort(np.abs(np.linalg.eigvalsh(hessian)))
+    assert eigenvalues[-2] < 0.9 * eigenvalues[-1]  # Power iteration converges.
+    with mirrored_strategy.scope():
+        model = tf_dpsat.make_private(_tiny_mlp(seed=15))
+        model.compile(optimizer=tf_dpsat.DPSATKeras(
+            l2_norm_clip=1.0, noise_multiplier=1.0, learning_rate=0.1, seed=0),
+            loss=_XENT)
+        measured = sharpness.top_hessian_eigenvalue(
+            model, x, y, loss=_XENT, iterations=1000, batch_size=16,
+            tolerance=1e-12)
+        sliced = sharpness.loss_slice(model, x, y, loss=_XENT,
+                                      radii=[0.0, 0.5], seed=3)
+    # float64, converged as in test_top_eigenvalue_matches_the_exact_hessian.
+    assert measured.converged
+    np.testing.assert_allclose(measured.eigenvalue,
+                               _largest_magnitude_eigenvalue(hessian), rtol=1e-9)
+    plain = sharpness.loss_slice(reference, x, y, loss=_XENT,
+                                 radii=[0.0, 0.5], seed=3)
+    np.testing.assert_allclose(sliced.losses, plain.losses, rtol=1e-12)
+    assert sliced.losses[1] != sliced.losses[0]
+
+
 def _pooling_model(strides: int, padding: str) -> keras.Model:
     keras.utils.set_random_seed(14)
     inputs = keras.Input(shape=(7, 7, 2), dtype="float64")

@@ -103,7 +103,11 @@ def top_hessian_eigenvalue(model: keras.Model, x: Any, y: Any, *,
     Args:
       model: a built Keras model, plain or made private by
         `tf_dpsat.make_private`; called with `training=False`. Its weights
-        are not changed.
+        are not changed. A model built under a `tf.distribute` strategy can
+        be measured in that strategy's scope (as in a Keras callback): each
+        minibatch then runs in replica context and the first local
+        replica's result is kept, without collectives: each worker measures
+        on its own.
       x: inputs, an array (or a nest of arrays) with N examples on axis 0.
       y: targets, N on axis 0.
       loss: a Keras loss object, a loss name such as
@@ -383,16 +387,33 @@ class _LossSurface:
         self._loss_sum = tf.function(self._loss_sum_impl,
                                      reduce_retracing=True)
         self._hvp_sum = tf.function(self._hvp_sum_impl, reduce_retracing=True)
+        # A model built under a tf.distribute strategy, measured in that
+        # strategy's scope (as Keras callbacks run): its variables cannot be
+        # differentiated in cross-replica context, so each minibatch runs in
+        # replica context. Every replica computes the same full minibatch and
+        # the first local one's result is kept: no collective, so each worker
+        # of a multi-worker run measures on its own, like an evaluation.
+        self._strategy = (tf.distribute.get_strategy()
+                          if tf.distribute.has_strategy() and
+                          tf.distribute.in_cross_replica_context() else None)
+
+    def _run(self, fn, *args):
+        if self._strategy is None:
+            return fn(*args)
+        results = self._strategy.run(fn, args=args)
+        return tf.nest.map_structure(
+            lambda r: self._strategy.experimental_local_results(r)[0], results)
 
     def mean_loss(self) -> float:
-        total = sum(float(self._loss_sum(xb, yb)) for xb, yb in self.batches)
+        total = sum(float(self._run(self._loss_sum, xb, yb))
+                    for xb, yb in self.batches)
         return total / self.num_examples
 
     def hessian_vector_product(self, v: list[tf.Tensor]) -> list[tf.Tensor]:
         """H v for the Hessian of the mean loss over all examples."""
         total = None
         for xb, yb in self.batches:
-            hv = self._hvp_sum(xb, yb, v)
+            hv = self._run(self._hvp_sum, xb, yb, v)
             total = hv if total is None else [a + b for a, b in zip(total, hv)]
         return [t / tf.cast(self.num_examples, t.dtype) for t in total]
 

@@ -262,6 +262,7 @@ class TrainConfig:
         the Hessian of the training loss on this many training examples
         (the first ones after the validation split: a fixed public choice);
         0 measures nothing. A non-private diagnostic, like the training loss.
+        Under a distribution, each worker measures on its own.
       data_dir: tensorflow-datasets directory with a prepared dataset.
       raw_data_dir: Directory with the dataset's original files.
       download: Let tensorflow-datasets download a dataset that is not
@@ -357,11 +358,6 @@ class TrainConfig:
         if check.check_int("keras_verbose", self.keras_verbose, minimum=0) > 2:
             raise validation.UserError(f"Expected keras_verbose={self.keras_verbose} "
                              "to be 0, 1 or 2.")
-        if self.distribution != "none" and self.sharpness_examples:
-            raise validation.UserError(
-                f"sharpness_examples with distribution={self.distribution!r} is "
-                "not supported yet; measure afterwards with examples/study.py "
-                "--measure_sharpness, or train with distribution='none'.")
         if self.distribution != "none" and self.method == "nonprivate":
             # Keras's own step would average per-replica means of unequally
             # padded shares: not the one-process step; not supported yet.
