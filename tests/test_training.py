@@ -8,6 +8,7 @@ binary, and one end-to-end run on the real Fashion-MNIST.
 
 import gzip
 import json
+import logging
 import math
 import os
 import pathlib
@@ -584,6 +585,20 @@ def run_binary(*args, timeout=300):
                    [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     return subprocess.run([sys.executable, str(BINARY), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_run_without_model_dir_says_that_nothing_is_saved(tmp_path, caplog):
+    def warnings_for(config):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="absl"):
+            training._log_plan(config, training.make_plan(config, 1500), "")
+        return [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING]
+
+    unsaved = warnings_for(small_config())
+    assert [m for m in unsaved if m.startswith("No --model_dir: nothing is saved")]
+    saved = warnings_for(small_config(model_dir=str(tmp_path)))
+    assert not [m for m in saved if "--model_dir" in m]
 
 
 @pytest.mark.slow

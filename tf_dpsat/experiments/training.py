@@ -1502,6 +1502,10 @@ def _log_plan(config: TrainConfig, plan: RunPlan, statement: str) -> None:
         else "floor(N / batch_size)", plan.logical_batch_size, config.sampling,
         config.batch_size, plan.accumulation_steps, plan.physical_batch_size)
     logging.info("Privacy statement:\n%s", statement)
+    if config.model_dir is None:
+        logging.warning("No --model_dir: nothing is saved (no checkpoints, "
+                        "results.json, TensorBoard logs or plot) and the run "
+                        "cannot be resumed.")
     if config.record_train_diagnostics:
         logging.warning("Recording the non-private training diagnostics (%s); "
                         "--norecord_train_diagnostics keeps them out of "

@@ -15,7 +15,14 @@ Both give the same result; `engine="auto"` takes the fast engine where its
 rules cover the whole model. Writing a rule is described in
 `tf_dpsat.per_example.rules`.
 
-Example (a rule for a layer computing x * scale):
+Example (a rule for a user's layer computing x * scale over the last axis):
+
+    class Scale(keras.layers.Layer):
+        def build(self, input_shape):
+            self.scale = self.add_weight(shape=(input_shape[-1],),
+                                         initializer="ones")
+        def call(self, x):
+            return x * self.scale
 
     class ScaleRule(tf_dpsat.per_example.Rule):
         def roles(self, layer):
@@ -33,6 +40,9 @@ Example (a rule for a layer computing x * scale):
             return {"scale": tf.tensordot(factors, cache["scale"], 1)}
 
     tf_dpsat.per_example.register_rule(Scale, ScaleRule())
+
+A model using `Scale` then clips on the fast engine (`clipping="fast"`);
+`tests/test_fast_clipping.py` checks this rule against the vectorized engine.
 """
 
 from tf_dpsat.per_example import clip
