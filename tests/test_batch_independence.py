@@ -86,6 +86,42 @@ def test_centering_layer_has_unbounded_sensitivity_and_is_refused():
                         r"the batch: .* Remove it")
 
 
+class _ReadsLaterRows(keras.layers.Layer):
+    """Row i adds the sum of the rows after it.
+
+    A change of example 0 moves no other row; a change of the last example
+    moves every other row.
+    """
+
+    def call(self, x):
+        return 0.1 * x + tf.cumsum(x, axis=0, reverse=True, exclusive=True)
+
+
+def _later_rows_model():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
+        keras.Input((5,)), _ReadsLaterRows(name="later_rows"),
+        keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(3)])
+
+
+def test_a_layer_reading_later_rows_is_refused():
+    x, y = _data()
+    model = _later_rows_model()
+    # Adding one example at the end of the batch moves every other
+    # example's clipped gradient: the clipped sum moves by far more than C.
+    base = _clipped_sum_in_one_batch(model, x, y)
+    sensitivity = max(
+        np.linalg.norm(_clipped_sum_in_one_batch(
+            model, np.concatenate([x, np.full((1, 5), v, np.float32)]),
+            np.concatenate([y, [0]])) - base)
+        for v in (-10.0, 10.0))
+    assert sensitivity > 1.5 * CLIP
+    for clipping in ("auto", "fast", "vectorized"):
+        _assert_refused(_compiled(_later_rows_model(), clipping), x, y,
+                        r"Layer 'later_rows' \(_ReadsLaterRows\) mixes "
+                        r"examples across the batch")
+
+
 def test_refused_through_fit_and_a_traced_train_step():
     x, y = _data()
     model = _compiled(_centering_model(), "auto")

@@ -16,11 +16,14 @@ layer (a `Lambda`, a `keras.ops` call in a functional graph, a custom layer)
 can compute anything, and no structural rule can tell. So this module tests
 it, once per model before its first private step: on random inputs built
 from the model's input specs (never from data), it runs the model in
-training mode twice, the second time with example 0 replaced, and checks
-that no layer's output for the other examples changed. Both passes run in a
-fresh `keras.StatelessScope`, which starts from the same dropout seed states
-(so dropout masks are the same) and keeps every update (seeds, statistics)
-out of the model, so the probe changes no state.
+training mode on a reference batch, then once more for each of the first,
+a middle and the last example with that one example replaced, and checks
+that no layer's output for the other examples changed. Replacing examples
+at both ends matters: a layer in which each row reads only the rows after
+it (a reverse cumulative sum) ignores a change of the first example. Every
+pass runs in a fresh `keras.StatelessScope`, which starts from the same
+dropout seed states (so dropout masks are the same) and keeps every update
+(seeds, statistics) out of the model, so the probe changes no state.
 
 A subclassed model has no input specs; it is probed at its first private
 step instead, on random inputs shaped like that step's batch (its outputs
@@ -40,7 +43,7 @@ from absl import logging
 
 from tf_dpsat.per_example import fast
 
-# Examples per probe batch: example 0 is perturbed, 1.. are watched.
+# Examples per probe batch: each is perturbed in turn, the others watched.
 _BATCH = 3
 # Size of an input dimension the model leaves unknown (a sequence length).
 _UNKNOWN_DIM = 8
@@ -81,23 +84,25 @@ def _probe(model, specs, fixed_batch: bool) -> None:
     inputs = _probe_inputs(specs, fixed_batch)
     if isinstance(inputs, str):
         return _skip(model, inputs)
-    reference, perturbed = inputs
+    reference, perturbations = inputs
     try:
         first = _run(model, reference)
         again = _run(model, reference)
-        changed = _run(model, perturbed)
+        changed = [(row, _run(model, x)) for row, x in perturbations]
     except Exception as error:  # pylint: disable=broad-except
         # Inputs built from specs alone may be invalid for the model (ids
         # beyond a table, sizes a layer rejects); training may still work,
         # so say that the model went unchecked instead of failing here.
         return _skip(model, f"it fails on the probe inputs ({error})")
-    if any(_differs(a, b, rows_from=0, batch=0)
+    if any(_differs(a, b, row=None, batch=0)
            for (_, a), (_, b) in zip(first, again)):
         return _skip(model, "two passes on the same inputs differ (randomness "
                      "outside Keras's seed generators)")
-    for (operation, a), (_, b) in zip(first, changed):
-        if _differs(a, b, rows_from=1, batch=_batch_size(reference)):
-            raise ValueError(_mixing_message(operation))
+    batch = _batch_size(reference)
+    for row, outputs in changed:
+        for (operation, a), (_, b) in zip(first, outputs):
+            if _differs(a, b, row=row, batch=batch):
+                raise ValueError(_mixing_message(operation))
 
 
 def _skip(model, reason: str) -> None:
@@ -136,18 +141,22 @@ def _input_specs(model):
 
 
 def _probe_inputs(specs, fixed_batch: bool):
-    """(reference, perturbed) input structures, or why there are none.
+    """(reference, [(row, perturbed)]) input structures, or why there are none.
 
-    Example 0 differs between the two; every other example is the same.
-    With `fixed_batch`, a static batch size of the specs is kept (a model
-    built for it may need it); otherwise the probe batch has _BATCH rows.
+    Each perturbed structure differs from the reference in one example (row)
+    only: the first, a middle and the last example in turn. With
+    `fixed_batch`, a static batch size of the specs is kept (a model built
+    for it may need it); otherwise the probe batch has _BATCH rows.
     """
     rng = np.random.default_rng(0)
-    reference, perturbed = [], []
-    for spec in tf.nest.flatten(specs):
-        batch = _BATCH
-        if fixed_batch and spec.shape[0] is not None:
-            batch = spec.shape[0]
+    flat = tf.nest.flatten(specs)
+    batch = _BATCH
+    if fixed_batch:
+        batch = next((s.shape[0] for s in flat if s.shape[0] is not None),
+                     _BATCH)
+    rows = sorted({0, batch // 2, batch - 1})
+    reference, perturbed = [], {row: [] for row in rows}
+    for spec in flat:
         if batch < 2 or getattr(spec, "sparse", False) or getattr(
                 spec, "ragged", False) or isinstance(spec, tf.RaggedTensor):
             return f"input '{_name(spec)}' cannot hold a probe batch"
@@ -156,19 +165,22 @@ def _probe_inputs(specs, fixed_batch: bool):
         dtype = tf.as_dtype(spec.dtype)
         if dtype.is_floating:
             a = rng.normal(size=shape)
-            b = a.copy()
-            b[0] = 3.0 * rng.normal(size=shape[1:]) + 1.0
         elif dtype.is_integer or dtype.is_bool:
             # 0 and 1 are valid ids for any embedding table.
             a = rng.integers(0, 2, size=shape)
-            b = a.copy()
-            b[0] = 1 - a[0]
         else:
             return f"input '{_name(spec)}' has dtype {spec.dtype}"
         reference.append(tf.constant(a.astype(dtype.as_numpy_dtype)))
-        perturbed.append(tf.constant(b.astype(dtype.as_numpy_dtype)))
+        for row in rows:
+            b = a.copy()
+            if dtype.is_floating:
+                b[row] = 3.0 * rng.normal(size=shape[1:]) + 1.0
+            else:
+                b[row] = 1 - a[row]
+            perturbed[row].append(tf.constant(b.astype(dtype.as_numpy_dtype)))
     return (tf.nest.pack_sequence_as(specs, reference),
-            tf.nest.pack_sequence_as(specs, perturbed))
+            [(row, tf.nest.pack_sequence_as(specs, perturbed[row]))
+             for row in rows])
 
 
 def _name(spec) -> str:
@@ -208,11 +220,11 @@ def _batch_size(x) -> int:
     return int(tf.nest.flatten(x)[0].shape[0])
 
 
-def _differs(a, b, rows_from: int, batch: int) -> bool:
-    """Whether outputs a and b differ in their rows from `rows_from` on.
+def _differs(a, b, row, batch: int) -> bool:
+    """Whether outputs a and b differ in any row but `row` (None: any row).
 
     A tensor without `batch` rows is compared whole: a value shared by all
-    examples must not depend on example 0 either.
+    examples must not depend on the perturbed example either.
     """
     a, b = tf.nest.flatten(a), tf.nest.flatten(b)
     if len(a) != len(b):
@@ -223,8 +235,8 @@ def _differs(a, b, rows_from: int, batch: int) -> bool:
         s, t = np.asarray(s), np.asarray(t)
         if s.shape != t.shape:
             return True
-        if s.ndim and s.shape[0] == batch:
-            s, t = s[rows_from:], t[rows_from:]
+        if row is not None and s.ndim and s.shape[0] == batch:
+            s, t = np.delete(s, row, axis=0), np.delete(t, row, axis=0)
         if np.issubdtype(s.dtype, np.floating):
             if not np.allclose(s, t, rtol=1e-5, atol=1e-6, equal_nan=True):
                 return True
