@@ -217,10 +217,12 @@ class DPSATKeras(keras.optimizers.Optimizer):
         batches (the replace-one adjacency of shuffled batches): with Poisson
         sampling, adding one example shifts every later row into another
         microbatch, so one example could move all of them; it is refused
-        together with `expected_batch_size`.
+        together with `expected_batch_size`, and by
+        `tf_dpsat.PrivacyCallback(sampling="poisson")`.
       expected_batch_size: the divisor B of the noisy sum. Set it under
         Poisson sampling, where batches are padded with zero-weight
-        examples. None divides by the number of units (examples or
+        examples (`tf_dpsat.PrivacyCallback(sampling="poisson")` refuses
+        an optimizer without it). None divides by the number of units (examples or
         microbatches) in the logical step, padding included: never by a
         count that depends on the data.
       gradient_accumulation_steps: k >= 1 physical batches form one logical
