@@ -157,19 +157,65 @@ def test_epsilon_is_cached(monkeypatch):
     assert callback.epsilon_at(0) == 0.0
 
 
-def test_microbatching_and_queries_per_step():
-    # Microbatches take fixed-size batches (no expected_batch_size).
-    optimizer = _optimizer(tf_dpsat.DPSAMKeras, num_microbatches=4,
+def test_queries_per_step():
+    optimizer = _optimizer(tf_dpsat.DPSAMKeras)
+    callback = PrivacyCallback(NUM_EXAMPLES)
+    callback.set_model(_model(optimizer))
+    # Two queries on each Poisson batch: one subsampled Gaussian at
+    # sigma / sqrt(2) per step.
+    assert callback.epsilon_at(10) == pytest.approx(
+        _poisson_epsilon(10, queries_per_step=2), rel=1e-12)
+    assert callback.epsilon_at(10) == pytest.approx(
+        _poisson_epsilon(10, sigma=SIGMA / np.sqrt(2)), rel=1e-12)
+
+
+def _assert_refused_before_any_step(optimizer, callback, match):
+    model = _model(optimizer)
+    model.build((None, 3))
+    before = [w.numpy().copy() for w in model.weights]
+    with pytest.raises(ValueError, match=match):
+        _fit(model, callback, epochs=1)
+    assert _iterations(model) == 0
+    for a, b in zip(before, model.weights):
+        np.testing.assert_array_equal(a, b.numpy())
+
+
+@pytest.mark.parametrize("num_microbatches", [4, BATCH])
+def test_poisson_sampling_refuses_microbatches(num_microbatches):
+    # Microbatches are cut from a batch by position: with Poisson batches,
+    # removing one example shifts every later row into another microbatch
+    # (sensitivity up to num_microbatches * C). The optimizer alone accepts
+    # them without expected_batch_size (fixed-size batches); the callback
+    # knows the sampling and refuses, naming the fixes.
+    optimizer = _optimizer(num_microbatches=num_microbatches,
                            expected_batch_size=None)
     callback = PrivacyCallback(NUM_EXAMPLES, batch_size=BATCH)
-    callback.set_model(_model(optimizer))
-    # Microbatches of 4 examples: sensitivity doubles, sigma halves.
-    assert callback.epsilon_at(10) == pytest.approx(
-        _poisson_epsilon(10, sigma=SIGMA / 2, queries_per_step=2), rel=1e-12)
-    per_example = _optimizer(num_microbatches=BATCH, expected_batch_size=None)
-    callback = PrivacyCallback(NUM_EXAMPLES, batch_size=BATCH)
-    callback.set_model(_model(per_example))
-    assert callback.epsilon_at(10) == _poisson_epsilon(10)
+    _assert_refused_before_any_step(
+        optimizer, callback,
+        rf"num_microbatches={num_microbatches}\).*num_microbatches=None.*"
+        r"sampling='shuffle'")
+    with pytest.raises(ValueError, match="num_microbatches"):
+        callback.epsilon_at(1)
+    # Fixed-size batches (replace-one, 2C) take them.
+    shuffled = PrivacyCallback(NUM_EXAMPLES, batch_size=BATCH,
+                               sampling="shuffle")
+    shuffled.set_model(_model(_optimizer(num_microbatches=num_microbatches,
+                                         expected_batch_size=None)))
+    # 4 steps are one pass over the data: one unsubsampled Gaussian at 2C.
+    assert shuffled.epsilon_at(4) == accounting.compute_epsilon_once_per_epoch(
+        noise_multiplier=SIGMA, epochs=1)
+
+
+def test_poisson_sampling_refuses_optimizer_without_expected_batch_size():
+    # Without expected_batch_size the optimizer divides by each batch's row
+    # count, data-dependent for unpadded Poisson batches; a batch_size given
+    # to the callback does not change what the optimizer divides by.
+    callback = PrivacyCallback(NUM_EXAMPLES, batch_size=BATCH,
+                               target_epsilon=10.0)
+    _assert_refused_before_any_step(
+        _optimizer(expected_batch_size=None), callback,
+        r"needs DPSATKeras\(expected_batch_size=\.\.\.\), got None.*Set "
+        r"expected_batch_size to the expected \(logical\) batch size")
 
 
 def test_batch_size_from_callback_overrides_optimizer():
@@ -180,7 +226,7 @@ def test_batch_size_from_callback_overrides_optimizer():
 
 
 def test_missing_batch_size_is_explained():
-    callback = PrivacyCallback(NUM_EXAMPLES)
+    callback = PrivacyCallback(NUM_EXAMPLES, sampling="shuffle")
     callback.set_model(_model(_optimizer(expected_batch_size=None)))
     with pytest.raises(ValueError, match="expected_batch_size"):
         callback.epsilon_at(1)

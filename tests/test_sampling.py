@@ -5,10 +5,12 @@ import math
 import re
 from fractions import Fraction
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import tf_dpsat
 from tf_dpsat import sampling
 from tf_dpsat.experiments import datasets
 
@@ -192,6 +194,67 @@ def test_poisson_overflow_raises_with_clear_message():
     assert "padded_batch_size" in info.value.message
 
 
+def test_poisson_physical_batches_are_the_pieces_of_the_logical_batch():
+    # k = 4 pieces of 120 / 4 = 30 rows per step. About 60 of 300 examples
+    # are sampled per step (sd 6.9), so the sampled rows reach into a
+    # second piece at every step.
+    images, labels = _index_data(300, shape=(2, 2, 3))
+    make = functools.partial(
+        sampling.poisson_dataset, images, labels, expected_batch_size=60, steps=8,
+        padded_size=120, seed=5,
+        preprocess=functools.partial(datasets.normalize, name="cifar10"))
+    whole, pieces = make(), make(physical_batches=4)
+    assert pieces.cardinality() == 4 * 8
+    x_spec, y_spec, w_spec = pieces.element_spec
+    assert x_spec.shape == (30, 2, 2, 3) and y_spec.shape == w_spec.shape == (30,)
+    whole, pieces = _collect(whole), _collect(pieces)
+    assert len(whole) == 8 and len(pieces) == 32
+    for step, logical in enumerate(whole):
+        assert logical[2].sum() > 30
+        own = pieces[4 * step:4 * step + 4]
+        for part, joined in enumerate(zip(*own)):
+            np.testing.assert_array_equal(np.concatenate(joined), logical[part])
+    # start_step counts logical steps: from step 3 on, the same pieces.
+    resumed = _collect(make(physical_batches=4, start_step=3))
+    assert len(resumed) == 20
+    for a, b in zip(resumed, pieces[12:]):
+        for u, v in zip(a, b):
+            np.testing.assert_array_equal(u, v)
+
+
+@pytest.mark.slow
+def test_accumulating_the_pieces_trains_like_the_logical_batch():
+    # DP-SAT with noise: 6 logical steps on whole padded Poisson batches of
+    # 64 rows, against the same steps as 4 accumulated pieces of 16 rows.
+    # Same weights up to float rounding (the clipped sum is added in another
+    # order), the same 6 noise draws (the noise is keyed by the step).
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(200, 2, 2, 3), dtype=np.uint8)
+    labels = rng.integers(0, 3, size=200)
+
+    def train(parts):
+        keras.utils.set_random_seed(0)
+        model = tf_dpsat.make_private(keras.Sequential([
+            keras.Input((2, 2, 3)), keras.layers.Flatten(),
+            keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(3)]))
+        model.compile(
+            optimizer=tf_dpsat.DPSATKeras(
+                learning_rate=0.5, l2_norm_clip=0.5, rho=0.1, noise_multiplier=1.0,
+                seed=3, expected_batch_size=40, gradient_accumulation_steps=parts),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        batches = sampling.poisson_dataset(
+            images, labels, expected_batch_size=40, steps=6, padded_size=64, seed=5,
+            preprocess=lambda x: tf.cast(x, tf.float32) / 255.0,
+            physical_batches=parts)
+        model.fit(batches, epochs=1, verbose=0)
+        assert int(model.optimizer.iterations.numpy()) == 6
+        return [v.numpy() for v in model.trainable_variables]
+
+    whole, pieces = train(1), train(4)
+    for a, b in zip(whole, pieces):
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-6)
+
+
 def test_poisson_under_mirrored_strategy_and_one_hot_labels(mirrored_strategy):
     # tf.distribute splits the static padded batch evenly across replicas
     # (conftest provides 2 logical CPUs); multiple_of keeps it divisible.
@@ -213,6 +276,9 @@ def test_poisson_under_mirrored_strategy_and_one_hot_labels(mirrored_strategy):
     dict(start_step=11),
     dict(seed=-1),
     dict(expected_batch_size=0),
+    dict(physical_batches=0),
+    dict(physical_batches=3),  # Does not divide padded_size=40.
+    dict(physical_batches=2.5),
 ])
 def test_poisson_rejects_bad_arguments(kwargs):
     images, labels = _index_data(100)

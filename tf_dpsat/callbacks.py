@@ -49,7 +49,7 @@ _MAX_BUDGET_STEPS = 2**40
 class _Setup:
     """What epsilon depends on besides the step count (a cache key)."""
 
-    # Per query; for "poisson" after the microbatching adjustment.
+    # The optimizer's, per query.
     noise_multiplier: float
     queries_per_step: int
     sampling_probability: float
@@ -98,7 +98,10 @@ class PrivacyCallback(keras.callbacks.Callback):
             delta: Target delta.
             target_epsilon: Privacy budget; None to only report epsilon.
             sampling: "poisson" if each batch includes each example independently
-                with probability q = batch_size / num_examples; "shuffle" for
+                with probability q = batch_size / num_examples (the optimizer
+                must then set `expected_batch_size` and leave
+                `num_microbatches` unset, or training is refused at its start,
+                before any step); "shuffle" for
                 fixed-size batches from shuffled passes over the data (each example
                 at most once per epoch, no amplification, replace-one adjacency
                 with sensitivity 2C; a pass is taken to be
@@ -132,7 +135,9 @@ class PrivacyCallback(keras.callbacks.Callback):
         """Epsilon after `steps` noisy steps with the attached model's optimizer.
 
         Raises:
-            ValueError: If steps < 0 or the batch size is unknown.
+            ValueError: If steps < 0, the batch size is unknown, or the
+                optimizer's settings break the Poisson analysis
+                (`num_microbatches` set, or `expected_batch_size` unset).
             RuntimeError: If the callback is not attached to a compiled model.
             TypeError: If the optimizer lacks a DP attribute.
         """
@@ -211,29 +216,67 @@ class PrivacyCallback(keras.callbacks.Callback):
         return int(keras.ops.convert_to_numpy(self._attribute("iterations")))
 
     def _setup(self) -> _Setup:
-        """Reads the optimizer's DP settings (cheap; done at each use)."""
+        """Reads the optimizer's DP settings (cheap; done at each use).
+
+        Raises:
+            ValueError: If the optimizer's settings break the analysis of
+                `sampling` (see `_check_poisson_optimizer`).
+        """
         num_microbatches = self._attribute("num_microbatches")
+        expected_batch_size = self._attribute("expected_batch_size")
+        if self.sampling == "poisson":
+            self._check_poisson_optimizer(num_microbatches, expected_batch_size)
         batch_size = self.batch_size
         if batch_size is None:
-            batch_size = self._attribute("expected_batch_size")
+            batch_size = expected_batch_size
             if batch_size is None:
                 raise ValueError(
                     "PrivacyCallback needs the batch size to compute the sampling "
                     "probability: pass batch_size= to PrivacyCallback or set "
                     "expected_batch_size on the optimizer.")
             batch_size = self._check_batch_size(batch_size)
-        sigma = float(self._attribute("noise_multiplier"))
-        if self.sampling == "poisson":
-            # Add/remove-one: microbatches of > 1 example double the
-            # sensitivity. The shuffle analysis (replace-one) always uses 2C.
-            sigma = accounting.effective_noise_multiplier(
-                sigma, batch_size=batch_size, num_microbatches=num_microbatches)
+        # Poisson: no microbatches (refused above), sensitivity C. The shuffle
+        # analysis (replace-one) uses 2C, which covers microbatches too.
         return _Setup(
-            noise_multiplier=sigma,
+            noise_multiplier=float(self._attribute("noise_multiplier")),
             queries_per_step=validation.check_int(
                 "queries_per_step", self._attribute("queries_per_step"), 1),
             sampling_probability=batch_size / self.num_examples,
             steps_per_epoch=self.num_examples // batch_size)
+
+    def _check_poisson_optimizer(self, num_microbatches, expected_batch_size):
+        """Refuses optimizer settings that the Poisson analysis does not cover.
+
+        The Poisson analysis bounds one example's effect on a step's clipped
+        sum by C, and needs the sum divided by a constant. Microbatches of a
+        Poisson batch are cut by position, so adding or removing an example
+        shifts every later row into another microbatch (sensitivity up to
+        num_microbatches * C); without `expected_batch_size` the optimizer
+        divides by the rows of each batch, which for an unpadded Poisson
+        batch is the sampled count, a function of the data.
+        """
+        optimizer = type(self._optimizer()).__name__
+        if num_microbatches is not None:
+            raise ValueError(
+                f"PrivacyCallback(sampling='poisson') refuses {optimizer}("
+                f"num_microbatches={num_microbatches}): the microbatches of a "
+                "Poisson batch are cut by position, so adding or removing one "
+                "example shifts every later row into another microbatch and "
+                "can change every microbatch's clipped gradient (sensitivity "
+                f"up to {num_microbatches} C, not the C of the Poisson "
+                "analysis). Use num_microbatches=None (per-example clipping) "
+                "with Poisson batches, or fixed-size shuffled batches with "
+                "PrivacyCallback(sampling='shuffle').")
+        if expected_batch_size is None:
+            raise ValueError(
+                f"PrivacyCallback(sampling='poisson') needs {optimizer}("
+                "expected_batch_size=...), got None: the Poisson analysis "
+                "assumes the noisy sum is divided by a fixed number, and "
+                "without expected_batch_size the optimizer divides by the "
+                "rows of each batch, which for Poisson batches that are not "
+                "padded to one size is the number of sampled examples, a "
+                "function of the data. Set expected_batch_size to the "
+                "expected (logical) batch size q * num_examples.")
 
     def _epsilon(self, setup: _Setup, steps: int) -> float:
         """Epsilon after `steps` steps, each computed once per setup."""

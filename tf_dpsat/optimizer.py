@@ -156,8 +156,42 @@ class _SecretKey:
         return "<secret noise key>"
 
 
-@keras.saving.register_keras_serializable(package="tf_dpsat")
+class _Accumulation:
+    """The running state of a logical step, held out of every saved state.
 
+    Between the physical batches of one logical step `sums` holds the exact
+    clipped sum of the batches so far, with no noise: a saved copy would
+    release it. Like `_SecretKey`, this holder is neither a Keras variable
+    nor a `tf.Module`/Trackable, so its variables are not in
+    `optimizer.variables` and neither Keras saving (`.keras`,
+    `.weights.h5`, and through them `ModelCheckpoint` and
+    `BackupAndRestore`) nor TensorFlow's (`tf.train.Checkpoint`,
+    `tf.saved_model.save`) can reach them, while traced steps still capture
+    them.
+
+    Attributes:
+      sums: one float variable per trainable variable, the clipped sum.
+      units: float32 scalar, the units (padding included) summed so far.
+      step: int64 scalar, the physical batches of this step done so far.
+    """
+
+    __slots__ = ("sums", "units", "step")
+
+    def __init__(self, sums, units, step):
+        self.sums, self.units, self.step = sums, units, step
+
+    def reset(self) -> None:
+        """Starts a fresh logical step, dropping the batches summed so far."""
+        for s in self.sums:
+            s.assign(tf.zeros(s.shape, s.dtype))
+        self.units.assign(0.0)
+        self.step.assign(0)
+
+    def __repr__(self) -> str:
+        return f"<accumulation over {len(self.sums)} variables>"
+
+
+@keras.saving.register_keras_serializable(package="tf_dpsat")
 class DPSATKeras(keras.optimizers.Optimizer):
     """Differentially private sharpness-aware training (DP-SAT) for Keras 3.
 
@@ -183,15 +217,35 @@ class DPSATKeras(keras.optimizers.Optimizer):
         batches (the replace-one adjacency of shuffled batches): with Poisson
         sampling, adding one example shifts every later row into another
         microbatch, so one example could move all of them; it is refused
-        together with `expected_batch_size`.
+        together with `expected_batch_size`, and by
+        `tf_dpsat.PrivacyCallback(sampling="poisson")`.
       expected_batch_size: the divisor B of the noisy sum. Set it under
         Poisson sampling, where batches are padded with zero-weight
-        examples. None divides by the number of units (examples or
+        examples (`tf_dpsat.PrivacyCallback(sampling="poisson")` refuses
+        an optimizer without it). None divides by the number of units (examples or
         microbatches) in the logical step, padding included: never by a
         count that depends on the data.
       gradient_accumulation_steps: k >= 1 physical batches form one logical
         step: their clipped sums are accumulated, then noise is added and the
         update applied once. The DP-SAT perturbation is the same for all k.
+        The k physical batches must be the pieces of ONE logical batch: with
+        Poisson sampling, cut each sampled logical batch into k with
+        `tf_dpsat.sampling.poisson_dataset(..., physical_batches=k)` and set
+        `expected_batch_size` to the expected logical batch. Feeding k
+        independently sampled Poisson batches instead lets one example join
+        a logical step up to k times (sensitivity up to k C, not C), and
+        the accountant's epsilon is then too small. Between the physical
+        batches of a step the running sum is the exact, un-noised clipped
+        sum of the batches so far, so it is kept out of every saved state
+        (`.keras`, `.weights.h5`, hence `ModelCheckpoint` and
+        `BackupAndRestore`, `tf.train.Checkpoint`, SavedModel), like the
+        noise key: a model saved part-way through a logical step is saved
+        as if that step had not started, and a restored optimizer (or one
+        that `load_weights` reloads) starts a fresh logical step. The
+        physical batches dropped that way were never released, so that
+        costs no privacy. `tf.train.Checkpoint.restore` into an optimizer
+        part-way through a step leaves its running sum as it is (it is
+        noised with the rest of that step).
       seed: None (default) takes the noise key from OS entropy
         (`os.urandom`). The key is secret: no saved file (`.keras`,
         `.weights.h5`, `tf.train.Checkpoint`) and no `get_config()` holds it,
@@ -384,16 +438,37 @@ class DPSATKeras(keras.optimizers.Optimizer):
             # g_{t-1}, or w_{t-1} - w_t for direction="momentum".
             self._directions = self.add_optimizer_variables(
                 variables, "dpsat_direction")
-        self._accumulators = []
+        # Out of `self.variables` and of every saved state: see _Accumulation.
+        self._accumulation = None
         if self._accumulation_steps > 1:
-            self._accumulators = self.add_optimizer_variables(
-                variables, "dp_accumulator")
-            self._accumulated_count = self.add_variable(
-                (), dtype="float32", name="dp_accumulated_count",
-                aggregation="only_first_replica")
-            self._accumulation_step = self.add_variable(
-                (), dtype="int64", name="dp_accumulation_step",
-                aggregation="only_first_replica")
+            self._accumulation = self._untracked_accumulation(variables)
+
+    def _untracked_accumulation(self, variables) -> _Accumulation:
+        """Zero accumulation variables, created like Keras's slots.
+
+        `add_optimizer_variables` would track them; these are the same
+        variables (zeros, each slot colocated with its model variable, under
+        the optimizer's name scope) that nothing saves.
+        """
+        strategy = tf.distribute.get_strategy()
+        sums = []
+        for variable in variables:
+            value = variable.value if isinstance(variable, keras.Variable) else variable
+            name = getattr(variable, "path", variable.name).replace("/", "_")
+            with strategy.extended.colocate_vars_with(value), \
+                    keras.name_scope(self.name, caller=self):
+                sums.append(keras.Variable(
+                    keras.initializers.Zeros(), shape=variable.shape,
+                    dtype=variable.dtype, trainable=False,
+                    name=f"{name}_dp_accumulator"))
+        with keras.name_scope(self.name, caller=self):
+            units = keras.Variable(0.0, dtype="float32", trainable=False,
+                                   aggregation="only_first_replica",
+                                   name="dp_accumulated_count")
+            step = keras.Variable(0, dtype="int64", trainable=False,
+                                  aggregation="only_first_replica",
+                                  name="dp_accumulation_step")
+        return _Accumulation(sums, units, step)
 
     def _keeps_direction(self) -> bool:
         return self.rho > 0
@@ -439,13 +514,21 @@ class DPSATKeras(keras.optimizers.Optimizer):
         file saved before the noise key left the saved state (it held one
         more variable, `noise_seed`, just before `step_budget`) loads
         without it: the key is secret now, and the optimizer keeps the one
-        it has.
+        it has. Likewise a file of tf_dpsat 0.2.0 or earlier saved with
+        gradient accumulation ends with the running sum of a logical step
+        (one slot per trainable variable, its unit count and physical step):
+        it is not loaded.
+
+        After loading, the optimizer starts a fresh logical step, whatever
+        physical batches of the current one it had summed: their sum is
+        never saved (see `gradient_accumulation_steps`).
 
         Raises:
           ValueError: the saved state belongs to another optimizer setup.
         """
         if not self.built:  # Keras's loader explains an unbuilt optimizer.
             return super().load_own_variables(store)
+        store = self._without_legacy_accumulation(store)
         saved, built = len(store.keys()), len(self.variables)
         legacy = self.variables.index(self._step_budget)
         if saved == built + 1 and np.ndim(store[str(legacy)]) == 0:
@@ -463,12 +546,42 @@ class DPSATKeras(keras.optimizers.Optimizer):
             raise ValueError(
                 f"The saved state of optimizer '{self.name}' ({saved} "
                 f"variables) does not fit this {type(self).__name__} ({built} "
-                "variables): it was saved with other settings (momentum, rho, "
-                "gradient_accumulation_steps). Loading nothing would restart "
-                "`iterations`, and with it the privacy accounting, at 0; "
-                "load it with the optimizer configuration it was saved with.")
+                "variables): it was saved with other settings (momentum, "
+                "rho). Loading nothing would restart `iterations`, and with "
+                "it the privacy accounting, at 0; load it with the optimizer "
+                "configuration it was saved with.")
         for i, variable in enumerate(self.variables):
             variable.assign(store[str(i)])
+        if self._accumulation is not None:
+            self._accumulation.reset()
+
+    def _without_legacy_accumulation(self, store):
+        """`store` less the accumulation state that older files end with.
+
+        Up to tf_dpsat 0.2.0 the running clipped sum of gradient
+        accumulation was an ordinary optimizer variable, saved after every
+        other one: one slot per trainable variable, then the unit count
+        (float32 scalar) and the physical step (int64 scalar). It may be
+        followed by nothing else, and the state before it has the built
+        count, or one more (a noise key, handled by the caller).
+        """
+        shapes = [tuple(v.shape) for v in self._trainable_variables]
+        saved, tail = len(store.keys()), len(shapes) + 2
+        start = saved - tail
+        if start not in (len(self.variables), len(self.variables) + 1):
+            return store
+        count, step = store[str(saved - 2)], store[str(saved - 1)]
+        if (np.ndim(count) or np.ndim(step) or
+                np.asarray(count).dtype != np.float32 or
+                np.asarray(step).dtype != np.int64 or
+                any(np.shape(store[str(start + i)]) != shape
+                    for i, shape in enumerate(shapes))):
+            return store
+        logging.warning("%s: the saved optimizer state holds the running sum "
+                        "of a gradient accumulation step (tf_dpsat 0.2.0 or "
+                        "earlier); it was not loaded, the optimizer starts a "
+                        "fresh logical step.", self.name)
+        return {str(i): store[str(i)] for i in range(start)}
 
     # ------------------------------------------------------- base update
 
@@ -689,16 +802,16 @@ class DPSATKeras(keras.optimizers.Optimizer):
         refused = tf.logical_not(apply_now)
         k = self._accumulation_steps
         if k > 1:
-            step = tf.convert_to_tensor(self._accumulation_step.value)
+            acc = self._accumulation
+            step = tf.convert_to_tensor(acc.step.value)
             is_last = tf.equal(step, k - 1)
-            summed = [a.value + s for a, s in zip(self._accumulators, summed)]
-            units = self._accumulated_count.value + units
+            summed = [a.value + s for a, s in zip(acc.sums, summed)]
+            units = acc.units.value + units
             _replicas.assign_per_replica(
-                self._accumulators,
+                acc.sums,
                 [tf.where(is_last, tf.zeros_like(s), s) for s in summed])
-            self._accumulated_count.assign(tf.where(is_last, 0.0, units))
-            self._accumulation_step.assign(
-                tf.where(is_last, tf.zeros_like(step), step + 1))
+            acc.units.assign(tf.where(is_last, 0.0, units))
+            acc.step.assign(tf.where(is_last, tf.zeros_like(step), step + 1))
             apply_now &= is_last
 
         def noisy_gradients():

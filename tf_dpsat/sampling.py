@@ -35,6 +35,12 @@ Overflow:
   a cap whose overflow probability over the whole run is below a chosen bound
   (1e-6 by default), so the error is a rare, loud event with a clear fix.
 
+Gradient accumulation:
+  A logical step accumulated over k physical batches must draw ONE Poisson
+  sample and cut it into k pieces (`poisson_dataset(..., physical_batches=k)`),
+  never draw k samples: with k independent draws an example can join one
+  noisy step several times, a sensitivity the accountant does not price.
+
 Reproducibility:
   Step `t`'s sample is a function of `(seed, t)` only (stateless Philox RNG),
   so a run resumed at `start_step=k` sees exactly the batches an uninterrupted
@@ -134,13 +140,27 @@ def _check_sampling_args(expected_batch_size: int, num_examples: int, steps: int
 
 def poisson_dataset(images: Any, labels: Any, *, expected_batch_size: int, steps: int,
                     padded_size: int, seed: Optional[int] = None, start_step: int = 0,
-                    preprocess: Optional[Preprocess] = None) -> tf.data.Dataset:
+                    preprocess: Optional[Preprocess] = None,
+                    physical_batches: int = 1) -> tf.data.Dataset:
     """Poisson-sampled batches, padded to one static shape, for DP training.
 
     At step `t` each example is included independently with probability
     `q = expected_batch_size / N`, drawn from a stateless RNG keyed by
     `(seed, t)`. Sampled examples come first (in index order), then padding
     rows with zero image, zero label and weight 0.
+
+    Gradient accumulation: with `physical_batches=k` each step's padded
+    batch (the logical batch) is cut, in order, into k consecutive physical
+    batches of `padded_size / k` rows, for
+    `DPSATKeras(gradient_accumulation_steps=k,
+    expected_batch_size=expected_batch_size)`: the k pieces concatenated are
+    exactly the logical batch that `physical_batches=1` gives for the same
+    seed and step, so every example is in at most one piece of a step.
+    Feeding the optimizer k independently sampled Poisson batches instead
+    would let an example join one noisy step several times (sensitivity up
+    to k C) and make the accountant's epsilon too small. To bound the rows
+    per pass by P, take `padded_size = padded_batch_size(...,
+    multiple_of=P)` and `k = padded_size // P`.
 
     Args:
       images: `(N, H, W, C)` array or tensor (typically uint8).
@@ -154,18 +174,21 @@ def poisson_dataset(images: Any, labels: Any, *, expected_batch_size: int, steps
         secret: `None` (default) draws one from OS entropy
         (`tf_dpsat.noise.secret_key`). Pass a key only to resume a
         run (keep it as private as the data) or, knowingly, to reproduce one.
-      start_step: First step to yield, for resuming.
-      preprocess: Maps a uint8 `(padded_size, H, W, C)` batch to float32,
-        e.g. `functools.partial(tf_dpsat.experiments.datasets.normalize,
+      start_step: First (logical) step to yield, for resuming.
+      preprocess: Maps a uint8 `(rows, H, W, C)` batch to float32, e.g.
+        `functools.partial(tf_dpsat.experiments.datasets.normalize,
         name="cifar10")`. `None` casts to float32 unchanged (for images
         normalised beforehand).
+      physical_batches: k >= 1 physical batches per logical step (see
+        above); it must divide `padded_size`.
 
     Returns:
-      A `tf.data.Dataset` of `(x, y, sample_weight)`: `x` float32
-      `(padded_size, ...)`, `y` `(padded_size, ...)`, `sample_weight`
-      float32 `(padded_size,)` with 1.0 for sampled rows and 0.0 for padding.
-      Padding rows of `x` are zeroed by multiplying with the weight, so a
-      negative preprocessed value becomes -0.0 (equal to 0.0).
+      A `tf.data.Dataset` of `(x, y, sample_weight)`, `k * (steps -
+      start_step)` elements of `rows = padded_size / k` rows, the k pieces
+      of each step in order: `x` float32 `(rows, ...)`, `y` `(rows, ...)`,
+      `sample_weight` float32 `(rows,)` with 1.0 for sampled rows and 0.0
+      for padding. Padding rows of `x` are zeroed by multiplying with the
+      weight, so a negative preprocessed value becomes -0.0 (equal to 0.0).
 
     Raises:
       ValueError: Inconsistent arguments (checked eagerly).
@@ -181,11 +204,22 @@ def poisson_dataset(images: Any, labels: Any, *, expected_batch_size: int, steps
                          f"({expected_batch_size}), got {padded_size}; use padded_batch_size().")
     if int(start_step) != start_step or not 0 <= start_step <= steps:
         raise ValueError(f"start_step must be in [0, steps={steps}], got {start_step}.")
+    if (int(physical_batches) != physical_batches or physical_batches < 1 or
+            padded_size % physical_batches):
+        raise ValueError(
+            f"physical_batches must be a positive integer dividing padded_size="
+            f"{padded_size}, got {physical_batches}; use padded_batch_size(..., "
+            f"multiple_of=rows per physical batch).")
     images_t, labels_t = tf.convert_to_tensor(images), tf.convert_to_tensor(labels)
     q = float(expected_batch_size) / num_examples
-    padded_size = int(padded_size)
+    padded_size, parts = int(padded_size), int(physical_batches)
+    rows = padded_size // parts
 
-    def make_batch(step: tf.Tensor):
+    def make_batch(index: tf.Tensor):
+        # Each piece redraws its step's whole sample (the same one: the draw
+        # is a function of (seed, step)) and keeps its rows: the pieces are
+        # the logical batch, and the dataset keeps a known length.
+        step, piece = index // parts, index % parts
         indices = _poisson_indices(step, seed, num_examples, q)
         count = tf.size(indices, out_type=tf.int64)
         check = tf.debugging.Assert(count <= padded_size,
@@ -193,10 +227,11 @@ def poisson_dataset(images: Any, labels: Any, *, expected_batch_size: int, steps
         with tf.control_dependencies([check]):
             padding = tf.cast(padded_size, tf.int64) - count
         padded = tf.ensure_shape(tf.pad(indices, [[0, padding]]), [padded_size])
-        weight = tf.range(padded_size, dtype=tf.int64) < count
-        return _gather_batch(images_t, labels_t, padded, weight, preprocess)
+        position = piece * rows + tf.range(rows, dtype=tf.int64)
+        return _gather_batch(images_t, labels_t, tf.gather(padded, position),
+                             position < count, preprocess)
 
-    ds = tf.data.Dataset.range(int(start_step), int(steps))
+    ds = tf.data.Dataset.range(int(start_step) * parts, int(steps) * parts)
     # deterministic=True keeps step order; each batch depends only on its step.
     ds = ds.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)

@@ -38,7 +38,13 @@ Microbatching: when a microbatch holds more than one example and its *average*
 gradient is clipped, adding or removing one example can move that clipped
 gradient by up to 2C, so the effective noise multiplier halves (see
 tensorflow-privacy's `used_microbatching` and Ponomareva et al., "How to DP-fy
-ML", 2023, Sec. 5.6).
+ML", 2023, Sec. 5.6). Under Poisson sampling that assumes the added or removed
+example changes its own microbatch only. Microbatches cut from a Poisson batch
+by position (tf_dpsat's, and tensorflow-privacy's) do not satisfy it: one
+example shifts every later row into another microbatch, sensitivity up to
+num_microbatches * C. `DPSATKeras` and `PrivacyCallback` therefore refuse
+microbatches with Poisson sampling; with microbatches use fixed-size shuffled
+batches and the once-per-epoch analysis, which already uses 2C.
 
 All guarantees are example-level (add/remove-one adjacency for Poisson sampling,
 replace-one for fixed-size batches) and cover every intermediate model, not only
@@ -661,7 +667,11 @@ def privacy_statement(*, num_examples: int, batch_size: int,
             Microbatches hold {batch_size / num_microbatches:g} examples each, so one
             example can move its microbatch's clipped gradient by twice the clip norm:
             the Poisson analysis uses the effective noise multiplier
-            {noise_multiplier:.10g} / 2 = {sigma:.10g}."""))
+            {noise_multiplier:.10g} / 2 = {sigma:.10g}. That assumes the added
+            or removed example changes its own microbatch only; microbatches
+            cut by position from a Poisson batch do not (one example shifts
+            every later row into another microbatch), and tf_dpsat refuses
+            them: with its microbatches only the (**) value applies."""))
     if k > 1:
         paragraphs.append(_fill(f"""
             The {k} queries of each step use the same batch; together they are one

@@ -944,10 +944,11 @@ def train_batches(config: TrainConfig, plan: RunPlan, images: Any, labels: Any, 
     preprocess = functools.partial(data.normalize, name=config.dataset)
     seed = _derived_seed(secret, _SEED_SAMPLING)
     if config.sampling == "poisson":
-        logical = sampling.poisson_dataset(
+        return sampling.poisson_dataset(
             images, labels, expected_batch_size=config.batch_size,
             steps=plan.total_steps, padded_size=plan.logical_batch_size, seed=seed,
-            start_step=start_epoch * plan.steps_per_epoch, preprocess=preprocess)
+            start_step=start_epoch * plan.steps_per_epoch, preprocess=preprocess,
+            physical_batches=plan.accumulation_steps)
     else:
         epochs = [sampling.shuffle_dataset(images, labels, batch_size=config.batch_size,
                                            seed=seed, epoch=e, preprocess=preprocess)
