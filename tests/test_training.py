@@ -623,9 +623,11 @@ def test_noise_tail_delta_counts_the_draws_of_every_replica(tmp_path, monkeypatc
     expected = (1 + math.exp(plan.epsilon)) * 2_550_060 * 2.0**-64
     for results in (first, resumed):
         parts = results["private"]["delta_parts"]
-        assert parts["noise_tail"] == pytest.approx(expected, rel=1e-12)
+        # abs=0: approx's default absolute tolerance, 1e-12, is of the
+        # order of the value itself.
+        assert parts["noise_tail"] == pytest.approx(expected, rel=1e-12, abs=0)
         assert parts["total"] == pytest.approx(
-            1e-5 + parts["noise_tail"] + parts["padding_overflow"], rel=1e-15)
+            1e-5 + parts["noise_tail"] + parts["padding_overflow"], rel=1e-15, abs=0)
         assert accounting.format_delta_breakdown(parts) in " ".join(
             results["privacy_statement"].split())
     assert resumed["completed"] and resumed["steps"] == 30

@@ -1692,11 +1692,13 @@ def _log_plan(config: TrainConfig, plan: RunPlan, statement: str) -> None:
     for name in requested:
         # The user asked for them, but the switch that keeps non-private
         # numbers out of the outputs wins: say so rather than drop silently.
+        plural = len(measured[name]) > 1
         logging.warning("--%s=%d is set, but --norecord_train_diagnostics keeps "
                         "non-private numbers out of the outputs: %s (NOT private) "
-                        "is not measured. Drop --norecord_train_diagnostics to "
-                        "record it.", name, getattr(config, name),
-                        " and ".join(measured[name]))
+                        "%s not measured. Drop --norecord_train_diagnostics to "
+                        "record %s.", name, getattr(config, name),
+                        " and ".join(measured[name]), "are" if plural else "is",
+                        "them" if plural else "it")
 
 
 def train(config: TrainConfig,
