@@ -688,11 +688,13 @@ def test_a_dp_seed_run_of_an_older_version_resumes_and_its_seed_moves(tmp_path):
     state["config"]["dp_seed"] = LONG_DP_SEED
     (tmp_path / "state.json").write_text(json.dumps(state))
     (tmp_path / training.SECRET_FILE).unlink()
-    with pytest.raises(ValueError, match="differs") as refused:
-        training.train(small_config(epochs=2, model_dir=str(tmp_path),
-                                    dp_seed=LONG_DP_SEED + 1))
-    assert_refused_without_the_seed(str(refused.value), LONG_DP_SEED,
-                                    LONG_DP_SEED + 1)
+    for other, message in ((LONG_DP_SEED + 1, "differs"), (None, "has none")):
+        with pytest.raises(ValueError, match=message) as refused:
+            training.train(small_config(epochs=2, model_dir=str(tmp_path),
+                                        dp_seed=other))
+        assert_refused_without_the_seed(str(refused.value), LONG_DP_SEED,
+                                        LONG_DP_SEED + 1)
+        assert not (tmp_path / training.SECRET_FILE).exists()
     assert training.train(config)["steps"] == 30
     assert training._read_secret(str(tmp_path / training.SECRET_FILE)) == LONG_DP_SEED
     assert read_json(tmp_path / "state.json")["config"]["dp_seed"] == "<redacted>"
