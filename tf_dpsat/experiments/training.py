@@ -220,6 +220,11 @@ _VALIDATION_NOTE = (
 SHARPNESS_ITERATIONS = 20
 SHARPNESS_SEED = 0
 SHARPNESS_METRIC = "top_hessian_eigenvalue"
+SHARPNESS_NOTE = (
+    "NOT private: the largest eigenvalue of the Hessian of the mean training "
+    "loss, measured on the first --sharpness_examples training examples (power "
+    "iteration, tf_dpsat.sharpness). A function of those private examples, "
+    "without noise: a diagnostic, outside the (epsilon, delta) guarantee.")
 
 # The validation metrics and the sharpness reach the epoch logs under this
 # prefix: it labels them in the epoch line ("not_private/validation_accuracy:
@@ -230,11 +235,6 @@ NOT_PRIVATE_LOG_PREFIX = "not_private/"
 # --norecord_train_diagnostics keeps out of the outputs.
 _NON_PRIVATE_HISTORY_KEYS: Tuple[str, ...] = (
     accounting.NON_PRIVATE_DIAGNOSTICS + _VALIDATION_METRICS + (SHARPNESS_METRIC,))
-SHARPNESS_NOTE = (
-    "NOT private: the largest eigenvalue of the Hessian of the mean training "
-    "loss, measured on the first --sharpness_examples training examples (power "
-    "iteration, tf_dpsat.sharpness). A function of those private examples, "
-    "without noise: a diagnostic, outside the (epsilon, delta) guarantee.")
 
 # Purposes of the seeds derived from TrainConfig.seed (_SEED_MODEL) and from
 # the run's secret (the others).
