@@ -10,10 +10,21 @@ Every flag after `--` goes to examples/train_cifar.py unchanged. For each
 seed the runner trains DP-SGD and every (rho, direction) of DP-SAT, with
 `--seed` and `--dp_seed` set to that seed: the runs of one seed share their
 initialisation, batches and noise draws (common random numbers), so their
-paired difference is far less noisy than that of independent runs. The
-shared `--dp_seed` makes the study reproducible and is the opt-in that
-gives up secret randomness: the guarantee of these runs holds only against
-those who do not know the seed.
+paired difference is far less noisy than that of independent runs.
+
+Privacy: common random numbers are an experiment-design tool for public
+benchmark data. The DP-SGD and DP-SAT runs of a seed add the same noise, so
+the difference of their weights is free of noise: anyone who sees two runs
+of a pair can test whether an example was in the training set, without
+knowing the seed. Each run alone is (epsilon, delta)-DP only against those
+who do not know its `--dp_seed`, which is also its `--seed` (shown in its
+directory name and results.json); releasing two runs of a pair is not
+covered at all. On private data, publish at most one run of a pair and keep
+its seed secret, or train the runs you publish unpaired, with fresh secrets
+(train_cifar.py without `--dp_seed`). The runner logs this warning once when
+it starts. It refuses `--norecord_train_diagnostics`: the summary reads the
+validation accuracy and eigenvalues that the runs record as non-private
+diagnostics.
 
 Stop it at any time and run the same command again: finished runs are
 skipped, an interrupted one resumes from its last epoch (the binary resumes
@@ -28,6 +39,7 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging
 
 try:
     from tf_dpsat.experiments import study
@@ -45,7 +57,9 @@ _RHOS = flags.DEFINE_list("rhos", ["0.01", "0.03", "0.1", "0.3"], "Radii rho > 0
 _DIRECTIONS = flags.DEFINE_list("directions", ["gradient", "momentum"],
                                 "DP-SAT ascent directions.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"],
-                           "Seeds: --seed and --dp_seed of each pair of runs.")
+                           "Seeds: --seed and --dp_seed of each pair of runs "
+                           "(the runs of a seed share their noise: on private "
+                           "data publish at most one of them).")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Summary JSON path.")
 _PLOT = flags.DEFINE_string("plot", None, "Summary PNG path.")
 _TITLE = flags.DEFINE_string("title", "", "Title of the plot.")
@@ -84,6 +98,14 @@ def main(argv):
         if name in ("method", "rho", "direction", "seed", "dp_seed", "model_dir"):
             raise app.UsageError(f"--{name} is set by the study for each run; "
                                  "remove it from the flags after --.")
+        value = flag.split("=", 1)[1].lower() if "=" in flag else ""
+        if name == "norecord_train_diagnostics" or (
+                name == "record_train_diagnostics" and value in ("false", "f", "0")):
+            raise app.UsageError(
+                "--norecord_train_diagnostics drops the validation accuracy the "
+                "study chooses rho on, and the eigenvalues it compares (both NOT "
+                "private); remove it from the flags after --.")
+    logging.warning(study.PAIRED_RUNS_WARNING)
     try:
         runs = study.grid(_STUDY_DIR.value, rhos=[float(r) for r in _RHOS.value],
                           directions=_DIRECTIONS.value,

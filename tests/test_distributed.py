@@ -269,13 +269,16 @@ def test_two_workers_train_the_weights_of_one_process(tmp_path):
     expected = training.top_eigenvalue(
         model, *training.sharpness_batch(training.TrainConfig(**run), dataset),
         batch_size=RUN["eval_batch_size"])
-    two_sharpness = two_results["sharpness"]["final_top_hessian_eigenvalue"]
+    two_sharpness = (two_results["non_private_diagnostics"]["sharpness"]
+                     ["final_top_hessian_eigenvalue"])
     assert two_sharpness == pytest.approx(expected.eigenvalue, rel=1e-4)
     assert two_sharpness == pytest.approx(
-        one_results["sharpness"]["final_top_hessian_eigenvalue"], rel=1e-2)
-    # The chief writes the run's files; the other worker nothing; only the
-    # chief prints the epoch line.
-    assert {p.name for p in (tmp_path / "two").iterdir()} == chief_outputs(1)
+        one_results["non_private_diagnostics"]["sharpness"]
+        ["final_top_hessian_eigenvalue"], rel=1e-2)
+    # The chief writes the run's files (the secret file holds the --dp_seed);
+    # the other worker nothing; only the chief prints the epoch line.
+    assert ({p.name for p in (tmp_path / "two").iterdir()} ==
+            chief_outputs(1) | {training.SECRET_FILE})
     assert "test_accuracy:" in outputs[0][0] and "test_accuracy:" not in outputs[1][0]
 
 

@@ -16,15 +16,19 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _write_run(directory, method, seed, test, validation=None, rho=0.0,
-               direction="gradient", eigenvalue=None, completed=True):
+               direction="gradient", eigenvalue=None, completed=True,
+               old_layout=False):
     os.makedirs(directory, exist_ok=True)
     results = {"completed": completed,
                "flags": {"method": method, "rho": rho, "direction": direction,
                          "seed": seed, "dp_seed": "<redacted>"},
                "private": {"final_test_accuracy": test, "epsilon": 2.0},
+               "non_private_diagnostics": {"history": []},
                "wall_time_s": 1.0}
     if validation is not None:
-        results["validation"] = {"final_accuracy": validation}
+        # Older versions kept "validation" at the top of results.json.
+        section = results if old_layout else results["non_private_diagnostics"]
+        section["validation"] = {"final_accuracy": validation}
     with open(os.path.join(directory, "results.json"), "w") as f:
         json.dump(results, f)
     if eigenvalue is not None:
@@ -59,7 +63,7 @@ def test_summary_pairs_by_seed_with_a_t_interval(tmp_path):
         _write_run(tmp_path / f"dpsat_rho0.1_gradient_s{seed}", "dpsat", seed, sat,
                    rho=0.1, validation=sat - 0.05, eigenvalue=8.0 + seed)
         _write_run(tmp_path / f"dpsat_rho0.03_gradient_s{seed}", "dpsat", seed,
-                   sat, rho=0.03, validation=sat)
+                   sat, rho=0.03, validation=sat, old_layout=seed == 2)
     _write_run(tmp_path / "unfinished", "dpsat", 0, 0.5, rho=0.3, completed=False)
     summary = study.summarize(sorted(str(p) for p in tmp_path.iterdir()))
     names = [c["name"] for c in summary["cells"]]
@@ -93,6 +97,39 @@ def test_summary_refuses_two_runs_of_one_cell_and_seed(tmp_path):
         study.summarize([str(tmp_path / "a"), str(tmp_path / "b")])
 
 
+def run_runner(*args):
+    return subprocess.run(
+        [sys.executable, str(REPO / "examples" / "study.py"), *args],
+        capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO)))
+
+
+def test_runner_warns_once_that_paired_runs_share_their_noise(tmp_path):
+    # --summarize_only over an empty study: the runner starts, trains nothing.
+    started = run_runner(f"--study_dir={tmp_path}", "--rhos=0.1",
+                         "--directions=gradient", "--seeds=3", "--summarize_only",
+                         "--", "--dataset=digits")
+    assert started.returncode == 0, started.stderr[-2000:]
+    warnings = [line for line in started.stderr.splitlines()
+                if line.startswith("W") and "Paired runs share their noise" in line]
+    assert len(warnings) == 1
+    assert started.stderr.count("Paired runs share their noise") == 1
+    text = " ".join(started.stderr.split())
+    for claim in ("without knowing the seed", "two runs of a pair together are "
+                  "not covered", "public benchmark data", "publish at most one run "
+                  "of a pair", "without --dp_seed"):
+        assert claim in text, claim
+    # The summary reads validation accuracy and eigenvalues, which
+    # --norecord_train_diagnostics would drop: refused before any run.
+    for flag in ("--norecord_train_diagnostics", "--record_train_diagnostics=false"):
+        refused = run_runner(f"--study_dir={tmp_path}", "--seeds=3", "--",
+                             "--dataset=digits", flag)
+        assert refused.returncode != 0
+        assert "--norecord_train_diagnostics drops the validation accuracy" in (
+            refused.stderr)
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
 @pytest.mark.slow
 def test_runner_trains_pairs_resumes_and_summarises(tmp_path):
     command = [sys.executable, str(REPO / "examples" / "study.py"),
@@ -104,6 +141,7 @@ def test_runner_trains_pairs_resumes_and_summarises(tmp_path):
     first = subprocess.run(command, capture_output=True, text=True, env=env,
                            timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stderr.count("Paired runs share their noise") == 1
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [c["name"] for c in summary["cells"]] == ["dpsgd", "dpsat_rho0.1_gradient"]
     dpsat = summary["cells"][1]
@@ -113,6 +151,7 @@ def test_runner_trains_pairs_resumes_and_summarises(tmp_path):
         results = json.loads((tmp_path / name / "results.json").read_text())
         assert results["flags"]["seed"] == 3 and results["num_train_examples"] == 1200
         assert results["flags"]["dp_seed"] == "<redacted>"
+        assert results["non_private_diagnostics"]["validation"]["num_examples"] == 300
     again = subprocess.run(command, capture_output=True, text=True, env=env,
                            timeout=600)
     assert again.returncode == 0

@@ -38,6 +38,9 @@ FMNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
 
 # A fixed run secret (sampling and noise) where tests compare two pipelines.
 SECRET = 12345
+# A --dp_seed with many digits, so that finding its value in a file is no
+# coincidence (< 2**63).
+LONG_DP_SEED = 7_905_342_118_627_365_487
 
 
 def small_config(**overrides) -> training.TrainConfig:
@@ -501,24 +504,48 @@ class _CrashAfterFirstEpoch(keras.callbacks.Callback):
             raise _Interrupt()
 
 
+def assert_refused_without_the_seed(error_text, *seeds):
+    """The refusal names the fix and no seed (error messages reach logs)."""
+    assert "--dp_seed" in error_text and "new --model_dir" in error_text
+    for seed in seeds:
+        assert str(seed) not in error_text and f"{seed:x}" not in error_text
+
+
 @pytest.mark.slow
-def test_resume_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("dp_seed", [None, LONG_DP_SEED])
+def test_resume_matches_an_uninterrupted_run(tmp_path, dp_seed):
     def config(name, **overrides):
-        return small_config(epochs=2, physical_batch_size=64, dp_seed=None,
-                            model_dir=str(tmp_path / name), **overrides)
+        return small_config(**{**dict(epochs=2, physical_batch_size=64,
+                                      dp_seed=dp_seed,
+                                      model_dir=str(tmp_path / name)), **overrides})
 
     straight = training.train(config("straight"))
-    # The same secret (batch sampling and noise) as the uninterrupted run.
     (tmp_path / "resumed").mkdir()
-    shutil.copy(tmp_path / "straight" / training.SECRET_FILE,
-                tmp_path / "resumed" / training.SECRET_FILE)
+    if dp_seed is None:
+        # The same secret (batch sampling and noise) as the uninterrupted run.
+        shutil.copy(tmp_path / "straight" / training.SECRET_FILE,
+                    tmp_path / "resumed" / training.SECRET_FILE)
     with pytest.raises(_Interrupt):
         training.train(config("resumed"), extra_callbacks=[_CrashAfterFirstEpoch()])
     state = read_json(tmp_path / "resumed" / "state.json")
     assert state["epochs_done"] == 1 and state["steps"] == 15
+    assert state["config"]["dp_seed"] == (None if dp_seed is None else "<redacted>")
     assert not read_json(tmp_path / "resumed" / "results.json")["completed"]
     with pytest.raises(ValueError, match="learning_rate"):
         training.train(config("resumed", learning_rate=1.0))
+    # Another source of the batches and noise is refused, in either direction,
+    # and so is another --dp_seed: none would resume the same run.
+    secret = training._read_secret(str(tmp_path / "resumed" / training.SECRET_FILE))
+    if dp_seed is None:
+        switches = {"OS entropy": LONG_DP_SEED}
+    else:
+        assert secret == dp_seed
+        switches = {"has none": None, "differs": dp_seed + 1}
+    for message, other in switches.items():
+        with pytest.raises(ValueError, match=message) as refused:
+            training.train(config("resumed", dp_seed=other))
+        assert_refused_without_the_seed(str(refused.value), secret, LONG_DP_SEED,
+                                        LONG_DP_SEED + 1)
     resumed = training.train(config("resumed", eval_every=2))
     assert resumed["steps"] == straight["steps"] == 30
     assert resumed["private"]["epsilon"] == straight["private"]["epsilon"]
@@ -563,13 +590,114 @@ def test_distribution_mirrored_trains_like_one_device(tmp_path, monkeypatch,
 
 
 @pytest.mark.slow
-def test_resume_without_the_secret_file_is_refused(tmp_path):
-    config = small_config(epochs=2, model_dir=str(tmp_path), dp_seed=None)
+def test_noise_tail_delta_counts_the_draws_of_every_replica(tmp_path, monkeypatch,
+                                                           mirrored_strategy):
+    # Each of the 2 replicas draws its own noise share for every parameter.
+    # The first epoch on 2 replicas, the second on one device: the run's
+    # sampler tail counts the 2 replicas of its first part for all its steps.
+    monkeypatch.setattr(training.distributed, "make_strategy",
+                        lambda name: mirrored_strategy if name == "mirrored" else None)
+    assert mirrored_strategy.num_replicas_in_sync == 2
+
+    def config(distribution):
+        return small_config(epochs=2, distribution=distribution,
+                            model_dir=str(tmp_path))
+
+    with pytest.raises(_Interrupt):
+        training.train(config("mirrored"), extra_callbacks=[_CrashAfterFirstEpoch()])
+    first = read_json(tmp_path / "results.json")
+    assert read_json(tmp_path / "state.json")["noise_replicas"] == 2
+    resumed = training.train(config("none"))
+    model = keras.models.load_model(tmp_path / "checkpoint-0002.keras")
+    num_params = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    assert num_params == 85_002
+    # Golden value. Digits: N = 1500, batch 100, so 15 steps an epoch and 30
+    # in the run (the plan's, which the delta terms use, with its epsilon);
+    # DP-SAT makes 1 noisy query a step. Gaussian draws = steps x params x
+    # replicas x queries per step = 30 x 85,002 x 2 x 1 = 5,100,120, in
+    # 30 x 1 x 2 x ceil(85,002 / 2) = 2,550,060 Box-Muller pairs, each cut
+    # off with probability at most 2^-64: noise_tail = (1 + e^eps) x
+    # 2,550,060 x 2^-64 (one replica: half of it).
+    plan = training.make_plan(config("none"), 1500)
+    assert plan.total_steps == 30 and plan.queries_per_step == 1
+    expected = (1 + math.exp(plan.epsilon)) * 2_550_060 * 2.0**-64
+    for results in (first, resumed):
+        parts = results["private"]["delta_parts"]
+        # abs=0: approx's default absolute tolerance, 1e-12, is of the
+        # order of the value itself.
+        assert parts["noise_tail"] == pytest.approx(expected, rel=1e-12, abs=0)
+        assert parts["total"] == pytest.approx(
+            1e-5 + parts["noise_tail"] + parts["padding_overflow"], rel=1e-15, abs=0)
+        assert accounting.format_delta_breakdown(parts) in " ".join(
+            results["privacy_statement"].split())
+    assert resumed["completed"] and resumed["steps"] == 30
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dp_seed", [None, LONG_DP_SEED])
+def test_resume_without_the_secret_file_is_refused(tmp_path, dp_seed):
+    # With --dp_seed too: without the file, nothing says which seed the run
+    # started with.
+    config = small_config(epochs=2, model_dir=str(tmp_path), dp_seed=dp_seed)
     with pytest.raises(_Interrupt):
         training.train(config, extra_callbacks=[_CrashAfterFirstEpoch()])
     (tmp_path / training.SECRET_FILE).unlink()
     with pytest.raises(ValueError, match=training.SECRET_FILE + ".*new --model_dir"):
         training.train(config)
+
+
+def test_the_dp_seed_is_kept_in_the_private_file_and_checked_there(tmp_path):
+    # A run with --dp_seed keeps the seed where an OS-entropy run keeps its
+    # secret, and no run takes the other's source, even before any epoch
+    # has finished (no state.json yet): a run without --dp_seed must never
+    # take a known seed for a secret from OS entropy.
+    seeded = tmp_path / "seeded"
+    assert training.run_secret(small_config(dp_seed=LONG_DP_SEED,
+                                            model_dir=str(seeded))) == LONG_DP_SEED
+    path = seeded / training.SECRET_FILE
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert "NEVER PUBLISH" in path.read_text()
+    assert f"dp_seed={LONG_DP_SEED}\n" in path.read_text()
+    assert training.run_secret(small_config(dp_seed=LONG_DP_SEED, model_dir=str(seeded)),
+                               resuming=True) == LONG_DP_SEED
+    entropy = tmp_path / "entropy"
+    secret = training.run_secret(small_config(dp_seed=None, model_dir=str(entropy)))
+    refusals = [(seeded, None, "has none"), (seeded, LONG_DP_SEED + 1, "differs"),
+                (entropy, secret, "OS entropy"), (entropy, LONG_DP_SEED, "OS entropy")]
+    for model_dir, dp_seed, message in refusals:
+        for resuming in (False, True):
+            with pytest.raises(ValueError, match=message) as refused:
+                training.run_secret(small_config(dp_seed=dp_seed, model_dir=str(model_dir)),
+                                    resuming=resuming)
+            assert_refused_without_the_seed(str(refused.value), LONG_DP_SEED,
+                                            LONG_DP_SEED + 1, secret)
+    # The files are unchanged.
+    assert training._read_secret(str(path)) == LONG_DP_SEED
+    assert training._read_secret(str(entropy / training.SECRET_FILE)) == secret
+
+
+@pytest.mark.slow
+def test_a_dp_seed_run_of_an_older_version_resumes_and_its_seed_moves(tmp_path):
+    # Older versions kept the --dp_seed in clear in state.json and wrote no
+    # secret file. Such a run still refuses another seed, resumes with its
+    # own, and from then on keeps it in the secret file only.
+    config = small_config(epochs=2, model_dir=str(tmp_path), dp_seed=LONG_DP_SEED)
+    with pytest.raises(_Interrupt):
+        training.train(config, extra_callbacks=[_CrashAfterFirstEpoch()])
+    state = read_json(tmp_path / "state.json")
+    state["config"]["dp_seed"] = LONG_DP_SEED
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    (tmp_path / training.SECRET_FILE).unlink()
+    for other, message in ((LONG_DP_SEED + 1, "differs"), (None, "has none")):
+        with pytest.raises(ValueError, match=message) as refused:
+            training.train(small_config(epochs=2, model_dir=str(tmp_path),
+                                        dp_seed=other))
+        assert_refused_without_the_seed(str(refused.value), LONG_DP_SEED,
+                                        LONG_DP_SEED + 1)
+        assert not (tmp_path / training.SECRET_FILE).exists()
+    assert training.train(config)["steps"] == 30
+    assert training._read_secret(str(tmp_path / training.SECRET_FILE)) == LONG_DP_SEED
+    assert read_json(tmp_path / "state.json")["config"]["dp_seed"] == "<redacted>"
 
 
 # ---------------------------------------------------------------------------
@@ -749,7 +877,8 @@ def test_binary_draws_a_secret_per_run_and_keeps_it_out_of_every_output(tmp_path
 
 @pytest.mark.slow
 def test_binary_dp_seed_reproduces_bitwise_and_is_not_published(tmp_path):
-    runs = [run_binary(*DIGITS_RUN, "--dp_seed=5", f"--model_dir={tmp_path / name}")
+    runs = [run_binary(*DIGITS_RUN, f"--dp_seed={LONG_DP_SEED}",
+                       f"--model_dir={tmp_path / name}")
             for name in ("c", "d")]
     for result in runs:
         assert result.returncode == 0, result.stderr[-3000:]
@@ -758,10 +887,30 @@ def test_binary_dp_seed_reproduces_bitwise_and_is_not_published(tmp_path):
     c, d = (final_weights(tmp_path / name) for name in ("c", "d"))
     for x, y in zip(c, d):
         np.testing.assert_array_equal(x, y)
-    assert not (tmp_path / "c" / training.SECRET_FILE).exists()
+    # The seed is in the PRIVATE file (the one file never to publish), as the
+    # OS-entropy secret is without --dp_seed ...
+    secret_path = tmp_path / "c" / training.SECRET_FILE
+    assert secret_path.stat().st_mode & 0o777 == 0o600
+    assert "NEVER PUBLISH" in secret_path.read_text()
+    assert training._read_secret(str(secret_path)) == LONG_DP_SEED
     results = read_json(tmp_path / "c" / "results.json")
     assert results["flags"]["dp_seed"] == "<redacted>"
-    assert read_json(tmp_path / "c" / "state.json")["config"]["dp_seed"] == 5
+    assert read_json(tmp_path / "c" / "state.json")["config"]["dp_seed"] == "<redacted>"
+    # ... and in no other file (checkpoint, state.json, results.json,
+    # TensorBoard, plot) and no log line; nor are the sampling and noise
+    # seeds derived from it.
+    derived = [training._derived_seed(LONG_DP_SEED, purpose) for purpose in
+               (training._SEED_SAMPLING, training._SEED_NOISE)]
+    for name, result in zip(("c", "d"), runs):
+        files = file_trees.tree_bytes(tmp_path / name, skip=(training.SECRET_FILE,))
+        assert {"results.json", "state.json", "checkpoint-0001.keras",
+                "accuracy_epsilon.png"} <= set(files)
+        assert any(n.startswith("tensorboard") for n in files)
+        for seed in [LONG_DP_SEED] + derived:
+            for encoding in secret_encodings(seed):
+                for file_name, blob in files.items():
+                    assert encoding not in blob, (file_name, seed, encoding)
+                assert encoding.decode("latin-1") not in result.stdout + result.stderr
     # The delta's parts: Poisson, 15 steps, 1 query, the MLP's parameters.
     private = results["private"]
     num_params = sum(w.size for w in c)
@@ -778,36 +927,88 @@ def test_binary_dp_seed_reproduces_bitwise_and_is_not_published(tmp_path):
         results["privacy_statement"].split())
 
 
-@pytest.mark.slow
-def test_non_private_diagnostics_are_kept_apart_and_can_be_left_out(tmp_path, capsys):
-    kept = training.train(small_config(model_dir=str(tmp_path / "kept")))
-    assert set(kept["non_private_diagnostics"]["history"][0]) == {
-        "epoch", "loss", "accuracy", "grad_norm_clipped_fraction",
-        "nonfinite_gradients"}
-    assert "not private" in kept["non_private_diagnostics"]["note"].lower()
-    for entry in kept["private"]["history"]:
-        assert not set(entry) & set(accounting.NON_PRIVATE_DIAGNOSTICS)
-    capsys.readouterr()
-    omitted = training.train(small_config(
-        model_dir=str(tmp_path / "omitted"), record_train_diagnostics=False,
-        keras_verbose=2))
-    printed = capsys.readouterr().out
-    assert "test_accuracy:" in printed and "epsilon:" in printed
-    for name in accounting.NON_PRIVATE_DIAGNOSTICS:
-        assert f" {name}:" not in printed, name
-    saved = read_json(tmp_path / "omitted" / "results.json")
-    assert saved == json.loads(json.dumps(omitted))
-    assert "non_private_diagnostics" not in saved
-    assert saved["private"]["history"][0]["test_accuracy"] > 0
-    text = json.dumps(saved["private"]) + json.dumps(
-        read_json(tmp_path / "omitted" / "state.json"))
-    for name in accounting.NON_PRIVATE_DIAGNOSTICS:
-        assert f'"{name}"' not in text, name
-    tags = {value.tag for events in (tmp_path / "omitted").rglob("events.out.*")
+def tensorboard_tags(model_dir):
+    return {value.tag for events in pathlib.Path(model_dir).rglob("events.out.*")
             for event in tf.compat.v1.train.summary_iterator(str(events))
             for value in event.summary.value}
+
+
+# The non-private numbers a run with validation and sharpness records.
+NON_PRIVATE_NUMBERS = accounting.NON_PRIVATE_DIAGNOSTICS + (
+    "validation_loss", "validation_accuracy", "top_hessian_eigenvalue")
+
+
+@pytest.mark.slow
+def test_non_private_diagnostics_are_kept_apart_and_can_be_left_out(tmp_path, capsys,
+                                                                    caplog):
+    # With held-out examples and sharpness: their numbers are not private
+    # either (held-out examples are outside the accounted set; the
+    # eigenvalue has no noise), so they go with the other diagnostics.
+    requested = dict(validation_examples=300, sharpness_examples=64, keras_verbose=2)
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        kept = training.train(small_config(model_dir=str(tmp_path / "kept"),
+                                           **requested))
+    printed = capsys.readouterr().out
+    diagnostics = kept["non_private_diagnostics"]
+    assert set(diagnostics["history"][0]) == {
+        "epoch", "loss", "accuracy", "grad_norm_clipped_fraction",
+        "nonfinite_gradients"}
+    assert "not private" in diagnostics["note"].lower()
+    # 300 held out: an accuracy is a multiple of 1/300.
+    validation = diagnostics["validation"]
+    assert validation["num_examples"] == 300 and "not private" in validation["note"].lower()
+    accuracy = validation["final_accuracy"]
+    assert 0 < accuracy <= 1 and abs(accuracy * 300 - round(accuracy * 300)) < 1e-4
+    sharp = diagnostics["sharpness"]
+    assert sharp["num_examples"] == 64 and "not private" in sharp["note"].lower()
+    assert sharp["final_top_hessian_eigenvalue"] > 0
+    # Nowhere else in results.json: not at the top, not under "private".
+    assert not {"validation", "sharpness"} & set(kept)
+    for name in NON_PRIVATE_NUMBERS:
+        assert f'"{name}"' not in json.dumps(kept["private"]), name
+    # Labelled in the epoch line and in TensorBoard; the start-up warning
+    # lists them.
+    assert f"not_private/validation_accuracy: {accuracy:.4f}" in printed
+    assert "not_private/top_hessian_eigenvalue:" in printed
+    assert " validation_accuracy:" not in printed
+    tags = tensorboard_tags(tmp_path / "kept")
+    assert {"epoch_not_private/validation_accuracy", "epoch_not_private/validation_loss",
+            "epoch_not_private/top_hessian_eigenvalue"} <= tags
+    assert not tags & {"epoch_validation_accuracy", "epoch_top_hessian_eigenvalue"}
+    recording = [r.getMessage() for r in caplog.records
+                 if r.getMessage().startswith("Recording the non-private")]
+    assert len(recording) == 1
+    assert "not_private/validation_accuracy" in recording[0]
+    assert "not_private/top_hessian_eigenvalue" in recording[0]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        omitted = training.train(small_config(
+            model_dir=str(tmp_path / "omitted"), record_train_diagnostics=False,
+            **requested))
+    printed = capsys.readouterr().out
+    assert "test_accuracy:" in printed and "epsilon:" in printed
+    for name in NON_PRIVATE_NUMBERS:
+        assert f" {name}:" not in printed and f"/{name}:" not in printed, name
+    saved = read_json(tmp_path / "omitted" / "results.json")
+    assert saved == json.loads(json.dumps(omitted))
+    assert not {"non_private_diagnostics", "validation", "sharpness"} & set(saved)
+    # Still held out of training: the accountant sees 1200 examples.
+    assert saved["num_train_examples"] == 1200
+    assert saved["private"]["history"][0]["test_accuracy"] > 0
+    text = json.dumps(saved) + json.dumps(read_json(tmp_path / "omitted" / "state.json"))
+    for name in NON_PRIVATE_NUMBERS:
+        assert f'"{name}"' not in text, name
+    tags = tensorboard_tags(tmp_path / "omitted")
     assert {"epoch_epsilon", "epoch_test_accuracy"} <= tags
-    assert not tags & {f"epoch_{n}" for n in accounting.NON_PRIVATE_DIAGNOSTICS}
+    assert not [t for t in tags if "not_private" in t or any(
+        t == f"epoch_{n}" for n in NON_PRIVATE_NUMBERS)], tags
+    # The user asked for them: a warning says why they are missing.
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert not [m for m in warnings if m.startswith("Recording the non-private")]
+    for flag in ("--validation_examples=300", "--sharpness_examples=64"):
+        assert [m for m in warnings if m.startswith(flag) and
+                "--norecord_train_diagnostics" in m and "not measured" in m], flag
 
 
 @pytest.mark.slow
@@ -999,7 +1200,7 @@ def test_validation_examples_shrink_the_accounted_set_and_are_reported(tmp_path)
     assert result["num_train_examples"] == 1200
     assert result["steps"] == 12
     assert result["sampling_probability"] == pytest.approx(100 / 1200)
-    held_out = result["validation"]
+    held_out = result["non_private_diagnostics"]["validation"]
     assert held_out["num_examples"] == 300
     assert "not private" in held_out["note"].lower()
     # An accuracy over 300 examples is a multiple of 1/300.
@@ -1031,7 +1232,7 @@ def test_a_run_started_before_a_new_field_resumes_with_its_default(tmp_path):
 def test_sharpness_examples_are_measured_at_each_evaluation(tmp_path):
     config = small_config(epochs=2, sharpness_examples=64, model_dir=str(tmp_path))
     result = training.train(config)
-    measured = result["sharpness"]
+    measured = result["non_private_diagnostics"]["sharpness"]
     assert measured["num_examples"] == 64 and "not private" in measured["note"].lower()
     assert [h["epoch"] for h in measured["history"]] == [1, 2]
     assert "top_hessian_eigenvalue" not in json.dumps(result["private"])

@@ -8,6 +8,17 @@ draws, so the paired difference DP-SAT - DP-SGD at a seed is free of most of
 the seed-to-seed noise (common random numbers), and its spread over seeds
 gives a confidence interval.
 
+Privacy (`PAIRED_RUNS_WARNING`, which the runner logs when it starts): common
+random numbers are an experiment-design tool for public benchmark data. The
+runs of a pair add the same noise, so the difference of their weights is
+free of noise, and anyone who sees two runs of a pair can test whether an
+example was in the training set without knowing the seed. Each run alone is
+(epsilon, delta)-DP only against those who do not know its `--dp_seed`, which
+is also its `--seed` (shown in its directory name and results.json);
+releasing two runs of a pair is not covered. On private data publish at most
+one run of a pair, keeping its seed secret, or train the runs to publish
+unpaired, with fresh secrets (the binary without `--dp_seed`).
+
 `grid` lists the runs and their directory names; `summarize` reads the
 finished runs' results.json and computes, per cell, mean and standard
 deviation of test and validation accuracy and of the top Hessian eigenvalue,
@@ -36,6 +47,7 @@ __all__ = [
     "Cell",
     "FinalModel",
     "LANDSCAPE_NOTE",
+    "PAIRED_RUNS_WARNING",
     "Run",
     "grid",
     "eigenvalue_by_subset",
@@ -59,6 +71,19 @@ LANDSCAPE_NOTE = (
     "the first training examples of each run (tf_dpsat.sharpness.loss_slice). "
     "A function of those private examples, without noise: a diagnostic, "
     "outside the (epsilon, delta) guarantee.")
+# What the runner logs once when it starts (see the module docstring).
+PAIRED_RUNS_WARNING = (
+    "Paired runs share their noise: every run of a seed gets --dp_seed=<seed>, "
+    "so its DP-SGD and DP-SAT runs draw the same batches and add the same noise "
+    "(common random numbers). The difference of their weights is then free of "
+    "noise: anyone who sees two runs of a pair can test whether an example was "
+    "in the training set, without knowing the seed. Each run alone is (epsilon, "
+    "delta)-DP only against those who do not know its --dp_seed, which is also "
+    "its --seed (in its directory name and results.json); two runs of a pair "
+    "together are not covered. Common random numbers are an experiment-design "
+    "tool for public benchmark data. On private data, publish at most one run "
+    "of a pair and keep its seed secret, or train the runs you publish unpaired, "
+    "with fresh secrets (examples/train_cifar.py without --dp_seed).")
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -93,7 +118,10 @@ class Run:
     directory: str
 
     def flags(self) -> List[str]:
-        """The binary's flags of this run (seed and dp_seed: paired by seed)."""
+        """The binary's flags of this run (seed and dp_seed: paired by seed).
+
+        The runs of a seed share their noise: see `PAIRED_RUNS_WARNING`.
+        """
         return self.cell.flags() + [f"--seed={self.seed}", f"--dp_seed={self.seed}",
                                     f"--model_dir={self.directory}"]
 
@@ -106,7 +134,8 @@ def grid(study_dir: str, *, rhos: Sequence[float], directions: Sequence[str],
       study_dir: Directory holding one sub-directory per run.
       rhos: DP-SAT radii (> 0; the baseline is DP-SGD).
       directions: DP-SAT ascent directions ("gradient", "momentum").
-      seeds: Seeds; each is both `--seed` and `--dp_seed` of its runs.
+      seeds: Seeds; each is both `--seed` and `--dp_seed` of its runs (which
+        therefore share their noise: see `PAIRED_RUNS_WARNING`).
       method: The method compared with DP-SGD ("dpsat" or "dpsam").
 
     Returns:
@@ -126,6 +155,16 @@ def grid(study_dir: str, *, rhos: Sequence[float], directions: Sequence[str],
                                 for r in rhos for d in directions]
     return [Run(cell, seed, os.path.join(study_dir, f"{cell.name}_s{seed}"))
             for seed in seeds for cell in cells]
+
+
+def _non_private(results: Dict[str, Any], section: str) -> Optional[Dict[str, Any]]:
+    """A section of results.json's non_private_diagnostics.
+
+    results.json of older versions kept "validation" and "sharpness" at the
+    top level.
+    """
+    diagnostics = results.get("non_private_diagnostics") or {}
+    return diagnostics.get(section) or results.get(section)
 
 
 def read_run(directory: str) -> Optional[Dict[str, Any]]:
@@ -150,9 +189,10 @@ def read_run(directory: str) -> Optional[Dict[str, Any]]:
     if os.path.exists(sharpness_path):
         with open(sharpness_path) as f:
             eigenvalue = json.load(f).get("top_hessian_eigenvalue")
-    elif results.get("sharpness"):
-        eigenvalue = results["sharpness"].get("final_top_hessian_eigenvalue")
-    held_out = results.get("validation") or {}
+    elif _non_private(results, "sharpness"):
+        eigenvalue = _non_private(results, "sharpness").get(
+            "final_top_hessian_eigenvalue")
+    held_out = _non_private(results, "validation") or {}
     return {
         "cell": (Cell(BASELINE) if method == BASELINE else
                  Cell(method, float(flags["rho"]), flags["direction"])),
@@ -202,8 +242,11 @@ def load_final_model(directory: str, num_examples: int) -> FinalModel:
     with open(os.path.join(directory, training.STATE_FILE)) as f:
         state = json.load(f)
     fields = {f.name for f in dataclasses.fields(training.TrainConfig)}
+    # dp_seed: state.json shows it redacted, and loading data and the model
+    # draws neither batches nor noise.
     config = training.TrainConfig(**{k: v for k, v in state["config"].items()
-                                     if k in fields} | {"sharpness_examples": num_examples})
+                                     if k in fields} | {"sharpness_examples": num_examples,
+                                                        "dp_seed": None})
     dataset, _ = training.split_validation(training.load_data(config),
                                            config.validation_examples)
     x, y = training.sharpness_batch(config, dataset)

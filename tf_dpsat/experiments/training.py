@@ -34,7 +34,11 @@ Secrets:
   state.json, results.json, log or TensorBoard file holds it, so a released run
   cannot be replayed on a neighbouring dataset. `--dp_seed=N` opts into
   reproducible sampling and noise derived from N; the guarantee then holds only
-  against those who do not know N.
+  against those who do not know N, and runs that share N share their noise
+  (release at most one of them). N takes the secret's place in the PRIVATE
+  file (state.json and results.json only say that a dp_seed was set), where a
+  resumed run checks that its --dp_seed is the run's: a model_dir always holds
+  exactly one PRIVATE file, with what the guarantee depends on.
 
   Epoch e always consumes logical steps [e * S, (e + 1) * S) of one sample
   sequence keyed by the secret, so a resumed run sees exactly the batches an
@@ -47,8 +51,14 @@ Outputs:
   parts) in its "private" section, apart from "non_private_diagnostics": the
   training-batch loss and accuracy, `grad_norm_clipped_fraction` and
   `nonfinite_gradients`, exact functions of the private batches without any
-  guarantee. `--norecord_train_diagnostics` keeps those out of results.json,
-  TensorBoard and the printed per-epoch log.
+  guarantee, and the accuracy on held-out training examples
+  (`--validation_examples`) and the top Hessian eigenvalue
+  (`--sharpness_examples`), functions of private examples outside the
+  accounted training set or without noise. The last two show as
+  "not_private/..." in the epoch log and TensorBoard.
+  `--norecord_train_diagnostics` keeps all of them out of results.json,
+  TensorBoard and the printed per-epoch log (and skips the validation and
+  sharpness measurements).
 
   `physical_batch_size` bounds memory: each (padded) logical batch is cut, in
   order, into k = padded / physical physical batches that the optimizer
@@ -158,6 +168,18 @@ _SECRET_HEADER = """\
 # sampling and subtract the noise, which voids the privacy guarantee. It is only
 # needed to resume the run; delete it once the run is finished.
 """
+# With --dp_seed, the file holds the seed instead (one line "dp_seed=N"):
+# a resumed run checks its --dp_seed against it, and no other file of the run
+# holds the seed.
+_DP_SEED_PREFIX = "dp_seed="
+_DP_SEED_HEADER = """\
+# PRIVATE - NEVER PUBLISH, UPLOAD OR SHARE THIS FILE.
+# The --dp_seed of this run (tf_dpsat.experiments.training): its batch sampling and
+# differential-privacy noise are derived from it. With it and the run's
+# checkpoints anyone can replay the sampling and subtract the noise, which voids
+# the privacy guarantee. A resumed run checks its --dp_seed against it; delete
+# it once the run is finished (and keep the seed itself as secret as this file).
+"""
 
 # Fields that may change between a run and its resumption: they do not change
 # what is trained (only where data is read from, how often it is evaluated,
@@ -204,6 +226,16 @@ SHARPNESS_NOTE = (
     "iteration, tf_dpsat.sharpness). A function of those private examples, "
     "without noise: a diagnostic, outside the (epsilon, delta) guarantee.")
 
+# The validation metrics and the sharpness reach the epoch logs under this
+# prefix: it labels them in the epoch line ("not_private/validation_accuracy:
+# ...") and in TensorBoard (tag "epoch_not_private/..."). state.json and
+# results.json keep the plain names, in non_private_diagnostics.
+NOT_PRIVATE_LOG_PREFIX = "not_private/"
+# Every non-private number of a run's history, which
+# --norecord_train_diagnostics keeps out of the outputs.
+_NON_PRIVATE_HISTORY_KEYS: Tuple[str, ...] = (
+    accounting.NON_PRIVATE_DIAGNOSTICS + _VALIDATION_METRICS + (SHARPNESS_METRIC,))
+
 # Purposes of the seeds derived from TrainConfig.seed (_SEED_MODEL) and from
 # the run's secret (the others).
 _SEED_MODEL, _SEED_SAMPLING, _SEED_NOISE = 0, 1, 2
@@ -249,6 +281,8 @@ class TrainConfig:
         noise from OS entropy (kept in `model_dir/PRIVATE-dp-secret.key`).
         An int in [0, 2**63) derives them from it instead, for reproducible
         runs: the guarantee then holds only against those who do not know it.
+        It is kept in that file instead of the secret (and redacted from
+        state.json and results.json); a resumed run must pass the same one.
       eval_every: Evaluate on the test set every this many epochs (and
         always after the last one).
       eval_batch_size: Batch size of evaluation.
@@ -258,11 +292,15 @@ class TrainConfig:
         (a fixed public choice, `VALIDATION_SPLIT_SEED`) and evaluate on them
         at every evaluation, to choose hyperparameters without reading the
         test set. DP training and its accountant see the remaining examples.
+        The metrics are NOT private (the guarantee does not cover the
+        held-out examples): recorded as a non-private diagnostic, only with
+        `record_train_diagnostics`.
       sharpness_examples: At every evaluation, measure the top eigenvalue of
         the Hessian of the training loss on this many training examples
         (the first ones after the validation split: a fixed public choice);
-        0 measures nothing. A non-private diagnostic, like the training loss.
-        Under a distribution, each worker measures on its own.
+        0 measures nothing. A non-private diagnostic, like the training loss,
+        measured only with `record_train_diagnostics`. Under a distribution,
+        each worker measures on its own.
       data_dir: tensorflow-datasets directory with a prepared dataset.
       raw_data_dir: Directory with the dataset's original files.
       download: Let tensorflow-datasets download a dataset that is not
@@ -273,8 +311,11 @@ class TrainConfig:
         line per epoch.
       record_train_diagnostics: Record the non-private training diagnostics
         (training-batch loss and accuracy, `grad_norm_clipped_fraction`,
-        `nonfinite_gradients`) in results.json, TensorBoard and the printed
-        per-epoch log. They are exact functions of the private batches.
+        `nonfinite_gradients`, and the metrics of `validation_examples` and
+        `sharpness_examples`) in results.json, TensorBoard and the printed
+        per-epoch log. They are functions of private examples without a
+        guarantee. False leaves them out (and measures neither validation
+        nor sharpness).
       distribution: "none" (Keras's fit), "mirrored" (MirroredStrategy over
         this machine's GPUs), "multi_worker" (MultiWorkerMirroredStrategy
         from `TF_CONFIG`) or "tpu" (TPUStrategy, untested); the strategies
@@ -421,22 +462,31 @@ _FLAG_HELP = {
     "dp_seed": "Unset (default): batch sampling and noise come from a secret "
                f"drawn from OS entropy, kept in <model_dir>/{SECRET_FILE} "
                "(never publish it). Set: derive them from this number instead "
-               "(reproducible; private only against those who do not know it).",
-    "record_train_diagnostics": "Record training-batch loss/accuracy, "
-                                "grad_norm_clipped_fraction and "
-                                "nonfinite_gradients (NOT private) in "
-                                "results.json, TensorBoard and the epoch log.",
+               "(reproducible; private only against those who do not know it; "
+               "kept in that file instead, and a resumed run must pass the same "
+               "one; runs sharing it share their noise: release at most one).",
+    "record_train_diagnostics": "Record the NOT private numbers in "
+                                "results.json (non_private_diagnostics), "
+                                "TensorBoard and the epoch log: training-batch "
+                                "loss/accuracy, grad_norm_clipped_fraction, "
+                                "nonfinite_gradients, and the metrics of "
+                                "--validation_examples and --sharpness_examples. "
+                                "--norecord_train_diagnostics leaves them all "
+                                "out (and measures neither of the last two).",
     "eval_every": "Evaluate on the test set every N epochs (and after the last).",
     "eval_batch_size": "Evaluation batch size.",
     "max_train_examples": "Use only the first N training examples (smoke runs).",
     "sharpness_examples": "At each evaluation, measure the top Hessian "
                           "eigenvalue of the training loss on the first N "
-                          "training examples (NOT private; seconds for tb_cnn "
+                          "training examples (NOT private, so not with "
+                          "--norecord_train_diagnostics; seconds for tb_cnn "
                           "and N=1000, minutes for DPNASNet).",
     "validation_examples": "Hold N training examples out of training (a fixed "
                            "public choice) and report accuracy on them at each "
-                           "evaluation (NOT private), to choose hyperparameters "
-                           "without the test set; the accountant sees the rest.",
+                           "evaluation (NOT private, so not with "
+                           "--norecord_train_diagnostics), to choose "
+                           "hyperparameters without the test set; the "
+                           "accountant sees the rest.",
     "data_dir": "tensorflow-datasets data directory.",
     "raw_data_dir": "Directory with the original files: MNIST/Fashion-MNIST "
                     "*-ubyte.gz, CIFAR-10 python batches, SVHN *_32x32.mat.",
@@ -656,7 +706,8 @@ def make_plan(config: TrainConfig, num_examples: int) -> RunPlan:
                    analysis, _overflow_probability(config))
 
 
-def delta_parts(config: TrainConfig, plan: RunPlan, num_params: int) -> Optional[Dict[str, float]]:
+def delta_parts(config: TrainConfig, plan: RunPlan, num_params: int,
+                replicas: int = 1) -> Optional[Dict[str, float]]:
     """The run's delta and its parts.
 
     The accountant's, the noise sampler's tail, the padding's overflow, and
@@ -666,20 +717,30 @@ def delta_parts(config: TrainConfig, plan: RunPlan, num_params: int) -> Optional
       config: The run's configuration.
       plan: Its plan; the extra terms use its whole-run epsilon and steps.
       num_params: Trainable parameters (noise coordinates per query).
+      replicas: Replicas that each draw their own share of every query's
+        noise (`tf.distribute`; 1 without a strategy).
 
     Returns:
       The parts and "total"; None for non-private runs.
     """
     if not config.private:
         return None
+    validation.check_int("replicas", replicas)
+    # Each replica draws its own N(0, sigma^2 C^2 / R) for all num_params
+    # coordinates (tf_dpsat.noise.normal_samples: ceil(num_params / 2) pairs)
+    # from a stream of its own, so the sampler runs R times per query and a
+    # step draws R x queries_per_step x num_params normals. Counted as R x
+    # queries_per_step draws of num_params, the pairs round up per replica,
+    # as they are drawn (num_params x R would round once: up to R / 2 pairs
+    # short for an odd num_params).
     return accounting.delta_breakdown(
         epsilon=plan.epsilon, delta=config.delta, steps=plan.total_steps,
-        queries_per_step=plan.queries_per_step, num_params=num_params,
+        queries_per_step=plan.queries_per_step * replicas, num_params=num_params,
         overflow_probability=plan.overflow_probability)
 
 
 def privacy_report(config: TrainConfig, plan: RunPlan,
-                   num_params: Optional[int] = None) -> str:
+                   num_params: Optional[int] = None, replicas: int = 1) -> str:
     """The privacy statement of a run, saying which analysis applies.
 
     Args:
@@ -687,6 +748,7 @@ def privacy_report(config: TrainConfig, plan: RunPlan,
       plan: Its plan.
       num_params: The model's trainable parameters; given, the report adds the
         run's total delta (`delta_parts`).
+      replicas: Replicas that each draw a share of the noise (`delta_parts`).
 
     Returns:
       Plain text (a one-paragraph statement for non-private runs).
@@ -712,11 +774,12 @@ def privacy_report(config: TrainConfig, plan: RunPlan,
     if num_params is not None:
         which += ("\nThis run's delta = accountant + noise sampler tail + padding "
                   "overflow = " + accounting.format_delta_breakdown(
-                      delta_parts(config, plan, num_params)) + ".")
+                      delta_parts(config, plan, num_params, replicas)) + ".")
     if config.dp_seed is not None:
         which += ("\n--dp_seed is set: the batch sampling and the noise are "
                   "derived from it, so the guarantee holds only against those "
-                  "who do not know it.")
+                  "who do not know it. Runs with the same --dp_seed add the same "
+                  "noise: releasing more than one of them is not covered.")
     return statement + "\n" + which + "\n"
 
 
@@ -809,81 +872,148 @@ def _derived_seed(seed: int, purpose: int) -> int:
 # --------------------------------------------------------------------------
 
 
-def _parse_secret(text: str, path: str) -> int:
+class _Secret(NamedTuple):
+    """What `SECRET_FILE` holds: the secret, and whether it is a --dp_seed."""
+
+    value: int
+    from_dp_seed: bool
+
+
+def _parse_secret(text: str, path: str) -> _Secret:
     lines = [line.strip() for line in text.splitlines()
              if line.strip() and not line.lstrip().startswith("#")]
+    from_dp_seed = False
     try:
         (value,) = lines
-        secret = int(value, 16)
+        if value.startswith(_DP_SEED_PREFIX):
+            from_dp_seed = True
+            secret = int(value[len(_DP_SEED_PREFIX):], 10)
+        else:
+            secret = int(value, 16)
     except ValueError:
         secret = -1
     if not 0 <= secret < _SEED_LIMIT:
         raise validation.UserError(
             f"{path} is not a secret written by tf_dpsat (expected comment lines "
-            "and one hexadecimal number below 2**63). Restore the original file "
-            "to resume the run, or start it again in a new --model_dir.")
-    return secret
+            "and one hexadecimal number, or dp_seed=<decimal>, below 2**63). "
+            "Restore the original file to resume the run, or start it again in a "
+            "new --model_dir.")
+    return _Secret(secret, from_dp_seed)
 
 
-def _read_secret(path: str) -> int:
+def _read_secret_file(path: str) -> _Secret:
     with open(path) as f:
         return _parse_secret(f.read(), path)
 
 
-def _create_secret(path: str) -> int:
-    """Creates `path` (mode 0600) with a fresh secret unless it exists; reads it.
+def _read_secret(path: str) -> int:
+    """The secret (or --dp_seed) that `path` holds."""
+    return _read_secret_file(path).value
+
+
+def _create_secret(path: str, dp_seed: Optional[int] = None) -> _Secret:
+    """Creates `path` (mode 0600) unless it exists; reads it.
+
+    It holds `dp_seed` if given, else a fresh secret from OS entropy.
 
     Atomic: the secret is written and synced under a temporary name, then
     hard-linked to `path`, which fails if another process created it first;
     a reader never sees a partial file, and an existing secret is never
     replaced.
     """
+    if dp_seed is None:
+        text = f"{_SECRET_HEADER}{noise.secret_key():016x}\n"
+    else:
+        text = f"{_DP_SEED_HEADER}{_DP_SEED_PREFIX}{dp_seed}\n"
     temporary = f"{path}.{os.getpid()}.tmp"
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(descriptor, "w") as f:
-            f.write(f"{_SECRET_HEADER}{noise.secret_key():016x}\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         try:
             os.link(temporary, path)
         except FileExistsError:
-            pass  # Another process won the race: use its secret.
+            pass  # Another process won the race: use (and check) its secret.
     finally:
         os.remove(temporary)
-    return _read_secret(path)
+    return _read_secret_file(path)
+
+
+def _secret_source_error(model_dir: str, run_used_dp_seed: bool) -> validation.UserError:
+    """The error for a resumption that would switch between --dp_seed and OS entropy."""
+    if run_used_dp_seed:
+        return validation.UserError(
+            f"{model_dir!r} holds a run whose batch sampling and noise come from "
+            "--dp_seed, and this run has none: it would switch to other batches "
+            "and noise. Pass the run's original --dp_seed, or train in a new "
+            "--model_dir.")
+    return validation.UserError(
+        f"{model_dir!r} holds a run whose batch sampling and noise come from a "
+        f"secret drawn from OS entropy ({SECRET_FILE}), and this run sets "
+        "--dp_seed: it would switch to other batches and noise. Resume it without "
+        "--dp_seed, or train in a new --model_dir.")
+
+
+def _different_dp_seed_error(model_dir: str) -> validation.UserError:
+    # Names neither seed: error messages end up in logs.
+    return validation.UserError(
+        f"--dp_seed differs from the one the run in {model_dir!r} started with: "
+        "resuming would switch it to other batches and noise. Pass the run's "
+        "original --dp_seed, or train in a new --model_dir.")
+
+
+def _check_secret(config: TrainConfig, secret: _Secret) -> None:
+    """Raises unless `secret` (read from SECRET_FILE) is this config's source."""
+    if secret.from_dp_seed != (config.dp_seed is not None):
+        raise _secret_source_error(config.model_dir, secret.from_dp_seed)
+    if secret.from_dp_seed and secret.value != config.dp_seed:
+        raise _different_dp_seed_error(config.model_dir)
 
 
 def run_secret(config: TrainConfig, resuming: bool = False) -> int:
     """The secret of a run's batch sampling and noise; never log or save it.
 
+    With a `model_dir`, `model_dir/SECRET_FILE` holds it: the secret drawn
+    from OS entropy on the first run, or the run's `dp_seed`. A run reads
+    it back and refuses to continue with another source (a `dp_seed` where
+    the run drew its secret from OS entropy, or the reverse) or another
+    `dp_seed`: it would switch to other batches and noise. So that nothing
+    published has to hold the seed to check it, `dp_seed` is kept there too,
+    and state.json and results.json only say that one was set.
+
     Args:
       config: The run's configuration.
-      resuming: Whether `config.model_dir` holds a started run.
+      resuming: Whether `config.model_dir` holds a started run whose secret
+        the file must hold.
 
     Returns:
-      `config.dp_seed` if set; else the secret in `model_dir/SECRET_FILE`,
-      created from OS entropy on the first run; else (no model_dir) a fresh
-      secret that lives in memory only.
+      `config.dp_seed` if set, else the secret in `model_dir/SECRET_FILE`,
+      created from OS entropy on the first run; without a model_dir,
+      `config.dp_seed` or a fresh secret that lives in memory only.
 
     Raises:
-      ValueError: A started run whose secret file is missing or corrupt: the
-        run cannot resume bitwise without it.
+      UserError: A started run whose secret file is missing or corrupt (the
+        run cannot resume bitwise without it), or a `dp_seed` that is not
+        the one in the secret file.
     """
-    if config.dp_seed is not None:
-        return config.dp_seed
     if config.model_dir is None:
-        return noise.secret_key()
+        return noise.secret_key() if config.dp_seed is None else config.dp_seed
     path = os.path.join(config.model_dir, SECRET_FILE)
-    if resuming and not os.path.exists(path):
+    if os.path.exists(path):
+        secret = _read_secret_file(path)
+    elif resuming:
         raise validation.UserError(
             f"{config.model_dir!r} holds a started run but not its {SECRET_FILE}, "
-            "the secret of its batch sampling and noise, so it cannot resume "
-            "bitwise. Restore the file, or train in a new --model_dir.")
-    if os.path.exists(path):
-        return _read_secret(path)
-    os.makedirs(config.model_dir, exist_ok=True)
-    return _create_secret(path)
+            "the secret (or --dp_seed) of its batch sampling and noise, so it "
+            "cannot resume bitwise. Restore the file, or train in a new "
+            "--model_dir.")
+    else:
+        os.makedirs(config.model_dir, exist_ok=True)
+        secret = _create_secret(path, config.dp_seed)
+    _check_secret(config, secret)
+    return secret.value
 
 
 def _agreed_secret(config: TrainConfig, strategy: Optional[tf.distribute.Strategy],
@@ -1067,11 +1197,31 @@ def _read_state(model_dir: Optional[str]) -> Optional[Dict[str, Any]]:
         return json.load(f)
 
 
+def _published_config(config: TrainConfig) -> Dict[str, Any]:
+    """The config as state.json and results.json show it: a set dp_seed redacted."""
+    fields = dataclasses.asdict(config)
+    if fields["dp_seed"] is not None:  # The noise's seed: in SECRET_FILE only.
+        fields["dp_seed"] = _REDACTED
+    return fields
+
+
+def _dp_seed_in_state(state: Dict[str, Any]) -> bool:
+    """Whether state.json holds the run's dp_seed in clear.
+
+    Runs started before the seed moved to SECRET_FILE: their state.json
+    holds it (and they have no secret file), so it is checked there.
+    """
+    return isinstance(state["config"].get("dp_seed"), int)
+
+
 def _check_resumable(config: TrainConfig, state: Dict[str, Any]) -> None:
     # A field added after the run started is absent from its state.json: the
     # run used that field's default.
     saved = {**dataclasses.asdict(TrainConfig()), **state["config"]}
     current = dataclasses.asdict(config)
+    # Compared below without showing it: a different dp_seed must be refused,
+    # but neither seed may reach an error message (and so a log).
+    saved_seed, current_seed = saved.pop("dp_seed"), current.pop("dp_seed")
     changed = sorted(k for k in set(saved) | set(current)
                      if k not in RESUMABLE_FIELDS and saved.get(k) != current.get(k))
     if changed:
@@ -1081,6 +1231,12 @@ def _check_resumable(config: TrainConfig, state: Dict[str, Any]) -> None:
             f"model_dir {config.model_dir!r} holds a run with a different "
             f"configuration ({details}); resuming would mix two runs and break the "
             "privacy ledger. Use a new --model_dir, or the original flags.")
+    # Whether a dp_seed was set is in state.json ("<redacted>" or, from older
+    # versions, the seed); its value is in SECRET_FILE (run_secret checks it).
+    if (saved_seed is None) != (current_seed is None):
+        raise _secret_source_error(config.model_dir, saved_seed is not None)
+    if _dp_seed_in_state(state) and saved_seed != current_seed:
+        raise _different_dp_seed_error(config.model_dir)
 
 
 def _restore(config: TrainConfig, state: Dict[str, Any],
@@ -1188,8 +1344,8 @@ def _plot(path: str, history: List[Dict[str, Any]], title: str,
 class _Evaluate(keras.callbacks.Callback):
     """Adds `<split>_loss` / `<split>_accuracy` to the epoch logs.
 
-    Every `every` epochs and after the last, for each split ("test",
-    "validation").
+    Every `every` epochs and after the last, for each split ("test", and
+    "not_private/validation": see NOT_PRIVATE_LOG_PREFIX).
     """
 
     def __init__(self, splits: Dict[str, tf.data.Dataset], every: int, last_epoch: int,
@@ -1252,7 +1408,7 @@ class _Sharpness(keras.callbacks.Callback):
             return
         result = top_eigenvalue(self.model, self._x, self._y, self._batch_size)
         if logs is not None:
-            logs[SHARPNESS_METRIC] = result.eigenvalue
+            logs[NOT_PRIVATE_LOG_PREFIX + SHARPNESS_METRIC] = result.eigenvalue
 
 
 class _DropNonPrivateLogs(keras.callbacks.Callback):
@@ -1291,8 +1447,11 @@ class _Run:
 
     def __init__(self, config: TrainConfig, plan: RunPlan, statement: str,
                  dataset: data.Dataset, state: Optional[Dict[str, Any]],
-                 deltas: Optional[Dict[str, float]], chief: bool = True):
+                 deltas: Optional[Dict[str, float]], chief: bool = True,
+                 noise_replicas: int = 1):
         self.config, self.plan, self.statement = config, plan, statement
+        # The most replicas any part of the run drew noise on (delta_parts).
+        self.noise_replicas = noise_replicas
         # Only the chief writes to model_dir (multi-worker runs).
         self.chief = chief
         self.deltas = deltas
@@ -1300,6 +1459,12 @@ class _Run:
         self.num_test = len(dataset.test_images)
         self.num_validation = config.validation_examples
         self.history: List[Dict[str, Any]] = list(state["history"]) if state else []
+        if not config.record_train_diagnostics:
+            # Recorded before the run was resumed with the switch off: they
+            # stay out of results.json, the plot and state.json from now on.
+            self.history = [{k: v for k, v in h.items()
+                             if k not in _NON_PRIVATE_HISTORY_KEYS}
+                            for h in self.history]
         self.epochs_done = int(state["epochs_done"]) if state else 0
         self.prior_wall_time = float(state["wall_time_s"]) if state else 0.0
         self.started = time.monotonic()
@@ -1318,10 +1483,12 @@ class _Run:
         self.last_epsilon = epsilon
         entry = {"epoch": epoch + 1, "steps": self.steps, "epsilon": epsilon,
                  "wall_time_s": round(self.wall_time(), 3)}
-        for key in (_PRIVATE_METRICS + _VALIDATION_METRICS + (SHARPNESS_METRIC,) +
-                    accounting.NON_PRIVATE_DIAGNOSTICS):
+        for key in _PRIVATE_METRICS + accounting.NON_PRIVATE_DIAGNOSTICS:
             if key in logs:
                 entry[key] = float(logs[key])
+        for key in _VALIDATION_METRICS + (SHARPNESS_METRIC,):
+            if NOT_PRIVATE_LOG_PREFIX + key in logs:
+                entry[key] = float(logs[NOT_PRIVATE_LOG_PREFIX + key])
         self.history.append(entry)
         self.epochs_done = epoch + 1
         if self.config.model_dir is not None:
@@ -1343,12 +1510,13 @@ class _Run:
         # state.json names the checkpoint: it is replaced only after the new
         # checkpoint is complete, so a crash at any point leaves a consistent pair.
         _write_json(os.path.join(model_dir, STATE_FILE), {
-            "config": dataclasses.asdict(self.config),
+            "config": _published_config(self.config),
             "epochs_done": self.epochs_done,
             "steps": self.steps,
             "checkpoint": name,
             "history": self.history,
             "wall_time_s": self.wall_time(),
+            "noise_replicas": self.noise_replicas,
         })
         for old in os.listdir(model_dir):
             if old.startswith("checkpoint-") and old.endswith(".keras") and old != name:
@@ -1377,9 +1545,7 @@ class _Run:
             "history": [{k: h[k] for k in _PRIVATE_HISTORY_KEYS if k in h}
                         for h in self.history],
         }
-        flags = dataclasses.asdict(config)
-        if flags["dp_seed"] is not None:  # The noise's seed: never published.
-            flags["dp_seed"] = _REDACTED
+        flags = _published_config(config)
         results = {
             "completed": completed,
             "private": private,
@@ -1404,10 +1570,24 @@ class _Run:
                          "keras": keras.__version__,
                          "python": platform.python_version()},
         }
+        if config.record_train_diagnostics:
+            results["non_private_diagnostics"] = self._non_private_diagnostics()
+        return results
+
+    def _non_private_diagnostics(self) -> Dict[str, Any]:
+        """results.json's numbers without a guarantee, each part with its note."""
+        config = self.config
+        diagnostics = {
+            "note": accounting.NON_PRIVATE_NOTE,
+            "history": [
+                {"epoch": h["epoch"], **{k: h[k] for k in
+                                         accounting.NON_PRIVATE_DIAGNOSTICS
+                                         if k in h}}
+                for h in self.history]}
         if self.num_validation:
             validated = [h for h in self.history
                          if h.get("validation_accuracy") is not None]
-            results["validation"] = {
+            diagnostics["validation"] = {
                 "note": _VALIDATION_NOTE,
                 "num_examples": self.num_validation,
                 "final_accuracy": (validated[-1]["validation_accuracy"]
@@ -1420,22 +1600,14 @@ class _Run:
         if config.sharpness_examples:
             measured = [{"epoch": h["epoch"], SHARPNESS_METRIC: h[SHARPNESS_METRIC]}
                         for h in self.history if SHARPNESS_METRIC in h]
-            results["sharpness"] = {
+            diagnostics["sharpness"] = {
                 "note": SHARPNESS_NOTE,
                 "num_examples": config.sharpness_examples,
                 "iterations": SHARPNESS_ITERATIONS,
                 "final_" + SHARPNESS_METRIC: (measured[-1][SHARPNESS_METRIC]
                                               if measured else None),
                 "history": measured}
-        if config.record_train_diagnostics:
-            results["non_private_diagnostics"] = {
-                "note": accounting.NON_PRIVATE_NOTE,
-                "history": [
-                    {"epoch": h["epoch"], **{k: h[k] for k in
-                                             accounting.NON_PRIVATE_DIAGNOSTICS
-                                             if k in h}}
-                    for h in self.history]}
-        return results
+        return diagnostics
 
     def write_outputs(self, completed: bool) -> Dict[str, Any]:
         results = self.results(completed)
@@ -1507,11 +1679,27 @@ def _log_plan(config: TrainConfig, plan: RunPlan, statement: str) -> None:
         logging.warning("No --model_dir: nothing is saved (no checkpoints, "
                         "results.json, TensorBoard logs or plot) and the run "
                         "cannot be resumed.")
+    measured = {"validation_examples": _VALIDATION_METRICS,
+                "sharpness_examples": (SHARPNESS_METRIC,)}
+    requested = [name for name in measured if getattr(config, name)]
     if config.record_train_diagnostics:
+        recorded = accounting.NON_PRIVATE_DIAGNOSTICS + tuple(
+            NOT_PRIVATE_LOG_PREFIX + key for name in requested for key in measured[name])
         logging.warning("Recording the non-private training diagnostics (%s); "
                         "--norecord_train_diagnostics keeps them out of "
                         "results.json, TensorBoard and the epoch log.",
-                        ", ".join(accounting.NON_PRIVATE_DIAGNOSTICS))
+                        ", ".join(recorded))
+        return
+    for name in requested:
+        # The user asked for them, but the switch that keeps non-private
+        # numbers out of the outputs wins: say so rather than drop silently.
+        plural = len(measured[name]) > 1
+        logging.warning("--%s=%d is set, but --norecord_train_diagnostics keeps "
+                        "non-private numbers out of the outputs: %s (NOT private) "
+                        "%s not measured. Drop --norecord_train_diagnostics to "
+                        "record %s.", name, getattr(config, name),
+                        " and ".join(measured[name]), "are" if plural else "is",
+                        "them" if plural else "it")
 
 
 def train(config: TrainConfig,
@@ -1530,7 +1718,8 @@ def train(config: TrainConfig,
       privacy), the total delta and its parts, and the per-epoch epsilon and
       test metrics. "non_private_diagnostics" (only with
       `record_train_diagnostics`) holds the per-epoch training-batch loss and
-      accuracy and clipping statistics, which are NOT private. The rest:
+      accuracy and clipping statistics, and the "validation" and "sharpness"
+      measurements when requested, which are NOT private. The rest:
       sigma, steps, the plan, wall time, the statement, the flags (a set
       `dp_seed` redacted) and versions.
 
@@ -1555,8 +1744,11 @@ def train(config: TrainConfig,
     finished = state is not None and state["epochs_done"] >= config.epochs
     # A finished run draws no more batches or noise: it needs no secret (so
     # its file may be deleted once the run is done).
-    secret = None if finished else _agreed_secret(config, strategy, chief,
-                                                  resuming=state is not None)
+    # A run whose older state.json holds its dp_seed (checked above) has no
+    # secret file yet: run_secret writes one, and state.json drops the seed.
+    secret = None if finished else _agreed_secret(
+        config, strategy, chief,
+        resuming=state is not None and not _dp_seed_in_state(state))
     with distributed.scope(strategy):
         if state is not None:
             model = _restore(config, state, secret)
@@ -1564,10 +1756,18 @@ def train(config: TrainConfig,
             model = build_model(config, plan, dataset.image_shape, dataset.num_classes,
                                 secret=secret)
     num_params = int(sum(np.prod(v.shape) for v in model.trainable_variables))
-    statement = privacy_report(config, plan, num_params)
+    # Every replica draws its own share of the noise. A run may resume on
+    # another distribution, so the sampler's tail counts the most replicas
+    # of any part of the run (state.json keeps it; a run started before it
+    # did is taken to have used this part's).
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    if state is not None:
+        replicas = max(replicas, int(state.get("noise_replicas", replicas)))
+    statement = privacy_report(config, plan, num_params, replicas)
     _log_plan(config, plan, statement)
     run = _Run(config, plan, statement, dataset, state,
-               delta_parts(config, plan, num_params), chief=chief)
+               delta_parts(config, plan, num_params, replicas), chief=chief,
+               noise_replicas=replicas)
     if run.epochs_done < config.epochs:
         if state is not None:
             logging.info("Resuming from %s after epoch %d (%d steps).",
@@ -1591,8 +1791,14 @@ def _fit(model: keras.Model, config: TrainConfig, plan: RunPlan, dataset: data.D
          held_out: Optional[Validation], run: _Run,
          extra_callbacks: Sequence[keras.callbacks.Callback],
          secret: int, strategy: Optional[tf.distribute.Strategy] = None) -> None:
+    # The validation metrics and the sharpness are not private: with
+    # --norecord_train_diagnostics they would be dropped, so they are not
+    # measured (_log_plan says so).
+    record = config.record_train_diagnostics
     sharpness_data = (sharpness_batch(config, dataset) if config.sharpness_examples
-                      else None)
+                      else None)  # Checks the count either way.
+    if not record:
+        sharpness_data = None
     if config.private:
         # The optimizer refuses any noisy step beyond the plan, whose epsilon
         # is the calibrated one (<= --epsilon): the ledger cannot overrun.
@@ -1600,8 +1806,9 @@ def _fit(model: keras.Model, config: TrainConfig, plan: RunPlan, dataset: data.D
     batches = train_batches(config, plan, dataset.train_images, dataset.train_labels,
                             secret=secret, start_epoch=run.epochs_done)
     evaluation = {"test": test_batches(config, dataset.test_images, dataset.test_labels)}
-    if held_out is not None:
-        evaluation["validation"] = test_batches(config, held_out.images, held_out.labels)
+    if held_out is not None and record:
+        evaluation[NOT_PRIVATE_LOG_PREFIX + "validation"] = test_batches(
+            config, held_out.images, held_out.labels)
     callbacks = _callbacks(config, plan, run, evaluation, extra_callbacks,
                            sharpness_data)
     steps_per_epoch = plan.steps_per_epoch * plan.accumulation_steps
