@@ -143,6 +143,18 @@ LAYER_CASES = {
                                              padding="same"),
         lambda: keras.layers.Flatten(), lambda: keras.layers.Dense(3),
         input_shape=(5, 5, 3)), (5, 5, 3)),
+    # TensorFlow's depthwise filter-gradient op ignores the dilation on CPU:
+    # wrong with SAME padding, an error with VALID (see rules/conv.py).
+    "depthwise_dilated_same": (_seq(
+        lambda: keras.layers.DepthwiseConv2D(3, depth_multiplier=2,
+                                             dilation_rate=2, padding="same"),
+        lambda: keras.layers.Flatten(), lambda: keras.layers.Dense(3),
+        input_shape=(7, 7, 3)), (7, 7, 3)),
+    "depthwise_dilated_valid": (_seq(
+        lambda: keras.layers.DepthwiseConv2D((3, 2), dilation_rate=(2, 1),
+                                             padding="valid"),
+        lambda: keras.layers.Flatten(), lambda: keras.layers.Dense(3),
+        input_shape=(8, 6, 2)), (8, 6, 2)),
     "group_norm_affine": (_seq(
         lambda: keras.layers.Conv2D(4, 3),
         lambda: keras.layers.GroupNormalization(2),
