@@ -2,7 +2,7 @@
 
 Exact for any model: each unit's forward and backward pass runs inside
 `tf.vectorized_map`, at the given weights (a `keras.StatelessScope` maps
-each variable to its value) and with the unit's own dropout seeds. It
+each variable to its value) and with the unit's own seeds (`Seeds`). It
 materialises units x parameters of memory, and TensorFlow has no vectorized
 rule for the convolution filter gradient, so the fast engine is preferred
 where it applies.
@@ -61,8 +61,8 @@ def clipped_sum(model, variables, params, batch: batch_lib.Batch,
       variables: its trainable variables.
       params: their values where gradients are taken, one tensor each.
       batch: the batch (or a slice of whole units of it).
-      seeds: the step's dropout seeds; unit u of the slice draws the masks
-        of unit `batch.first + u` of the step's batch.
+      seeds: the seeds of the stochastic layers; unit u of the slice draws
+        as unit `batch.first + u` of the step's batch.
       l2_norm_clip: the clip norm C.
       loss_scale: the static loss scale S of float16 passes (1: none): each
         unit's loss is multiplied by S and its float32 gradient divided by S
