@@ -143,6 +143,18 @@ LAYER_CASES = {
                                              padding="same"),
         lambda: keras.layers.Flatten(), lambda: keras.layers.Dense(3),
         input_shape=(5, 5, 3)), (5, 5, 3)),
+    # TensorFlow's depthwise filter-gradient op ignores the dilation on CPU:
+    # wrong with SAME padding, an error with VALID (see rules/conv.py).
+    "depthwise_dilated_same": (_seq(
+        lambda: keras.layers.DepthwiseConv2D(3, depth_multiplier=2,
+                                             dilation_rate=2, padding="same"),
+        lambda: keras.layers.Flatten(), lambda: keras.layers.Dense(3),
+        input_shape=(7, 7, 3)), (7, 7, 3)),
+    "depthwise_dilated_valid": (_seq(
+        lambda: keras.layers.DepthwiseConv2D((3, 2), dilation_rate=(2, 1),
+                                             padding="valid"),
+        lambda: keras.layers.Flatten(), lambda: keras.layers.Dense(3),
+        input_shape=(8, 6, 2)), (8, 6, 2)),
     "group_norm_affine": (_seq(
         lambda: keras.layers.Conv2D(4, 3),
         lambda: keras.layers.GroupNormalization(2),
@@ -185,6 +197,73 @@ def test_embedding_with_repeated_ids():
     x = rng.integers(0, 4, size=(12, 6)).astype("int32")  # many repeats
     y = rng.integers(0, 3, 12)
     _compare(build, x, y, clip=_median_clip(build, x, y))
+
+
+def _embedding(length):
+    return _seq(lambda: keras.layers.Embedding(10, 4),
+                lambda: keras.layers.Flatten(), lambda: keras.layers.Dense(3),
+                input_shape=(length,), dtype="int32")
+
+
+@pytest.mark.parametrize("length", [1, 6])  # 1: the rule's one-id shortcut
+@pytest.mark.parametrize("jit", [False, True])
+def test_embedding_with_negative_ids(length, jit):
+    # keras.ops.take reads id -k as row 10 - k: -1 and 9 are one row, whose
+    # gradients add up, and -10 is row 0. Ids drawn from [-10, 10), so every
+    # row is spelled both ways.
+    build = _embedding(length)
+    rng = np.random.default_rng(0)
+    x = rng.integers(-10, 10, size=(12, length)).astype("int32")
+    x[0, :2] = [-1, 9][:length]
+    y = rng.integers(0, 3, 12)
+    _compare(build, x, y, clip=_median_clip(build, x, y), jit=jit)
+
+
+def _clipped_sum_one_by_one(model, x, y, clip, jit):
+    """Reference: each example's gradient alone (autodiff), clipped, summed."""
+
+    @tf.function(jit_compile=jit)
+    def gradient(x, y):
+        with tf.GradientTape() as tape:
+            loss = XENT(y, model(x, training=True))
+        return [tf.convert_to_tensor(g) for g in
+                tape.gradient(loss, model.trainable_variables)]
+
+    total = [np.zeros(v.shape) for v in model.trainable_variables]
+    for i in range(len(y)):
+        g = [t.numpy().astype(np.float64) for t in gradient(x[i:i + 1],
+                                                             y[i:i + 1])]
+        norm = np.sqrt(sum(np.sum(t * t) for t in g))
+        factor = min(1.0, clip / (norm + dp_reference.CLIP_EPSILON))
+        total = [s + factor * t for s, t in zip(total, g)]
+    return total
+
+
+# Outside [-10, 10) an id reads no row: tf.gather raises on a CPU, returns
+# zeros on a GPU and clamps under XLA; the gradient of one example alone
+# drops it. Inside `tf.vectorized_map` TensorFlow's densification of the
+# embedding gradient offsets unit u's ids by 10 u, so the vectorized engine
+# dropped nothing, and added such an id's gradient to a neighbour's.
+@pytest.mark.parametrize("jit", [
+    True, pytest.param(False, marks=pytest.mark.skipif(
+        not tf.config.list_logical_devices("GPU"),
+        reason="tf.gather raises on out-of-range ids on a CPU"))])
+@pytest.mark.parametrize("length", [1, 6])
+def test_embedding_with_ids_outside_the_table(length, jit):
+    build = _embedding(length)
+    rng = np.random.default_rng(1)
+    x = rng.integers(-13, 13, size=(12, length)).astype("int32")
+    x[:3, 0] = [10, -11, 12]
+    x[0, :length] = [10, 10, -11, 12, 3, 3][:length]  # repeated ids
+    y = rng.integers(0, 3, 12)
+    model, _ = _compiled(build(), "vectorized")
+    expected = _clipped_sum_one_by_one(model, x, y, 0.5, jit)
+    for path in ("fast", "vectorized"):
+        model, opt = _compiled(build(), path, jit, l2_norm_clip=0.5)
+        summed, _, _ = _clipped(model, opt, x, y, np.ones(12), jit=jit)
+        for got, want in zip(summed, expected):
+            np.testing.assert_allclose(got.numpy(), want, atol=1e-5,
+                                       err_msg=path)
 
 
 def test_padding_and_nonfinite_examples_are_dropped():

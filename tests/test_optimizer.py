@@ -1030,7 +1030,8 @@ def test_dropout_trains_with_distinct_masks():
     y = np.zeros(8, np.int64)
     model = tf_dpsat.make_private(build())
     opt = tf_dpsat.DPSATKeras(learning_rate=0.1, noise_multiplier=0.0,
-                              l2_norm_clip=100.0, rho=0.0, num_microbatches=None)
+                              l2_norm_clip=100.0, rho=0.0, num_microbatches=None,
+                              seed=1)
     model.compile(optimizer=opt, loss=XENT)
     seed_state = model.layers[2].seed_generator.state
     before = seed_state.numpy().copy()
@@ -1160,9 +1161,9 @@ def test_batch_up_to_chunk_units_traces_the_unchunked_step():
     assert chunked["While"] + chunked["StatelessWhile"] == 1
 
 
-def _dropout_model():
+def _dropout_model(width=8):
     keras.utils.set_random_seed(0)
-    return keras.Sequential([keras.Input((6,)), keras.layers.Dense(8),
+    return keras.Sequential([keras.Input((6,)), keras.layers.Dense(width),
                              keras.layers.Dropout(0.5), keras.layers.Dense(3)])
 
 
@@ -1183,11 +1184,13 @@ def test_vectorized_slices_draw_the_masks_of_the_whole_batch():
 @pytest.mark.slow
 def test_fast_path_slices_draw_distinct_masks(chunk_units):
     # Identical examples: equal predictions would mean a mask drawn twice.
+    # 32 units dropped: two of 8 independent masks agree by chance with
+    # probability 28 * 2^-32, not the 28 / 2^8 of 8 units.
     x = np.ones((8, 6), np.float32)
     y = np.zeros(8, np.int64)
-    model = tf_dpsat.make_private(_dropout_model())
+    model = tf_dpsat.make_private(_dropout_model(width=32))
     opt = tf_dpsat.DPSATKeras(noise_multiplier=0.0, rho=0.0, batch_slices=2,
-                              chunk_units=chunk_units)
+                              chunk_units=chunk_units, seed=1)
     model.compile(optimizer=opt, loss=XENT)
     model.train_on_batch(x, y)
     variables = model.trainable_variables

@@ -118,6 +118,12 @@ def _find_batch_normalization(model) -> Optional[str]:
 
 # Noise keys are int64 seeds of the stateless sampler: [0, 2**63).
 _NOISE_KEY_LIMIT = 2**63
+# A step's streams of its (noise key, step) seed: the noise of query q on
+# replica r is stream q * 2^16 + r, the stochastic layers' draws of that
+# query's clipped sum stream _LAYER_STREAM + q * 2^16 + r. Queries stay
+# below 2^15, so no two streams meet and none is correlated with another.
+_REPLICA_STREAMS = 2**16
+_LAYER_STREAM = 2**31
 
 
 def _check_noise_key(key) -> int:
@@ -254,7 +260,11 @@ class DPSATKeras(keras.optimizers.Optimizer):
         `get_config()`, so save/load resumes bitwise. Whoever knows the seed
         can recompute each step's noise and subtract it from a released
         checkpoint; the privacy guarantee then holds only against those who
-        do not know it. `set_noise_key` sets a secret key afterwards.
+        do not know it. `set_noise_key` sets a secret key afterwards. The
+        key also keys the draws of the model's stochastic layers (Dropout,
+        GaussianNoise, ...) in the DP step, on a stream of their own: those
+        must be as secret as the noise, whatever seed Keras was given
+        (`tf_dpsat.per_example.Seeds` explains why).
       direction: "gradient" (DP-SAT) or "momentum" (the authors'
         DPSATMomentum variant: the direction is the last update reversed,
         w_{t-1} - w_t).
@@ -492,9 +502,10 @@ class DPSATKeras(keras.optimizers.Optimizer):
         """Sets the secret key of the noise, before or after tracing.
 
         Each step's noise is a function of (key, `iterations`, query,
-        replica). The key is never saved or serialized: set it again after
-        loading a model to continue a run's noise stream (a training binary
-        keeps it in a private file of its own).
+        replica), and so are the draws of the model's stochastic layers (on
+        another stream). The key is never saved or serialized: set it again
+        after loading a model to continue a run's noise stream (a training
+        binary keeps it in a private file of its own).
 
         Args:
           key: an int in [0, 2**63).
@@ -691,13 +702,22 @@ class DPSATKeras(keras.optimizers.Optimizer):
         return [tf.convert_to_tensor(d.value) for d in self._directions]
 
     def _clipped_sum(self, model, variables, params,
-                     batch: per_example.Batch) -> per_example.ClippedSum:
-        """The batch's clipped per-unit gradients at `params`, summed."""
+                     batch: per_example.Batch,
+                     query: int = 0) -> per_example.ClippedSum:
+        """The batch's clipped per-unit gradients at `params`, summed.
+
+        Args:
+          model, variables, params, batch: as for
+            `tf_dpsat.per_example.clipped_sum`.
+          query: index of the noisy query within the step that this sum
+            enters (keys the stochastic layers' draws, `_layer_seed`).
+        """
         sums = per_example.clipped_sum(
             model, variables, params, batch, l2_norm_clip=self.l2_norm_clip,
             engine=self.clipping, batch_slices=self.batch_slices,
             chunk_units=self.chunk_units,
-            loss_scale=self._loss_scale(model))
+            loss_scale=self._loss_scale(model),
+            secret_seed=self._layer_seed(query))
         self.traced_batch_slices = sums.slices
         return sums
 
@@ -722,20 +742,53 @@ class DPSATKeras(keras.optimizers.Optimizer):
         # The optimizer sums gradients over replicas; count this term once.
         return [g / _replicas.num_replicas() for g in grads]
 
-    def _noise_stream(self, query: int):
-        """The seed and stream of this step's noise for one query, replica.
+    def _step_seed(self, query: int):
+        """(noise key, step), and this query's and replica's stream index.
 
-        They depend only on the optimizer's noise key, the step, the query's
-        index within the step and the replica, never on the data: (noise
-        key, step) is the seed, query * 2^16 + replica the stream.
+        They depend only on the optimizer's secret noise key, the step, the
+        query's index within the step and the replica, never on the data.
         """
         seed = tf.stack([tf.convert_to_tensor(self._noise_key.variable),
                          tf.cast(self._iterations, tf.int64)])
-        if _replicas.num_replicas() > 2**16:  # streams of two queries must not meet
-            raise ValueError("Expected at most 2^16 replicas, got "
-                             f"{_replicas.num_replicas()}.")
-        stream = query * 2**16 + tf.cast(_replicas.replica_id(), tf.int64)
-        return seed, stream
+        if _replicas.num_replicas() > _REPLICA_STREAMS:
+            # Streams of two queries must not meet.
+            raise ValueError(f"Expected at most {_REPLICA_STREAMS} replicas, "
+                             f"got {_replicas.num_replicas()}.")
+        index = (query * _REPLICA_STREAMS +
+                 tf.cast(_replicas.replica_id(), tf.int64))
+        return seed, index
+
+    def _noise_stream(self, query: int):
+        """The seed and stream of this step's noise for one query, replica.
+
+        (noise key, step) is the seed, query * 2^16 + replica the stream.
+        """
+        return self._step_seed(query)
+
+    def _layer_seed(self, query: int) -> tf.Tensor:
+        """The secret key of the stochastic layers' draws in one clipped sum.
+
+        Dropout masks and the like must be as secret as the noise: the seed
+        generators' states are public, and draws an adversary can recompute
+        break the sensitivity bound under Poisson sampling
+        (`tf_dpsat.per_example.Seeds` gives the argument). The key is
+        stream _LAYER_STREAM + query * 2^16 + replica of (noise key, step),
+        so it is secret exactly when the noise is (OS entropy, or the
+        `seed=` opt-in), fresh every step, and independent of the noise and
+        of the batch sampling. Accumulated batches of one logical step also
+        fold in their index.
+
+        Args:
+          query: index of the noisy query within the step.
+
+        Returns:
+          int64 [2].
+        """
+        seed, index = self._step_seed(query)
+        seed = noise.stream_seed(seed, _LAYER_STREAM + index)
+        if self._accumulation_steps > 1:
+            seed = noise.stream_seed(seed, self._accumulation.step.value)
+        return seed
 
     def _noisy_mean(self, summed, query: int, units):
         """(summed + this replica's share of N(0, sigma^2 C^2 I)) / B.
@@ -911,6 +964,6 @@ class DPSAMKeras(DPSATKeras):
     def _ascent_direction(self, step: _Step) -> List[tf.Tensor]:
         """A private gradient at w_t, summed over replicas."""
         sums = self._clipped_sum(step.model, step.variables, step.params,
-                                 step.batch)
+                                 step.batch, query=1)
         grads = self._noisy_mean(sums.summed, 1, self._units_in_step(sums))
         return _replicas.all_reduce_sum(grads)

@@ -12,8 +12,9 @@ given weights, the norms and the counts. Two engines compute the norms:
     for any model.
 
 Both give the same result; `engine="auto"` takes the fast engine where its
-rules cover the whole model. Writing a rule is described in
-`tf_dpsat.per_example.rules`.
+rules cover the whole model. The draws of stochastic layers (dropout masks)
+are keyed by `secret_seed`, which a DP release must keep secret (`Seeds`).
+Writing a rule is described in `tf_dpsat.per_example.rules`.
 
 Example (a rule for a user's layer computing x * scale over the last axis):
 
@@ -48,6 +49,7 @@ A model using `Scale` then clips on the fast engine (`clipping="fast"`);
 from tf_dpsat.per_example import clip
 from tf_dpsat.per_example import rules
 from tf_dpsat.per_example.batch import Batch
+from tf_dpsat.per_example.batch import Seeds
 from tf_dpsat.per_example.engine import DEFAULT_CHUNK_UNITS
 from tf_dpsat.per_example.engine import ENGINES
 from tf_dpsat.per_example.engine import ClippedSum
@@ -66,4 +68,4 @@ from tf_dpsat.per_example.rules import register_rule
 __all__ = ["Batch", "ClippedSum", "DEFAULT_CHUNK_UNITS", "ENGINES", "Layout",
            "Record", "Rule", "Unsupported", "check_supported", "chunk_count",
            "clip", "clipped_sum", "group",
-           "mask_examples", "register_rule", "rules", "slice_count"]
+           "mask_examples", "register_rule", "rules", "Seeds", "slice_count"]

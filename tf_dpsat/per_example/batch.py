@@ -14,8 +14,17 @@ from typing import Optional
 
 import tensorflow as tf
 
-# Offset between the dropout seeds of consecutive units (see Seeds.mapping).
-_SEED_STRIDE = 2**32
+from tf_dpsat import _compat
+from tf_dpsat import noise
+
+# Keras's TensorFlow backend reduces each word of a seed modulo 2^31 - 2
+# before its stateless ops read it (`_cast_seed` in
+# keras/src/backend/tensorflow/random.py), so a word carries about 31 bits:
+# the seeds handed to the layers are drawn below it, where the reduction is
+# the identity and distinct seeds stay distinct.
+_KERAS_SEED_MODULUS = 2**31 - 2
+# The key of `Seeds.of(model)` without a secret: public, like the states.
+_PUBLIC_KEY = (0, 0)
 
 
 def batch_size(x):
@@ -89,7 +98,7 @@ class Batch:
       units: number of units (a Python int or, for a dynamic batch, a tensor).
       size: examples per unit.
       first: index of the first unit within the step's whole batch (a slice
-        of it starts later); it picks the units' dropout seeds.
+        of it starts later); it picks the units' seeds (`Seeds`).
     """
     x: Any
     y: Any
@@ -170,28 +179,118 @@ class Batch:
 
 @dataclasses.dataclass(frozen=True)
 class Seeds:
-    """The model's dropout seed generators and their values for this step.
+    """The seeds of the model's stochastic layers for one clipped sum.
 
-    Unit u of the step's batch draws its masks from the step's seeds offset
-    by (u + 1) * 2^32, so that slicing a batch changes no unit's masks.
+    Every layer that draws from a Keras `SeedGenerator` (Dropout,
+    GaussianNoise, GaussianDropout, ...) draws, for unit u of the step's
+    batch, from the seed [a + u mod M, b] (M = 2^31 - 2), where (a, b) is a
+    pseudo-random function of the key, the generator's position in the model
+    and its state. On the vectorized engine unit u's draws thus depend on its
+    index in the whole batch only, so slicing or chunking a batch changes no
+    unit's draws; the fast engine draws one tensor for a whole slice, from the
+    seed of the slice's first unit, each row its own part of it.
+
+    Why the key must be secret (the DP step passes one derived from the
+    optimizer's noise key). Poisson batches list the sampled examples in
+    index order, so removing one example moves every later example up a row,
+    onto another row's randomness. With draws that an adversary can compute
+    (the generator states are public: `keras.utils.set_random_seed`,
+    `Dropout(seed=...)`, saved models) the neighbouring datasets' clipped sums
+    then differ by the clipped gradients of every moved example, far more
+    than C. With a secret key the rows' draws are independent and identically
+    distributed (pseudo-random), and independent of the data, of the batch
+    sampling and of the noise (another stream of the optimizer's key). The
+    step is then distributed exactly as if each example of the dataset
+    carried draws of its own, made before the sampling. Given those draws,
+    the step is the subsampled Gaussian mechanism on clipped gradients of
+    sensitivity C that the accountant analyses; the released gradient's
+    distribution is a mixture of these mechanisms over the draws, and
+    neighbouring datasets share the draws of their common examples. By the
+    joint convexity of the hockey-stick divergence (and the quasi-convexity
+    of the Renyi divergence) the mixtures are then at least as close as the
+    mechanisms for any fixed draws: the row positions no longer matter. This
+    needs draws that are independent across rows, as Keras's layers make
+    them unless a `noise_shape` shares one draw between rows.
+
+    Keras's global seed generator, from which `keras.random` ops without a
+    seed draw, is keyed likewise; its state is left as the DP step finds it
+    (as any state change in a `keras.StatelessScope`), the key alone makes
+    its draws fresh. Under tf.distribute it is keyed only if the replica's
+    thread already has one (Keras keeps it per thread, and cannot create it
+    inside a replicated step). An op given an integer seed draws the same
+    values at every call, out of any key's reach. Stochastic layers should
+    draw from a `SeedGenerator` of their own, as Keras's layers do.
+
+    Attributes:
+      generators: the model's seed generators, then Keras's global one.
+      values: their public states before this clipped sum.
+      bases: int64 [2] per generator, the (a, b) of the docstring.
+      owned: how many of `generators` are the model's, whose states
+        advance after each clipped sum.
     """
     generators: list
     values: list
+    bases: list
+    owned: int
 
     @classmethod
-    def of(cls, model) -> "Seeds":
+    def of(cls, model, secret=None) -> "Seeds":
+        """The seeds of `model`'s stochastic layers under key `secret`.
+
+        Args:
+          model: the model.
+          secret: int64 [2], the key of the layers' draws; None takes a
+            public constant, so that the draws follow from the generator
+            states alone, which anyone may know (not for a DP release).
+
+        Raises:
+          ValueError: `secret` is not of shape [2].
+        """
+        key = tf.cast(_PUBLIC_KEY if secret is None else secret, tf.int64)
+        if key.shape != [2]:
+            raise ValueError(f"Expected a seed of shape [2], got {key.shape}.")
         generators = []
         for layer in model._flatten_layers():
             generators.extend(getattr(layer, "_seed_generators", []))
-        return cls(generators,
-                   [tf.convert_to_tensor(g.state.value) for g in generators])
+        owned = len(generators)
+        common = _compat.global_seed_generator(
+            create=not tf.distribute.has_strategy())
+        if common is not None and all(g is not common for g in generators):
+            generators.append(common)
+        values = [tf.convert_to_tensor(g.state.value) for g in generators]
+        return cls(generators, values,
+                   [_base(key, i, v) for i, v in enumerate(values)], owned)
 
     def mapping(self, unit) -> list:
-        """(state variable, value) pairs for unit `unit`'s masks."""
-        offset = tf.stack([tf.constant(0, tf.int64),
-                           (tf.cast(unit, tf.int64) + 1) * _SEED_STRIDE])
-        return [(g.state, tf.cast(s, tf.int64) + offset)
-                for g, s in zip(self.generators, self.values)]
+        """(state variable, value) pairs for unit `unit`'s draws."""
+        unit = tf.cast(unit, tf.int64)
+        return [(g.state, tf.cast(tf.stack([
+            tf.math.floormod(b[0] + unit, _KERAS_SEED_MODULUS), b[1]]),
+            g.state.dtype)) for g, b in zip(self.generators, self.bases)]
+
+    def advanced(self) -> list:
+        """The model's generators' next states, (state variable, value) pairs.
+
+        The public states advanced by one call; the key never enters them:
+        they are saved with the model.
+        """
+        return [(g.state, s + tf.constant([0, 1], s.dtype)) for g, s in
+                zip(self.generators[:self.owned], self.values)]
+
+
+def _base(key, index: int, state) -> tf.Tensor:
+    """(a, b) of `Seeds`: int64 [2] in [0, 2^31 - 2), a function of all three.
+
+    Folding in the generator's index keeps two generators with the same state
+    (two `Dropout(seed=1)`) apart; folding in its state gives each clipped
+    sum of a step (DP-SAM's two, accumulated batches) draws of its own.
+    """
+    seed = noise.stream_seed(key, index)
+    state = tf.cast(state, tf.int64)
+    seed = noise.stream_seed(noise.stream_seed(seed, state[0]), state[1])
+    return tf.random.stateless_uniform(
+        [2], seed, minval=0, maxval=_KERAS_SEED_MODULUS, dtype=tf.int64,
+        alg=noise.RNG_ALGORITHM)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -119,13 +119,15 @@ def clipped_sum(model, variables, params, batch: batch_lib.Batch, *,
                 l2_norm_clip: float, engine: str = "auto",
                 batch_slices: Optional[int] = None,
                 chunk_units: Optional[int] = None,
-                loss_scale: float = 1.0) -> ClippedSum:
+                loss_scale: float = 1.0,
+                secret_seed=None) -> ClippedSum:
     """Clips each unit's gradient at `params` to norm C and sums them.
 
     Each unit's gradient g_u (of its compiled loss, plus data-dependent
     `add_loss` terms) is scaled by min(1, C / (||g_u|| + 1e-6)); units with
-    zero weight (padding) or a non-finite gradient are dropped. The model's
-    dropout seeds advance by one step.
+    zero weight (padding) or a non-finite gradient are dropped. The states
+    of the model's seed generators (dropout and other stochastic layers)
+    advance by one step.
 
     Args:
       model: a compiled Keras model.
@@ -148,15 +150,24 @@ def clipped_sum(model, variables, params, batch: batch_lib.Batch, *,
         factors and sums are those of the true gradient. A unit whose
         scaled gradient overflows float16 is dropped like any non-finite
         one. 1 (default) scales nothing.
+      secret_seed: int64 [2], the secret key of the stochastic layers'
+        draws (dropout masks, Gaussian noise layers) in this call, mixed
+        with the seed generators' states (`Seeds`). A DP release needs one
+        that nobody else knows, fresh for every call: the generator states
+        are public, and draws that an adversary can recompute break the
+        sensitivity bound under Poisson sampling (`Seeds` explains why).
+        The DP optimizers derive it from their noise key. None: the draws
+        are a public function of the generator states.
 
     Returns:
       A `ClippedSum`.
 
     Raises:
-      ValueError: `loss_scale` is not a finite number > 0.
+      ValueError: `loss_scale` is not a finite number > 0, or `secret_seed`
+        is not of shape [2].
     """
     loss_scale = validation.check_positive("loss_scale", loss_scale)
-    seeds = batch_lib.Seeds.of(model)
+    seeds = batch_lib.Seeds.of(model, secret_seed)
     count = slice_count(batch_slices)
 
     def clip_chunk(chunk: batch_lib.Batch) -> ClippedSum:
@@ -169,10 +180,9 @@ def clipped_sum(model, variables, params, batch: batch_lib.Batch, *,
         result = clip_chunk(batch)
     else:
         result = _clipped_sum_in_chunks(model, batch, chunk_units, clip_chunk)
-    if seeds.generators:  # The next step draws fresh dropout masks.
-        _replicas.assign_per_replica(
-            [g.state for g in seeds.generators],
-            [s + tf.constant([0, 1], s.dtype) for s in seeds.values])
+    advanced = seeds.advanced()
+    if advanced:  # The next call draws afresh.
+        _replicas.assign_per_replica(*zip(*advanced))
     return result
 
 

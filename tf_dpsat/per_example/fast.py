@@ -145,7 +145,7 @@ class _Interpreter:
                                   "more than once)")
             self._seen_variables.add(id(v))
         own = {id(v) for v in variables.values()}
-        # The whole step's mapping (perturbed weights, dropout seeds): nested
+        # The whole step's mapping (perturbed weights, layers' seeds): nested
         # stateless scopes do not fall back to the enclosing one.
         mapping = [(v, tf.stop_gradient(value) if id(v) in own else value)
                    for v, value in self._mapping]
@@ -330,9 +330,9 @@ def clipped_sum(model, variables, params, batch: batch_lib.Batch,
       model: the DP model.
       variables: its trainable variables.
       params: their values where gradients are taken, one tensor each.
-      batch: the batch (or a slice of whole units of it); its dropout masks
-        are drawn with the seeds of unit `batch.first`.
-      seeds: the step's dropout seeds.
+      batch: the batch (or a slice of whole units of it); its stochastic
+        layers draw for the whole slice with the seeds of unit `batch.first`.
+      seeds: the seeds of the stochastic layers.
       l2_norm_clip: the clip norm C.
       xla: whether the step is compiled by XLA.
       loss_scale: the static loss scale S of float16 passes (1: none); the

@@ -2,7 +2,7 @@
 
 Exact for any model: each unit's forward and backward pass runs inside
 `tf.vectorized_map`, at the given weights (a `keras.StatelessScope` maps
-each variable to its value) and with the unit's own dropout seeds. It
+each variable to its value) and with the unit's own seeds (`Seeds`). It
 materialises units x parameters of memory, and TensorFlow has no vectorized
 rule for the convolution filter gradient, so the fast engine is preferred
 where it applies.
@@ -25,6 +25,32 @@ def _unscale(gradient, loss_scale: float):
     return tf.cast(gradient, tf.float32) / loss_scale
 
 
+def _dense(gradient, rows: int):
+    """A unit's gradient as a dense tensor; rows outside [0, rows) dropped.
+
+    An embedding's gradient is an `tf.IndexedSlices`; densified by
+    TensorFlow inside `tf.vectorized_map`, it becomes one segment sum over
+    all units with unit u's ids offset by u * rows, so an id outside the
+    table (which `tf.gather` reads under XLA and on a GPU without raising)
+    would land in a neighbouring unit's gradient. Alone, such an id adds
+    nothing to the gradient (the segment sum of one example drops it): it is
+    dropped here before the offset.
+
+    Args:
+      gradient: a tensor or an `tf.IndexedSlices`.
+      rows: the variable's static number of rows.
+    """
+    if not isinstance(gradient, tf.IndexedSlices):
+        return gradient
+    ids = gradient.indices
+    inside = (ids >= 0) & (ids < rows)
+    values = tf.where(tf.reshape(inside, [-1] + [1] * (
+        len(gradient.values.shape) - 1)), gradient.values,
+        tf.zeros_like(gradient.values))
+    return tf.math.unsorted_segment_sum(
+        values, tf.where(inside, ids, tf.zeros_like(ids)), rows)
+
+
 def clipped_sum(model, variables, params, batch: batch_lib.Batch,
                 seeds: batch_lib.Seeds, l2_norm_clip: float,
                 loss_scale: float = 1.0) -> batch_lib.EngineResult:
@@ -35,8 +61,8 @@ def clipped_sum(model, variables, params, batch: batch_lib.Batch,
       variables: its trainable variables.
       params: their values where gradients are taken, one tensor each.
       batch: the batch (or a slice of whole units of it).
-      seeds: the step's dropout seeds; unit u of the slice draws the masks
-        of unit `batch.first + u` of the step's batch.
+      seeds: the seeds of the stochastic layers; unit u of the slice draws
+        as unit `batch.first + u` of the step's batch.
       l2_norm_clip: the clip norm C.
       loss_scale: the static loss scale S of float16 passes (1: none): each
         unit's loss is multiplied by S and its float32 gradient divided by S
@@ -67,6 +93,7 @@ def clipped_sum(model, variables, params, batch: batch_lib.Batch,
             loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         if loss_scale != 1:
             grads = [_unscale(g, loss_scale) for g in grads]
+        grads = [_dense(g, p.shape[0]) for g, p in zip(grads, params)]
         return grads, y_pred, extra
 
     grads, y_pred, extra = tf.vectorized_map(

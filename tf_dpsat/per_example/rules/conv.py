@@ -59,7 +59,9 @@ class ConvRule(base.Rule):
     Direct per-example kernel gradients come from one filter-gradient op with
     the batch folded into the channels: example b's channels form groups of
     their own, so a grouped (or depthwise) filter gradient of the folded
-    tensors is the stack of the B per-example filter gradients.
+    tensors is the stack of the B per-example filter gradients. Under XLA,
+    and for a dilated depthwise convolution, they come from one batched
+    product per kernel offset instead (`_per_unit_kernel_by_shifts`).
     """
 
     def __init__(self, depthwise: bool = False):
@@ -104,7 +106,13 @@ class ConvRule(base.Rule):
 
     def _per_unit_kernel(self, record, d, layout):
         """[units, *kernel.shape] per-unit kernel gradients (direct)."""
-        if layout.xla:
+        _, _, dilation = self._geometry(record.layer)
+        # DepthwiseConv2dNativeBackpropFilter ignores `dilations` on CPU
+        # (oneDNN, TensorFlow 2.21): wrong gradients with SAME padding, an
+        # error with VALID. TensorFlow's own gradient of a dilated depthwise
+        # convolution never calls it (tf.nn.depthwise_conv2d turns the
+        # dilation into space_to_batch), so neither does this rule.
+        if layout.xla or (self.depthwise and dilation != (1, 1)):
             return self._per_unit_kernel_by_shifts(record, d, layout)
         layer = record.layer
         a = record.saved["a"]
