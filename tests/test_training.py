@@ -1228,6 +1228,33 @@ def test_a_run_started_before_a_new_field_resumes_with_its_default(tmp_path):
     assert training.train(config)["steps"] == 30
 
 
+def test_hessian_minibatches_are_capped_below_the_evaluation_batch(monkeypatch):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)),
+                              keras.layers.Dense(4, activation="tanh"),
+                              keras.layers.Dense(3)])
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 5)).astype("float32")
+    y = rng.integers(0, 3, 600)
+    seen, measure = [], sharpness.top_hessian_eigenvalue
+
+    def spy(*args, batch_size, **kwargs):
+        seen.append(batch_size)
+        return measure(*args, batch_size=batch_size, **kwargs)
+
+    monkeypatch.setattr(sharpness, "top_hessian_eigenvalue", spy)
+    capped = training.top_eigenvalue(model, x, y, batch_size=1000)
+    small = training.top_eigenvalue(model, x, y, batch_size=100)
+    assert seen == [training.SHARPNESS_BATCH_SIZE, 100]
+    # The same eigenvalue as one pass over all 600 examples, up to rounding.
+    whole = measure(model, x, y, loss=model.loss,
+                    iterations=training.SHARPNESS_ITERATIONS, batch_size=600,
+                    seed=training.SHARPNESS_SEED)
+    assert capped.eigenvalue == pytest.approx(whole.eigenvalue, rel=1e-4)
+    assert small.eigenvalue == pytest.approx(whole.eigenvalue, rel=1e-4)
+
+
 @pytest.mark.slow
 def test_sharpness_examples_are_measured_at_each_evaluation(tmp_path):
     config = small_config(epochs=2, sharpness_examples=64, model_dir=str(tmp_path))

@@ -219,6 +219,10 @@ _VALIDATION_NOTE = (
 # of their start vector.
 SHARPNESS_ITERATIONS = 20
 SHARPNESS_SEED = 0
+# Most examples per Hessian-vector product minibatch: DPNASNet's double
+# backward pass over the 1000 examples of an evaluation batch outgrew a
+# 24 GB machine.
+SHARPNESS_BATCH_SIZE = 250
 SHARPNESS_METRIC = "top_hessian_eigenvalue"
 SHARPNESS_NOTE = (
     "NOT private: the largest eigenvalue of the Hessian of the mean training "
@@ -1389,10 +1393,17 @@ def sharpness_batch(config: TrainConfig, dataset: data.Dataset) -> Tuple[Any, An
 
 def top_eigenvalue(model: keras.Model, x: Any, y: Any,
                    batch_size: int) -> sharpness.EigenResult:
-    """The top Hessian eigenvalue of the model's compiled loss on `(x, y)`."""
+    """The top Hessian eigenvalue of the model's compiled loss on `(x, y)`.
+
+    Hessian-vector products run in minibatches of at most
+    SHARPNESS_BATCH_SIZE examples, whatever `batch_size` (the evaluation's)
+    says: their double backward pass holds far more memory per example than
+    an evaluation. The eigenvalue does not depend on the minibatch size, up
+    to rounding.
+    """
     return sharpness.top_hessian_eigenvalue(
         model, x, y, loss=model.loss, iterations=SHARPNESS_ITERATIONS,
-        batch_size=batch_size, seed=SHARPNESS_SEED)
+        batch_size=min(batch_size, SHARPNESS_BATCH_SIZE), seed=SHARPNESS_SEED)
 
 
 class _Sharpness(keras.callbacks.Callback):
