@@ -214,6 +214,7 @@ def test_layer_seeds_are_fresh_per_step_query_and_batch():
                 opt.iterations.assign(iterations)
                 for accumulated in range(accumulation):
                     if accumulation > 1:
+                        opt._accumulation.started_at.assign(iterations)
                         opt._accumulation.step.assign(accumulated)
                     out += [tuple(opt._layer_seed(q).numpy()) for q in (0, 1)]
                 if accumulation == 1:  # The noise: the same for both.

@@ -4,9 +4,11 @@ What: `PrivacyCallback` adds `logs["epsilon"]` at every epoch end (so epsilon
 shows in the progress bar, `History` and TensorBoard) and, given
 `target_epsilon`, stops training at the last step that keeps epsilon within it.
 
-Why this way: epsilon is computed from `optimizer.iterations`, the count of
-logical noisy steps, not from counting batches, so it stays right after resuming
-from a checkpoint or `keras.models.load_model`. The budget is also handed to the
+Why this way: epsilon is computed from the optimizer's count of logical noisy
+steps (`released_steps` where it has one, else `iterations`), not from counting
+batches, so it stays right after resuming from a checkpoint or
+`keras.models.load_model`, and after a restore to an earlier step in the same
+process (the steps moved back over stay released). The budget is also handed to the
 optimizer (`set_step_budget`), because Keras runs a batch before it looks at
 `stop_training`; the optimizer's own refusal is what makes overrunning the budget
 impossible. The analyses are those of `tf_dpsat.accounting` (RDP; Mironov 2017,
@@ -14,8 +16,9 @@ Mironov, Talwar and Zhang 2019, Balle et al. 2020) for DP-SGD / DP-SAT (Park et
 al., ICML 2023).
 
 The callback reads these attributes of `model.optimizer`: `noise_multiplier`,
-`queries_per_step`, `iterations`, `expected_batch_size`, `num_microbatches`, and
-calls `set_step_budget(max_steps)` if present. List it before a TensorBoard or
+`queries_per_step`, `iterations` (`released_steps` if present),
+`expected_batch_size`, `num_microbatches`, and calls `set_step_budget(max_steps)`
+if present. List it before a TensorBoard or
 CSVLogger callback so they see `epsilon` in the epoch logs.
 
 Epsilon covers the noisy steps only. The other epoch logs of a DP model, the
@@ -211,9 +214,14 @@ class PrivacyCallback(keras.callbacks.Callback):
         return getattr(optimizer, name)
 
     def _iterations(self) -> int:
+        """The noisy steps released so far."""
+        optimizer = self._optimizer()
+        iterations = self._attribute("iterations")
+        if hasattr(optimizer, "released_steps"):
+            return int(optimizer.released_steps)
         # convert_to_numpy: int() of a Keras variable fails when it wraps a
         # tf.distribute (mirrored) variable.
-        return int(keras.ops.convert_to_numpy(self._attribute("iterations")))
+        return int(keras.ops.convert_to_numpy(iterations))
 
     def _setup(self) -> _Setup:
         """Reads the optimizer's DP settings (cheap; done at each use).

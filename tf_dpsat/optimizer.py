@@ -122,8 +122,11 @@ _NOISE_KEY_LIMIT = 2**63
 # replica r is stream q * 2^16 + r, the stochastic layers' draws of that
 # query's clipped sum stream _LAYER_STREAM + q * 2^16 + r. Queries stay
 # below 2^15, so no two streams meet and none is correlated with another.
+# After `iterations` moved back g > 0 times in one process (`_Releases`), the
+# seed is stream _GENERATION_STREAM + g of (noise key, step), beyond them all.
 _REPLICA_STREAMS = 2**16
 _LAYER_STREAM = 2**31
+_GENERATION_STREAM = 2**32
 
 
 def _check_noise_key(key) -> int:
@@ -162,6 +165,74 @@ class _SecretKey:
         return "<secret noise key>"
 
 
+class _Releases:
+    """Which steps of its key's noise this optimizer object has released.
+
+    Noise and layer draws are functions of (key, `iterations`), so that a run
+    resumed in a new process from its checkpoint and its key replays them
+    bitwise, batches included (the binary keys the sampling likewise). In one
+    process `iterations` can move back, though: `tf.train.Checkpoint.restore`,
+    `load_weights` or `iterations.assign` to an earlier step, for example to
+    retrain from a saved starting point. The next steps would then draw noise
+    that this object has already released, on other batches (the sampler's
+    state does not move back), and the difference of two such releases is
+    free of noise; an accountant reading `iterations` would also forget the
+    steps moved back over. So the optimizer notes, out of every saved state
+    (like `_SecretKey`), where its releases stand: a step taken at
+    `iterations < next_step` starts a new generation of the noise (folded
+    into every seed) and counts the steps moved back over in `rolled_back`,
+    which `released_steps`, and so the step budget and
+    `tf_dpsat.PrivacyCallback`, add to `iterations`. A new process starts at
+    generation 0: resuming a run stays bitwise.
+
+    Attributes:
+      next_step: int64, `iterations` after the last released step; 0 before.
+      generation: int64, how many times `iterations` moved back.
+      rolled_back: int64, released steps that `iterations` moved back over.
+    """
+
+    __slots__ = ("next_step", "generation", "rolled_back")
+
+    def __init__(self):
+        def counter(name):
+            return tf.Variable(
+                0, dtype=tf.int64, trainable=False, name=name,
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+        self.next_step = counter("dp_next_step")
+        self.generation = counter("dp_noise_generation")
+        self.rolled_back = counter("dp_rolled_back_steps")
+
+    def moved_back(self, iterations) -> tf.Tensor:
+        """Whether a step at `iterations` would reuse released noise."""
+        return tf.cast(iterations, tf.int64) < self.next_step
+
+    def generation_at(self, iterations) -> tf.Tensor:
+        """The noise generation a step at `iterations` draws from."""
+        return self.generation + tf.cast(self.moved_back(iterations), tf.int64)
+
+    def rolled_back_at(self, iterations) -> tf.Tensor:
+        """`rolled_back` once a step at `iterations` is released."""
+        iterations = tf.cast(iterations, tf.int64)
+        return self.rolled_back + tf.where(self.moved_back(iterations),
+                                           self.next_step - iterations,
+                                           tf.zeros_like(iterations))
+
+    def record(self, iterations, released) -> None:
+        """Notes a step at `iterations`, if `released` (a boolean scalar)."""
+        iterations = tf.cast(iterations, tf.int64)
+        updates = [(self.generation, self.generation_at(iterations)),
+                   (self.rolled_back, self.rolled_back_at(iterations)),
+                   (self.next_step, iterations + 1)]
+        values = [tf.where(released, new, tf.convert_to_tensor(v))
+                  for v, new in updates]
+        for (variable, _), value in zip(updates, values):
+            variable.assign(value)
+
+    def __repr__(self) -> str:
+        return "<released steps>"
+
+
 class _Accumulation:
     """The running state of a logical step, held out of every saved state.
 
@@ -179,12 +250,18 @@ class _Accumulation:
       sums: one float variable per trainable variable, the clipped sum.
       units: float32 scalar, the units (padding included) summed so far.
       step: int64 scalar, the physical batches of this step done so far.
+      started_at: int64 scalar, `iterations` when this step's first batch
+        was summed. Where `iterations` has moved since (a restore part-way
+        through a step that the Keras loader does not see, such as
+        `tf.train.Checkpoint.restore`), the sum belongs to another logical
+        step and is dropped: `*_at` read it as empty.
     """
 
-    __slots__ = ("sums", "units", "step")
+    __slots__ = ("sums", "units", "step", "started_at")
 
-    def __init__(self, sums, units, step):
+    def __init__(self, sums, units, step, started_at):
         self.sums, self.units, self.step = sums, units, step
+        self.started_at = started_at
 
     def reset(self) -> None:
         """Starts a fresh logical step, dropping the batches summed so far."""
@@ -192,6 +269,26 @@ class _Accumulation:
             s.assign(tf.zeros(s.shape, s.dtype))
         self.units.assign(0.0)
         self.step.assign(0)
+
+    def _stale(self, iterations) -> tf.Tensor:
+        return ((self.step > 0) &
+                (self.started_at != tf.cast(iterations, tf.int64)))
+
+    def step_at(self, iterations) -> tf.Tensor:
+        """The index of a physical batch at `iterations` in its logical step."""
+        return tf.where(self._stale(iterations), tf.zeros_like(self.step),
+                        tf.convert_to_tensor(self.step))
+
+    def sums_at(self, iterations) -> list:
+        """The clipped sums that a physical batch at `iterations` adds to."""
+        stale = self._stale(iterations)
+        return [tf.where(stale, tf.zeros_like(s), s)
+                for s in (tf.convert_to_tensor(v.value) for v in self.sums)]
+
+    def units_at(self, iterations) -> tf.Tensor:
+        """The units that a physical batch at `iterations` adds to."""
+        return tf.where(self._stale(iterations), 0.0,
+                        tf.convert_to_tensor(self.units))
 
     def __repr__(self) -> str:
         return f"<accumulation over {len(self.sums)} variables>"
@@ -249,9 +346,11 @@ class DPSATKeras(keras.optimizers.Optimizer):
         as if that step had not started, and a restored optimizer (or one
         that `load_weights` reloads) starts a fresh logical step. The
         physical batches dropped that way were never released, so that
-        costs no privacy. `tf.train.Checkpoint.restore` into an optimizer
-        part-way through a step leaves its running sum as it is (it is
-        noised with the rest of that step).
+        costs no privacy. A restore that moves `iterations` part-way
+        through a step (`tf.train.Checkpoint.restore` too) drops the running
+        sum at the next batch. Moving `iterations` back in one process
+        (restoring an earlier step) never reuses released noise, and the
+        steps moved back over still count (`released_steps`).
       seed: None (default) takes the noise key from OS entropy
         (`os.urandom`). The key is secret: no saved file (`.keras`,
         `.weights.h5`, `tf.train.Checkpoint`) and no `get_config()` holds it,
@@ -428,6 +527,7 @@ class DPSATKeras(keras.optimizers.Optimizer):
         # so that neither Keras nor TensorFlow checkpointing tracks or saves it.
         self._noise_key = _SecretKey(
             noise.secret_key() if seed is None else seed)
+        self._releases = _Releases()
         with keras.name_scope(self.name, caller=self):
             # A variable, so that save/load restores it and XLA reads it.
             self._step_budget = keras.Variable(
@@ -478,13 +578,16 @@ class DPSATKeras(keras.optimizers.Optimizer):
             step = keras.Variable(0, dtype="int64", trainable=False,
                                   aggregation="only_first_replica",
                                   name="dp_accumulation_step")
-        return _Accumulation(sums, units, step)
+            started_at = keras.Variable(0, dtype="int64", trainable=False,
+                                        aggregation="only_first_replica",
+                                        name="dp_accumulation_started_at")
+        return _Accumulation(sums, units, step, started_at)
 
     def _keeps_direction(self) -> bool:
         return self.rho > 0
 
     def set_step_budget(self, max_steps: int) -> None:
-        """Refuses every noisy step once `iterations >= max_steps`.
+        """Refuses every noisy step once `released_steps >= max_steps`.
 
         `tf_dpsat.PrivacyCallback` sets this from a target epsilon; a step
         beyond the budget changes no weight and releases no gradient.
@@ -497,6 +600,22 @@ class DPSATKeras(keras.optimizers.Optimizer):
         if max_steps < 0:
             raise ValueError(f"Expected max_steps={max_steps} >= 0.")
         self._step_budget.assign(max_steps)
+
+    @property
+    def released_steps(self) -> int:
+        """The noisy steps this optimizer has released: what epsilon counts.
+
+        `iterations`, plus the released steps that `iterations` was moved
+        back over in this process (a restore to an earlier step, see
+        `_Releases`): those stay released. Equal to `iterations` unless
+        `iterations` moved back. The step budget and
+        `tf_dpsat.PrivacyCallback` count this.
+        """
+        iterations = tf.convert_to_tensor(self._iterations)
+        return int(keras.ops.convert_to_numpy(
+            tf.maximum(tf.cast(iterations, tf.int64),
+                       self._releases.next_step) +
+            self._releases.rolled_back))
 
     def set_noise_key(self, key: int) -> None:
         """Sets the secret key of the noise, before or after tracing.
@@ -748,8 +867,14 @@ class DPSATKeras(keras.optimizers.Optimizer):
         They depend only on the optimizer's secret noise key, the step, the
         query's index within the step and the replica, never on the data.
         """
+        iterations = tf.cast(self._iterations, tf.int64)
         seed = tf.stack([tf.convert_to_tensor(self._noise_key.variable),
-                         tf.cast(self._iterations, tf.int64)])
+                         iterations])
+        # Generation 0 keeps (key, step): a resumed run replays bitwise.
+        generation = self._releases.generation_at(iterations)
+        seed = tf.where(generation > 0,
+                        noise.stream_seed(seed, _GENERATION_STREAM + generation),
+                        seed)
         if _replicas.num_replicas() > _REPLICA_STREAMS:
             # Streams of two queries must not meet.
             raise ValueError(f"Expected at most {_REPLICA_STREAMS} replicas, "
@@ -787,7 +912,8 @@ class DPSATKeras(keras.optimizers.Optimizer):
         seed, index = self._step_seed(query)
         seed = noise.stream_seed(seed, _LAYER_STREAM + index)
         if self._accumulation_steps > 1:
-            seed = noise.stream_seed(seed, self._accumulation.step.value)
+            seed = noise.stream_seed(
+                seed, self._accumulation.step_at(self._iterations))
         return seed
 
     def _noisy_mean(self, summed, query: int, units):
@@ -851,19 +977,25 @@ class DPSATKeras(keras.optimizers.Optimizer):
         # `iterations += 1` would then count a step that never happened.
         with tf.control_dependencies([sums.examples]):
             budget = tf.identity(self._step_budget.value)
-        apply_now = (budget < 0) | (tf.cast(self._iterations, tf.int64) < budget)
+            iterations = tf.cast(tf.identity(self._iterations), tf.int64)
+        # Steps moved back over count against the budget (`_Releases`).
+        released = iterations + self._releases.rolled_back_at(iterations)
+        apply_now = (budget < 0) | (released < budget)
         refused = tf.logical_not(apply_now)
         k = self._accumulation_steps
         if k > 1:
             acc = self._accumulation
-            step = tf.convert_to_tensor(acc.step.value)
+            step = acc.step_at(iterations)
             is_last = tf.equal(step, k - 1)
-            summed = [a.value + s for a, s in zip(acc.sums, summed)]
-            units = acc.units.value + units
+            summed = [a + s for a, s in zip(acc.sums_at(iterations), summed)]
+            units = acc.units_at(iterations) + units
             _replicas.assign_per_replica(
                 acc.sums,
                 [tf.where(is_last, tf.zeros_like(s), s) for s in summed])
             acc.units.assign(tf.where(is_last, 0.0, units))
+            acc.started_at.assign(tf.where(
+                tf.equal(step, 0), iterations,
+                tf.convert_to_tensor(acc.started_at)))
             acc.step.assign(tf.where(is_last, tf.zeros_like(step), step + 1))
             apply_now &= is_last
 
@@ -879,9 +1011,12 @@ class DPSATKeras(keras.optimizers.Optimizer):
                                                  variables)
                 return tf.constant(True)
 
-            tf.cond(apply_now, apply, lambda: tf.constant(False))
+            applied = tf.cond(apply_now, apply, lambda: tf.constant(False))
+            with tf.control_dependencies([applied]):
+                self._releases.record(iterations, apply_now)
             return refused
         self._apply_or_keep(apply_now, noisy_gradients(), variables)
+        self._releases.record(iterations, apply_now)
         return refused
 
     def _apply_or_keep(self, apply_now, grads, variables) -> None:
