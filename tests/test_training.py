@@ -342,6 +342,18 @@ def test_shuffle_pipeline_covers_each_example_once_per_epoch():
     for epoch in range(2):
         seen = np.concatenate([s[0] for s in steps[5 * epoch:5 * epoch + 5]])
         np.testing.assert_array_equal(np.sort(seen), np.arange(n))
+    # The 2 physical batches of a step, concatenated, are the batch of the
+    # run without accumulation: the same examples in the same order.
+    whole = small_config(sampling="shuffle", batch_size=10, epochs=2,
+                         noise_multiplier=1.0)
+    plan_whole = training.make_plan(whole, n)
+    assert (plan.accumulation_steps, plan_whole.accumulation_steps) == (2, 1)
+    unsplit = logical_steps(training.train_batches(whole, plan_whole, images, labels,
+                                                   secret=SECRET), plan_whole)
+    assert len(unsplit) == 10
+    for (_, _, xa, ya), (_, _, xb, yb) in zip(steps, unsplit):
+        np.testing.assert_array_equal(ya, yb)
+        np.testing.assert_array_equal(xa, xb)
 
 
 # ---------------------------------------------------------------------------
@@ -468,6 +480,7 @@ def test_unprepared_tfds_dataset_fails_fast_naming_the_flags(tmp_path, monkeypat
     dict(method="dpsam"),
     dict(method="nonprivate", learning_rate=0.05),
     dict(sampling="shuffle"),
+    dict(sampling="shuffle", physical_batch_size=25),
     dict(direction="momentum", physical_batch_size=64),
 ])
 @pytest.mark.slow
