@@ -7,6 +7,8 @@ import sys
 
 import numpy as np
 import pytest
+import scipy.optimize
+import scipy.stats
 
 from tf_dpsat import accounting
 
@@ -251,15 +253,62 @@ def test_statement_reports_both_analyses_and_warns():
     assert "without microbatching" in text
 
 
-def test_statement_accounts_for_microbatching_and_queries():
-    text = _flat(_statement(num_microbatches=64, queries_per_step=2))
-    assert "with microbatching" in text
-    assert "0.44883325" in text  # sigma / 2
-    halved_two_queries = accounting.compute_epsilon(
-        noise_multiplier=TF_PRIVACY_SIGMA / 2, sampling_probability=CIFAR_Q,
+def test_statement_accounts_for_queries():
+    text = _flat(_statement(queries_per_step=2))
+    two_queries = accounting.compute_epsilon(
+        noise_multiplier=TF_PRIVACY_SIGMA, sampling_probability=CIFAR_Q,
         steps=STATEMENT_STEPS, queries_per_step=2)
-    assert f"{halved_two_queries:.3f}" in text
-    assert "sqrt(2)" in text
+    assert f"Poisson sampling (*): {two_queries:.3f}" in text
+    assert "0.8976665 / sqrt(2) = 0.6347, subsampled once per step" in text
+
+
+def _rdp_epsilon_of_gaussians(noise_multiplier, compositions, delta=1e-5):
+    """Epsilon of unsubsampled Gaussians by RDP, written out independently.
+
+    A Gaussian of noise multiplier s has RDP a / (2 s^2) at order a; the
+    conversion of Balle et al. 2020 gives epsilon = RDP + log((a - 1) / a)
+    - (log delta + log a) / (a - 1), minimised over the library's orders.
+    """
+    orders = np.asarray(accounting.RDP_ORDERS, np.float64)
+    rdp = compositions * orders / (2 * noise_multiplier ** 2)
+    return float(np.min(rdp + np.log((orders - 1) / orders)
+                        - (math.log(delta) + np.log(orders)) / (orders - 1)))
+
+
+# The microbatch run of the statement and CLI tests below: sigma 10, 3 epochs
+# of 50000 examples in fixed-size batches of 300 (4 examples in each of 75
+# microbatches), 2 queries per step (DP-SAM). The once-per-epoch analysis is
+# 3 unsubsampled Gaussians of noise multiplier 10 / 2 / sqrt(2) = 3.5355
+# (sensitivity 2C, 2 queries): RDP 3 a / 25 = 0.12 a at order a, minimal at
+# a = 9.8: 1.176 + log(8.8 / 9.8) - (log 1e-5 + log 9.8) / 8.8 = 1.176 - 0.1076
+# + 1.0489 = 2.117. Steps: floor(50000 / 300) = 166 per epoch, 498 in all
+# (round(50000 / 300) = 167 would be the Poisson count, 501). With 1000
+# parameters the sampler tail is (1 + e^2.117) * 498 * 2 * 500 * 2^-64 =
+# 9.309 * 2.700e-14 = 2.51e-13 (with 501 steps: 2.53e-13).
+MICROBATCH_RUN = dict(num_examples=50000, batch_size=300, noise_multiplier=10.0,
+                      epochs=3, num_microbatches=75, queries_per_step=2)
+MICROBATCH_EPSILON = "2.117"
+
+
+def test_statement_with_microbatches_states_only_the_fixed_size_analysis():
+    assert f"{_rdp_epsilon_of_gaussians(10 / 2 / math.sqrt(2), 3):.3f}" == (
+        MICROBATCH_EPSILON)
+    text = _flat(_statement(**MICROBATCH_RUN, num_params=1000))
+    assert ("Epsilon with each example once per epoch (**): "
+            f"{MICROBATCH_EPSILON}") in text
+    assert "3 epochs = 498 steps (floor(num_examples / batch_size) per epoch" in text
+    assert "with 75 microbatches of 4 examples per batch" in text
+    assert "noise multiplier 10 / 2 = 5." in text
+    assert "5 / sqrt(2) = 3.536, once per epoch for each example" in text
+    assert "(**) 1e-05 + 2.51e-13 + 0 = 1e-05" in text
+    # No Poisson value, footnote or comparison: tf_dpsat refuses microbatches
+    # with Poisson sampling.
+    assert "Epsilon with Poisson sampling" not in text
+    assert "(*)" not in text and "WARNING" not in text
+    assert "no epsilon with Poisson sampling is stated" in text
+    # One example per microbatch is still only the fixed-size analysis.
+    text = _flat(_statement(**dict(MICROBATCH_RUN, num_microbatches=300)))
+    assert f"(**): {MICROBATCH_EPSILON}" in text and "(*)" not in text
 
 
 def test_statement_warns_even_when_the_batch_is_the_dataset():
@@ -299,15 +348,59 @@ def test_cli_calibration(capsys):
     assert rest.lstrip("\n") == _statement(noise_multiplier=sigma)
 
 
-def test_cli_calibration_with_microbatching_reports_optimizer_sigma(capsys):
+def test_cli_with_microbatches_prints_the_fixed_size_epsilon_only(capsys):
+    assert accounting.main(["--num_examples=50000", "--batch_size=300",
+                            "--epochs=3", "--noise_multiplier=10",
+                            "--num_microbatches=75", "--queries_per_step=2",
+                            "--num_params=1000"]) == 0
+    out = capsys.readouterr().out
+    assert out == _statement(**MICROBATCH_RUN, num_params=1000)
+    lines = [line.split() for line in out.splitlines() if "Epsilon with" in line]
+    assert lines == [["Epsilon", "with", "each", "example", "once", "per", "epoch",
+                      "(**):", MICROBATCH_EPSILON]]
+
+
+def test_cli_with_microbatches_pld_matches_the_analytic_gaussian(capsys):
+    # The run above under PLD: 3 Gaussians of noise multiplier 3.5355 are one
+    # Gaussian of mu = sqrt(3) / 3.5355 = 0.4899, whose exact epsilon solves
+    # Phi(-eps / mu + mu / 2) - e^eps Phi(-eps / mu - mu / 2) = 1e-5
+    # (Balle and Wang 2018): 1.9482. The pessimistic PLD is within 1e-3.
+    assert accounting.main(["--num_examples=50000", "--batch_size=300",
+                            "--epochs=3", "--noise_multiplier=10",
+                            "--num_microbatches=75", "--queries_per_step=2",
+                            "--accountant=pld"]) == 0
+    out = capsys.readouterr().out
+    assert "Poisson sampling (*)" not in out
+    printed = float(out.split("once per epoch (**):")[1].split()[0])
+    mu = math.sqrt(3) / (10 / 2 / math.sqrt(2))
+    normal = scipy.stats.norm.cdf
+    exact = scipy.optimize.brentq(
+        lambda eps: normal(-eps / mu + mu / 2)
+        - math.exp(eps) * normal(-eps / mu - mu / 2) - 1e-5, 0, 50)
+    assert exact == pytest.approx(1.9482, abs=1e-4)
+    assert printed == pytest.approx(exact, abs=1.5e-3)
+
+
+def test_cli_calibration_with_microbatches_uses_the_fixed_size_analysis(capsys):
     assert accounting.main(["--num_examples=50000", "--batch_size=256",
                             "--epochs=30", "--epsilon=3",
                             "--num_microbatches=128"]) == 0
-    sigma = float(capsys.readouterr().out.split()[3])
-    assert sigma == pytest.approx(2 * TF_PRIVACY_SIGMA, rel=5e-3)
-    assert accounting.compute_epsilon(noise_multiplier=sigma / 2,
-                                      sampling_probability=CIFAR_Q,
-                                      steps=STATEMENT_STEPS) <= 3
+    first, rest = capsys.readouterr().out.split("\n", 1)
+    assert first.startswith("Calibrated noise multiplier: ")
+    assert ("with each example once per epoch over 30 epochs (fixed-size "
+            "batches, as --num_microbatches needs)") in first
+    sigma = float(first.split()[3])
+    # Independently: the smallest sigma whose 30 unsubsampled Gaussians of
+    # noise multiplier sigma / 2 reach epsilon 3 (16.36; the Poisson
+    # calibration doubled for microbatches gave 2 * 0.8977 = 1.795).
+    reference = scipy.optimize.brentq(
+        lambda s: _rdp_epsilon_of_gaussians(s / 2, 30) - 3, 1, 100)
+    assert reference == pytest.approx(16.36, abs=0.01)
+    assert sigma == pytest.approx(reference, rel=1e-3)
+    assert _rdp_epsilon_of_gaussians(sigma / 2, 30) <= 3
+    assert rest.lstrip("\n") == _statement(noise_multiplier=sigma,
+                                            num_microbatches=128)
+    assert "Poisson sampling (*)" not in rest
 
 
 def test_cli_counts_the_trainers_steps(capsys):

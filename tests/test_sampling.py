@@ -312,6 +312,66 @@ def test_shuffle_dataset_epochs():
     np.testing.assert_array_equal(np.sort(everything), labels)
 
 
+def test_shuffle_physical_batches_are_the_pieces_of_the_logical_batch():
+    # 103 examples in batches of 12: 103 // 12 = 8 logical batches (96 rows,
+    # 7 dropped), each cut into k = 4 pieces of 3 rows: 32 pieces. Batching
+    # all 103 rows by 3 would give 34, the last 2 from the dropped batch.
+    images, labels = _index_data(103, shape=(2, 2, 3))
+    make = functools.partial(
+        sampling.shuffle_dataset, images, labels, batch_size=12, seed=5,
+        preprocess=functools.partial(datasets.normalize, name="cifar10"))
+    for epoch in (0, 1):
+        whole, pieces = make(epoch=epoch), make(epoch=epoch, physical_batches=4)
+        assert pieces.cardinality() == 32
+        x_spec, y_spec, w_spec = pieces.element_spec
+        assert x_spec.shape == (3, 2, 2, 3) and y_spec.shape == w_spec.shape == (3,)
+        whole, pieces = _collect(whole), _collect(pieces)
+        assert len(whole) == 8 and len(pieces) == 32
+        for step, logical in enumerate(whole):
+            own = pieces[4 * step:4 * step + 4]
+            for part, joined in enumerate(zip(*own)):
+                np.testing.assert_array_equal(np.concatenate(joined), logical[part])
+        # Independently of the k = 1 path: 96 distinct examples, each row the
+        # normalised image of its label, weights all 1.
+        seen = np.concatenate([y for _, y, _ in pieces])
+        assert len(np.unique(seen)) == 96
+        x = np.concatenate([x for x, _, _ in pieces])
+        np.testing.assert_allclose(x, datasets.normalize(images[seen], "cifar10"),
+                                   rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(np.concatenate([w for _, _, w in pieces]), 1.0)
+
+
+@pytest.mark.parametrize("make, kwargs, message", [
+    ("poisson", dict(physical_batches=0),
+     "Expected physical_batches=0 to be a positive integer: the physical batches "
+     "per logical batch."),
+    ("poisson", dict(physical_batches=2.5), "Expected physical_batches=2.5 to be a "),
+    ("poisson", dict(physical_batches=3),
+     "Expected physical_batches=3 to divide padded_size=40. Take padded_size = "
+     "padded_batch_size(..., multiple_of=rows) for the rows per physical batch, "
+     "and physical_batches = padded_size // rows."),
+    ("shuffle", dict(physical_batches=0), "Expected physical_batches=0 to be a "),
+    ("shuffle", dict(physical_batches=5),
+     "Expected physical_batches=5 to divide batch_size=12. Take a batch_size that "
+     "is a multiple of the rows per physical batch, and physical_batches = "
+     "batch_size // rows."),
+    ("shuffle", dict(physical_batches=4, drop_remainder=False),
+     "Expected drop_remainder=True with physical_batches=4: the last, partial "
+     "batch cannot be cut into equal pieces. Pass drop_remainder=True or "
+     "physical_batches=1."),
+], ids=["poisson-zero", "poisson-fraction", "poisson-not-dividing", "shuffle-zero",
+        "shuffle-not-dividing", "shuffle-partial-batch"])
+def test_physical_batches_errors_name_the_fix(make, kwargs, message):
+    images, labels = _index_data(100)
+    if make == "poisson":
+        make = functools.partial(sampling.poisson_dataset, expected_batch_size=20,
+                                 steps=10, padded_size=40)
+    else:
+        make = functools.partial(sampling.shuffle_dataset, batch_size=12)
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        make(images, labels, seed=0, **kwargs)
+
+
 def test_test_dataset_covers_all_in_order():
     images, labels = _index_data(25)
     batches = _collect(sampling.test_dataset(images, labels, batch_size=10))

@@ -342,6 +342,18 @@ def test_shuffle_pipeline_covers_each_example_once_per_epoch():
     for epoch in range(2):
         seen = np.concatenate([s[0] for s in steps[5 * epoch:5 * epoch + 5]])
         np.testing.assert_array_equal(np.sort(seen), np.arange(n))
+    # The 2 physical batches of a step, concatenated, are the batch of the
+    # run without accumulation: the same examples in the same order.
+    whole = small_config(sampling="shuffle", batch_size=10, epochs=2,
+                         noise_multiplier=1.0)
+    plan_whole = training.make_plan(whole, n)
+    assert (plan.accumulation_steps, plan_whole.accumulation_steps) == (2, 1)
+    unsplit = logical_steps(training.train_batches(whole, plan_whole, images, labels,
+                                                   secret=SECRET), plan_whole)
+    assert len(unsplit) == 10
+    for (_, _, xa, ya), (_, _, xb, yb) in zip(steps, unsplit):
+        np.testing.assert_array_equal(ya, yb)
+        np.testing.assert_array_equal(xa, xb)
 
 
 # ---------------------------------------------------------------------------
@@ -468,6 +480,7 @@ def test_unprepared_tfds_dataset_fails_fast_naming_the_flags(tmp_path, monkeypat
     dict(method="dpsam"),
     dict(method="nonprivate", learning_rate=0.05),
     dict(sampling="shuffle"),
+    dict(sampling="shuffle", physical_batch_size=25),
     dict(direction="momentum", physical_batch_size=64),
 ])
 @pytest.mark.slow
@@ -502,6 +515,27 @@ class _CrashAfterFirstEpoch(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if epoch == 0:
             raise _Interrupt()
+
+
+def interrupted_run_of_an_older_version(model_dir, edit, **overrides):
+    """A 2-epoch run stopped after epoch 1, its state.json as an older version left it.
+
+    Args:
+      model_dir: The run's directory (a `pathlib.Path`).
+      edit: Changes the saved config (a dict) in place into what the older
+        version saved.
+      **overrides: More `small_config` arguments.
+
+    Returns:
+      The run's config, to resume it with.
+    """
+    config = small_config(epochs=2, model_dir=str(model_dir), **overrides)
+    with pytest.raises(_Interrupt):
+        training.train(config, extra_callbacks=[_CrashAfterFirstEpoch()])
+    state = read_json(model_dir / "state.json")
+    edit(state["config"])
+    (model_dir / "state.json").write_text(json.dumps(state))
+    return config
 
 
 def assert_refused_without_the_seed(error_text, *seeds):
@@ -681,12 +715,11 @@ def test_a_dp_seed_run_of_an_older_version_resumes_and_its_seed_moves(tmp_path):
     # Older versions kept the --dp_seed in clear in state.json and wrote no
     # secret file. Such a run still refuses another seed, resumes with its
     # own, and from then on keeps it in the secret file only.
-    config = small_config(epochs=2, model_dir=str(tmp_path), dp_seed=LONG_DP_SEED)
-    with pytest.raises(_Interrupt):
-        training.train(config, extra_callbacks=[_CrashAfterFirstEpoch()])
-    state = read_json(tmp_path / "state.json")
-    state["config"]["dp_seed"] = LONG_DP_SEED
-    (tmp_path / "state.json").write_text(json.dumps(state))
+    def in_clear(saved):
+        saved["dp_seed"] = LONG_DP_SEED
+
+    config = interrupted_run_of_an_older_version(tmp_path, in_clear,
+                                                 dp_seed=LONG_DP_SEED)
     (tmp_path / training.SECRET_FILE).unlink()
     for other, message in ((LONG_DP_SEED + 1, "differs"), (None, "has none")):
         with pytest.raises(ValueError, match=message) as refused:
@@ -1218,13 +1251,12 @@ def test_validation_examples_shrink_the_accounted_set_and_are_reported(tmp_path)
 
 @pytest.mark.slow
 def test_a_run_started_before_a_new_field_resumes_with_its_default(tmp_path):
-    config = small_config(epochs=2, model_dir=str(tmp_path), dp_seed=None)
-    with pytest.raises(_Interrupt):
-        training.train(config, extra_callbacks=[_CrashAfterFirstEpoch()])
     # The state of an older version: no validation_examples field.
-    state = read_json(tmp_path / "state.json")
-    del state["config"]["validation_examples"]
-    (tmp_path / "state.json").write_text(json.dumps(state))
+    def without_the_field(saved):
+        del saved["validation_examples"]
+
+    config = interrupted_run_of_an_older_version(tmp_path, without_the_field,
+                                                 dp_seed=None)
     assert training.train(config)["steps"] == 30
 
 

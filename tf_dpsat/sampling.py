@@ -40,6 +40,8 @@ Gradient accumulation:
   sample and cut it into k pieces (`poisson_dataset(..., physical_batches=k)`),
   never draw k samples: with k independent draws an example can join one
   noisy step several times, a sensitivity the accountant does not price.
+  `shuffle_dataset(..., physical_batches=k)` likewise cuts each fixed-size
+  batch into k pieces.
 
 Reproducibility:
   Step `t`'s sample is a function of `(seed, t)` only (stateless Philox RNG),
@@ -204,15 +206,16 @@ def poisson_dataset(images: Any, labels: Any, *, expected_batch_size: int, steps
                          f"({expected_batch_size}), got {padded_size}; use padded_batch_size().")
     if int(start_step) != start_step or not 0 <= start_step <= steps:
         raise ValueError(f"start_step must be in [0, steps={steps}], got {start_step}.")
-    if (int(physical_batches) != physical_batches or physical_batches < 1 or
-            padded_size % physical_batches):
+    parts = _check_physical_batches(physical_batches)
+    if padded_size % parts:
         raise ValueError(
-            f"physical_batches must be a positive integer dividing padded_size="
-            f"{padded_size}, got {physical_batches}; use padded_batch_size(..., "
-            f"multiple_of=rows per physical batch).")
+            f"Expected physical_batches={parts} to divide padded_size="
+            f"{padded_size}. Take padded_size = padded_batch_size(..., "
+            f"multiple_of=rows) for the rows per physical batch, and "
+            f"physical_batches = padded_size // rows.")
     images_t, labels_t = tf.convert_to_tensor(images), tf.convert_to_tensor(labels)
     q = float(expected_batch_size) / num_examples
-    padded_size, parts = int(padded_size), int(physical_batches)
+    padded_size = int(padded_size)
     rows = padded_size // parts
 
     def make_batch(index: tf.Tensor):
@@ -289,6 +292,13 @@ def _check_arrays(images: Any, labels: Any) -> int:
     return n_images
 
 
+def _check_physical_batches(physical_batches: int) -> int:
+    if int(physical_batches) != physical_batches or physical_batches < 1:
+        raise ValueError(f"Expected physical_batches={physical_batches} to be a positive "
+                         "integer: the physical batches per logical batch.")
+    return int(physical_batches)
+
+
 def _check_seed(seed: int) -> int:
     if int(seed) != seed or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an integer in [0, 2**63), got {seed}.")
@@ -303,11 +313,20 @@ def _check_seed(seed: int) -> int:
 def shuffle_dataset(images: Any, labels: Any, *, batch_size: int,
                     seed: Optional[int] = None, epoch: int = 0,
                     drop_remainder: bool = True,
-                    preprocess: Optional[Preprocess] = None) -> tf.data.Dataset:
+                    preprocess: Optional[Preprocess] = None,
+                    physical_batches: int = 1) -> tf.data.Dataset:
     """One epoch of shuffled fixed-size batches (non-private baselines).
 
     The permutation depends only on `(seed, epoch)`. Keras re-iterating the
     returned dataset replays the same order, so build one per epoch.
+
+    Gradient accumulation: with `physical_batches=k` each fixed-size batch of
+    `batch_size` rows (the logical batch) is cut, in order, into k
+    consecutive physical batches of `batch_size / k` rows, for an optimizer
+    with `gradient_accumulation_steps=k`: the k pieces concatenated are
+    exactly the batch that `physical_batches=1` gives for the same seed and
+    epoch, so each logical step still uses every example at most once, as
+    the once-per-epoch analysis assumes.
 
     Args:
       images: `(N, H, W, C)` array or tensor.
@@ -321,9 +340,14 @@ def shuffle_dataset(images: Any, labels: Any, *, batch_size: int,
       drop_remainder: Drop the last partial batch, keeping shapes static.
         With False the last batch is smaller and the batch dimension is None.
       preprocess: As in `poisson_dataset`.
+      physical_batches: k >= 1 physical batches per logical batch (see
+        above); it must divide `batch_size`, and k > 1 needs
+        `drop_remainder=True` (a partial last batch has no k equal pieces).
 
     Returns:
-      A `tf.data.Dataset` of `(x, y, sample_weight)`, weights all 1.0.
+      A `tf.data.Dataset` of `(x, y, sample_weight)`, weights all 1.0:
+      `k * (N // batch_size)` batches of `batch_size / k` rows with
+      `drop_remainder`, the k pieces of each logical batch in order.
 
     Raises:
       ValueError: Bad arguments.
@@ -335,11 +359,28 @@ def shuffle_dataset(images: Any, labels: Any, *, batch_size: int,
     if drop_remainder and batch_size > num_examples:
         raise ValueError(f"batch_size {batch_size} > {num_examples} examples with "
                          "drop_remainder=True would yield no batches.")
+    parts = _check_physical_batches(physical_batches)
+    if batch_size % parts:
+        raise ValueError(
+            f"Expected physical_batches={parts} to divide batch_size={batch_size}. "
+            "Take a batch_size that is a multiple of the rows per physical batch, "
+            "and physical_batches = batch_size // rows.")
+    if parts > 1 and not drop_remainder:
+        raise ValueError(
+            f"Expected drop_remainder=True with physical_batches={parts}: the last, "
+            "partial batch cannot be cut into equal pieces. Pass drop_remainder=True "
+            "or physical_batches=1.")
     key = tf.constant([seed, int(epoch)], tf.int64)
     order = tf.random.experimental.stateless_shuffle(
         tf.range(num_examples, dtype=tf.int64), seed=key, alg="philox")
-    return _indexed_batches(images, labels, order, batch_size, drop_remainder, preprocess,
-                            with_weight=True)
+    if parts > 1:
+        # Batching the rows of the whole logical batches by batch_size / k
+        # cuts each into its k pieces. The rows of the partial batch are cut
+        # off here: batched by the smaller size they would fill pieces of
+        # their own that no logical batch has.
+        order = order[:num_examples // batch_size * batch_size]
+    return _indexed_batches(images, labels, order, batch_size // parts, drop_remainder,
+                            preprocess, with_weight=True)
 
 
 def test_dataset(images: Any, labels: Any, *, batch_size: int,

@@ -56,7 +56,8 @@ Extra delta: a run that differs from the analysed mechanism M with probability
 noise sampler's truncated Gaussian tail (`sampler_tail_delta`) and the overflow
 of a padded Poisson batch (`padding_overflow_delta`).
 
-Command line (prints the statement; with --epsilon first the calibrated sigma):
+Command line (prints the statement; with --epsilon first the calibrated sigma;
+with --num_microbatches the once-per-epoch analysis only):
 
   python -m tf_dpsat.accounting --num_examples=50000 --batch_size=256 \
       --epochs=30 (--noise_multiplier=1.1 | --epsilon=3) [--delta=1e-5] \
@@ -613,6 +614,14 @@ def privacy_statement(*, num_examples: int, batch_size: int,
     with sensitivity 2C for fixed-size batches), the parts of the total delta
     (with `num_params`), and which logged values are not private.
 
+    With `num_microbatches` only the fixed-size analysis is stated, over
+    floor(num_examples / batch_size) steps per epoch: tf_dpsat takes
+    microbatches with fixed-size batches only (`DPSATKeras` refuses them with
+    `expected_batch_size`, and `PrivacyCallback(sampling="poisson")` refuses
+    them), because microbatches cut by position from a Poisson batch give one
+    example a sensitivity of up to num_microbatches * C; the fixed-size
+    analysis's 2C covers them.
+
     Args:
       num_examples: Training set size.
       batch_size: Examples per batch (expected size under Poisson sampling),
@@ -640,20 +649,79 @@ def privacy_statement(*, num_examples: int, batch_size: int,
     q = validation.check_probability("batch_size / num_examples", batch_size / num_examples)
     k = validation.check_int("queries_per_step", queries_per_step, 1)
     _check_accountant(accountant)
-    sigma = effective_noise_multiplier(noise_multiplier, batch_size=batch_size,
-                                       num_microbatches=num_microbatches)
-    steps = poisson_steps(num_examples=num_examples, batch_size=batch_size,
-                          epochs=epochs)
-    eps_poisson = compute_epsilon(
-        noise_multiplier=sigma, sampling_probability=q, steps=steps, delta=delta,
-        queries_per_step=k, accountant=accountant)
+    if num_microbatches is not None:
+        num_microbatches = validation.check_int("num_microbatches", num_microbatches, 1)
     # Replace-one adjacency bounds a microbatch's change by 2C as well: the
-    # optimizer's sigma, not the microbatch-adjusted one.
+    # optimizer's sigma, not a microbatch-adjusted one.
     eps_epoch = compute_epsilon_once_per_epoch(
         noise_multiplier=noise_multiplier, epochs=epochs, delta=delta,
         queries_per_step=k, accountant=accountant)
+    common = dict(num_examples=num_examples, batch_size=batch_size,
+                  noise_multiplier=noise_multiplier, epochs=epochs, delta=delta,
+                  k=k, accountant=accountant, num_params=num_params,
+                  eps_epoch=eps_epoch)
+    if num_microbatches is not None:
+        return _fixed_size_statement(num_microbatches=num_microbatches, **common)
+    return _poisson_and_fixed_size_statement(
+        q=q, overflow_probability=overflow_probability, **common)
 
-    microbatched = uses_microbatching(batch_size, num_microbatches)
+
+def _fixed_size_steps(num_examples: int, batch_size: int, epochs: float) -> int:
+    """Steps for `epochs` epochs of fixed-size batches (arguments checked).
+
+    floor(N / B) full batches per epoch, the trainer's count with
+    sampling="shuffle" and `PrivacyCallback(sampling="shuffle")`'s, rounded
+    up for a fractional epoch as in `poisson_steps`.
+    """
+    return max(1, math.ceil(epochs * (num_examples // batch_size) - _INTEGER_SLACK))
+
+
+def _queries_paragraph(sigma: float, k: int, where: str) -> str:
+    return _fill(f"""
+        The {k} queries of each step use the same batch; together they are one
+        Gaussian mechanism with noise multiplier {sigma:.10g} / sqrt({k}) =
+        {_step_noise_multiplier(sigma, k):.4g}, {where}.""")
+
+
+_GUARANTEE_COVERS_EVERY_MODEL = """
+    The guarantee covers every intermediate model (all checkpoints), not only
+    the final one."""
+
+_FIXED_SIZE_FOOTNOTE = """
+    (**) Replace-one adjacency (sensitivity 2C): replacing one example moves
+    one clipped term by up to twice the clip norm, so the analysis uses
+    noise multiplier sigma / 2. Applies to fixed-size batches from a shuffled
+    pass over the data (the usual input pipeline), or any order in which each
+    example is used at most once per epoch. No amplification by sampling is
+    claimed."""
+
+
+def _total_delta_paragraph(num_params: int, delta: float, steps: int, k: int,
+                           analyses: Sequence[tuple]) -> str:
+    """The total delta of each (label, epsilon, overflow probability)."""
+    totals = [(label, delta_breakdown(epsilon=eps, delta=delta, steps=steps,
+                                      queries_per_step=k, num_params=num_params,
+                                      overflow_probability=overflow))
+              for label, eps, overflow in analyses]
+    return (_fill(f"""Total delta = accountant delta + noise sampler tail
+                  ({num_params} noise coordinates per query) + padding overflow
+                  (Poisson batches only); each extra term is (1 + e^epsilon) times
+                  the probability of its event:""")
+            + "".join(f"\n    {label:5}{format_delta_breakdown(parts)}"
+                      for label, parts in totals))
+
+
+def _poisson_and_fixed_size_statement(
+        *, num_examples: int, batch_size: int, noise_multiplier: float,
+        epochs: float, delta: float, k: int, accountant: str,
+        num_params: Optional[int], eps_epoch: float, q: float,
+        overflow_probability: float) -> str:
+    """`privacy_statement` for per-example clipping: both analyses."""
+    steps = poisson_steps(num_examples=num_examples, batch_size=batch_size,
+                          epochs=epochs)
+    eps_poisson = compute_epsilon(
+        noise_multiplier=noise_multiplier, sampling_probability=q, steps=steps,
+        delta=delta, queries_per_step=k, accountant=accountant)
     paragraphs = [_fill(f"""
         DP training over {num_examples} examples with {batch_size} examples per
         step (sampling probability q = {q:.4g}), noise multiplier
@@ -661,25 +729,11 @@ def privacy_statement(*, num_examples: int, batch_size: int,
         (round(num_examples / batch_size) per epoch, as the trainer runs), {k}
         noisy gradient
         quer{'y' if k == 1 else 'ies'} per step,
-        {'with' if microbatched else 'without'} microbatching.""")]
-    if microbatched:
-        paragraphs.append(_fill(f"""
-            Microbatches hold {batch_size / num_microbatches:g} examples each, so one
-            example can move its microbatch's clipped gradient by twice the clip norm:
-            the Poisson analysis uses the effective noise multiplier
-            {noise_multiplier:.10g} / 2 = {sigma:.10g}. That assumes the added
-            or removed example changes its own microbatch only; microbatches
-            cut by position from a Poisson batch do not (one example shifts
-            every later row into another microbatch), and tf_dpsat refuses
-            them: with its microbatches only the (**) value applies."""))
+        without microbatching.""")]
     if k > 1:
-        paragraphs.append(_fill(f"""
-            The {k} queries of each step use the same batch; together they are one
-            Gaussian mechanism with noise multiplier {sigma:.10g} / sqrt({k}) =
-            {_step_noise_multiplier(sigma, k):.4g}, subsampled once per step."""))
-    paragraphs.append(_fill("""
-        The guarantee covers every intermediate model (all checkpoints), not only
-        the final one."""))
+        paragraphs.append(_queries_paragraph(noise_multiplier, k,
+                                             "subsampled once per step"))
+    paragraphs.append(_fill(_GUARANTEE_COVERS_EVERY_MODEL))
     paragraphs.append(
         _fill(f"""Example-level DP, delta = {delta:g} (accountant),
               {accountant.upper()} accounting:""")
@@ -690,27 +744,11 @@ def privacy_statement(*, num_examples: int, batch_size: int,
         (*) Add/remove-one adjacency. Applies only if every step forms its batch by
         including each example independently with probability q (variable batch
         size)."""))
-    paragraphs.append(_fill("""
-        (**) Replace-one adjacency (sensitivity 2C): replacing one example moves
-        one clipped term by up to twice the clip norm, so the analysis uses
-        noise multiplier sigma / 2. Applies to fixed-size batches from a shuffled
-        pass over the data (the usual input pipeline), or any order in which each
-        example is used at most once per epoch. No amplification by sampling is
-        claimed."""))
+    paragraphs.append(_fill(_FIXED_SIZE_FOOTNOTE))
     if num_params is not None:
-        totals = [
-            (label, delta_breakdown(epsilon=eps, delta=delta, steps=steps,
-                                    queries_per_step=k, num_params=num_params,
-                                    overflow_probability=overflow))
-            for label, eps, overflow in (("(*)", eps_poisson, overflow_probability),
-                                         ("(**)", eps_epoch, 0.0))]
-        paragraphs.append(
-            _fill(f"""Total delta = accountant delta + noise sampler tail
-                  ({num_params} noise coordinates per query) + padding overflow
-                  (Poisson batches only); each extra term is (1 + e^epsilon) times
-                  the probability of its event:""")
-            + "".join(f"\n    {label:5}{format_delta_breakdown(parts)}"
-                      for label, parts in totals))
+        paragraphs.append(_total_delta_paragraph(
+            num_params, delta, steps, k,
+            (("(*)", eps_poisson, overflow_probability), ("(**)", eps_epoch, 0.0))))
     # Always: the shuffle analysis's sensitivity 2C alone makes it roughly 2x
     # (up to 4x) the Poisson value, even when the batch is the whole dataset.
     ratio = (f"a factor of {eps_epoch / eps_poisson:.1f}" if eps_poisson > 0
@@ -720,6 +758,49 @@ def privacy_statement(*, num_examples: int, batch_size: int,
         WARNING: the two analyses differ by {ratio}. Report the Poisson value only if the
         batches really were Poisson-sampled; for shuffled fixed-size batches it
         is not a proven guarantee."""))
+    paragraphs.append(_fill(NON_PRIVATE_NOTE))
+    return "\n\n".join(paragraphs) + "\n"
+
+
+def _fixed_size_statement(
+        *, num_examples: int, batch_size: int, noise_multiplier: float,
+        epochs: float, delta: float, k: int, accountant: str,
+        num_params: Optional[int], eps_epoch: float,
+        num_microbatches: int) -> str:
+    """`privacy_statement` with microbatches: the fixed-size analysis only."""
+    steps = _fixed_size_steps(num_examples, batch_size, epochs)
+    half = noise_multiplier / REPLACE_ONE_SENSITIVITY
+    paragraphs = [_fill(f"""
+        DP training over {num_examples} examples with fixed-size batches of
+        {batch_size} examples, noise multiplier {noise_multiplier:.10g},
+        {epochs:g} epochs = {steps} steps (floor(num_examples / batch_size) per
+        epoch, as the trainer runs), {k} noisy gradient
+        quer{'y' if k == 1 else 'ies'} per step, with {num_microbatches}
+        microbatches of {batch_size / num_microbatches:g} examples per
+        batch.""")]
+    paragraphs.append(_fill(f"""
+        Microbatches: no epsilon with Poisson sampling is stated, since
+        tf_dpsat takes microbatches with fixed-size batches only (DPSATKeras
+        refuses num_microbatches with expected_batch_size, and
+        PrivacyCallback(sampling="poisson") refuses it): cut by position from
+        a Poisson batch, one added or removed example shifts every later row
+        into another microbatch (sensitivity up to {num_microbatches} C).
+        Replacing one example moves its own microbatch's clipped gradient by at
+        most twice the clip norm, the sensitivity the (**) analysis already
+        uses: noise multiplier {noise_multiplier:.10g} / 2 = {half:.10g}."""))
+    if k > 1:
+        paragraphs.append(_queries_paragraph(
+            half, k, "once per epoch for each example"))
+    paragraphs.append(_fill(_GUARANTEE_COVERS_EVERY_MODEL))
+    paragraphs.append(
+        _fill(f"""Example-level DP, delta = {delta:g} (accountant),
+              {accountant.upper()} accounting:""")
+        + f"\n    {'Epsilon with each example once per epoch (**):':48}"
+        + f"{eps_epoch:10.3f}")
+    paragraphs.append(_fill(_FIXED_SIZE_FOOTNOTE))
+    if num_params is not None:
+        paragraphs.append(_total_delta_paragraph(num_params, delta, steps, k,
+                                                 (("(**)", eps_epoch, 0.0),)))
     paragraphs.append(_fill(NON_PRIVATE_NOTE))
     return "\n\n".join(paragraphs) + "\n"
 
@@ -744,16 +825,18 @@ def _parser() -> argparse.ArgumentParser:
                            "statement for it")
     goal.add_argument("--epsilon", type=float,
                       help="target epsilon: calibrate the noise multiplier "
-                           "(Poisson sampling analysis)")
+                           "(Poisson sampling analysis; with --num_microbatches "
+                           "the once-per-epoch one)")
     parser.add_argument("--delta", type=float, default=1e-5,
                         help="target delta (default: %(default)g)")
     parser.add_argument("--accountant", choices=ACCOUNTANTS, default="rdp",
                         help="rdp (Renyi DP) or pld (privacy loss distributions, "
                              "tighter, slower); default: %(default)s")
     parser.add_argument("--num_microbatches", type=int, default=None,
-                        help="microbatches per batch; more than one example per "
-                             "microbatch doubles the sensitivity (default: "
-                             "per-example clipping)")
+                        help="microbatches per batch: tf_dpsat takes them with "
+                             "fixed-size batches only, so only the once-per-epoch "
+                             "analysis (sensitivity 2C) is stated (default: "
+                             "per-example clipping, both analyses)")
     parser.add_argument("--queries_per_step", type=int, default=1,
                         help="noisy gradient queries on the same batch per step: "
                              "1 for DP-SGD / DP-SAT, 2 for DP-SAM (default: "
@@ -769,19 +852,32 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def _calibrate_for_cli(args: argparse.Namespace) -> float:
-    """The optimizer's noise multiplier for --epsilon (undoing microbatch halving)."""
-    steps = poisson_steps(num_examples=args.num_examples,
-                          batch_size=args.batch_size, epochs=args.epochs)
-    q = validation.check_probability("batch_size / num_examples",
-                           args.batch_size / args.num_examples)
-    sigma = calibrate_noise_multiplier(
-        target_epsilon=args.epsilon, sampling_probability=q, steps=steps,
-        delta=args.delta, queries_per_step=args.queries_per_step,
-        accountant=args.accountant)
-    if uses_microbatching(args.batch_size, args.num_microbatches):
-        sigma *= 2  # The optimizer's sigma is halved by the accounting.
+    """The optimizer's noise multiplier for --epsilon, under the analysis that applies.
+
+    Poisson sampling for per-example clipping. With --num_microbatches the
+    fixed-size (once per epoch) analysis, the only one `privacy_statement`
+    states for microbatches; its sensitivity 2C already covers them, so the
+    calibrated sigma is the optimizer's as it is.
+    """
+    if args.num_microbatches is not None:
+        sigma = calibrate_noise_multiplier_once_per_epoch(
+            target_epsilon=args.epsilon, epochs=args.epochs, delta=args.delta,
+            queries_per_step=args.queries_per_step, accountant=args.accountant)
+        analysis = (f"with each example once per epoch over "
+                    f"{_participations(args.epochs)} epochs (fixed-size batches, "
+                    f"as --num_microbatches needs)")
+    else:
+        steps = poisson_steps(num_examples=args.num_examples,
+                              batch_size=args.batch_size, epochs=args.epochs)
+        q = validation.check_probability("batch_size / num_examples",
+                                         args.batch_size / args.num_examples)
+        sigma = calibrate_noise_multiplier(
+            target_epsilon=args.epsilon, sampling_probability=q, steps=steps,
+            delta=args.delta, queries_per_step=args.queries_per_step,
+            accountant=args.accountant)
+        analysis = f"with Poisson sampling over {steps} steps"
     print(f"Calibrated noise multiplier: {sigma:.10g} (epsilon <= {args.epsilon:g} "
-          f"at delta = {args.delta:g} with Poisson sampling over {steps} steps, "
+          f"at delta = {args.delta:g} {analysis}, "
           f"{args.accountant.upper()} accounting)\n")
     return sigma
 

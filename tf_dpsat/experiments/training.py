@@ -136,7 +136,6 @@ __all__ = [
     "make_plan",
     "privacy_report",
     "run_secret",
-    "split_logical_batches",
     "split_validation",
     "test_batches",
     "train",
@@ -1034,29 +1033,6 @@ def _agreed_secret(config: TrainConfig, strategy: Optional[tf.distribute.Strateg
     return distributed.agree_on_int(strategy, secret)
 
 
-def split_logical_batches(dataset: tf.data.Dataset, parts: int) -> tf.data.Dataset:
-    """Cuts every batch of `(x, y, w)` into `parts` consecutive equal batches.
-
-    Args:
-      dataset: Batches with a static leading size divisible by `parts`.
-      parts: Physical batches per logical batch (1 returns `dataset`).
-
-    Returns:
-      The physical batches, in order, with a static leading size.
-    """
-    if parts == 1:
-        return dataset
-
-    def reshape(*tensors):
-        return tuple(tf.reshape(t, tf.concat([[parts, -1], tf.shape(t)[1:]], 0))
-                     for t in tensors)
-
-    size = dataset.element_spec[0].shape[0] // parts
-    ds = dataset.map(reshape).unbatch()
-    return ds.map(lambda *t: tuple(tf.ensure_shape(x, [size] + x.shape[1:].as_list())
-                                   for x in t))
-
-
 def train_batches(config: TrainConfig, plan: RunPlan, images: Any, labels: Any, *,
                   secret: int, start_epoch: int = 0) -> tf.data.Dataset:
     """The physical training batches from `start_epoch` to the end of the run.
@@ -1083,12 +1059,11 @@ def train_batches(config: TrainConfig, plan: RunPlan, images: Any, labels: Any, 
             steps=plan.total_steps, padded_size=plan.logical_batch_size, seed=seed,
             start_step=start_epoch * plan.steps_per_epoch, preprocess=preprocess,
             physical_batches=plan.accumulation_steps)
-    else:
-        epochs = [sampling.shuffle_dataset(images, labels, batch_size=config.batch_size,
-                                           seed=seed, epoch=e, preprocess=preprocess)
-                  for e in range(start_epoch, config.epochs)]
-        logical = functools.reduce(lambda a, b: a.concatenate(b), epochs)
-    return split_logical_batches(logical, plan.accumulation_steps)
+    epochs = [sampling.shuffle_dataset(images, labels, batch_size=config.batch_size,
+                                       seed=seed, epoch=e, preprocess=preprocess,
+                                       physical_batches=plan.accumulation_steps)
+              for e in range(start_epoch, config.epochs)]
+    return functools.reduce(lambda a, b: a.concatenate(b), epochs)
 
 
 def test_batches(config: TrainConfig, images: Any, labels: Any) -> tf.data.Dataset:
