@@ -558,3 +558,19 @@ def test_cli_runs_without_warnings_and_every_option_has_help():
     assert len(options) == 11  # --help and the ten options.
     assert all(action.help for action in options), [
         action.option_strings for action in options if not action.help]
+
+
+def test_a_total_delta_of_one_or_more_is_called_vacuous():
+    # MNIST-like settings at a large epsilon make (1 + e^eps) * tail exceed 1;
+    # delta >= 1 bounds nothing, and the line must say so. 1e-5 + 2e-6 + 0
+    # (a meaningful total) gets no such note.
+    vacuous = {"accountant": 1e-5, "noise_tail": 1.67e61,
+               "padding_overflow": 0.0, "total": 1.67e61}
+    assert accounting.format_delta_breakdown(vacuous) == (
+        "1e-05 + 1.67e+61 + 0 = 1.67e+61 (at least 1: no guarantee at this "
+        "epsilon)")
+    infinite = dict(vacuous, noise_tail=float("inf"), total=float("inf"))
+    assert accounting.format_delta_breakdown(infinite).endswith("no guarantee at this epsilon)")
+    fine = {"accountant": 1e-5, "noise_tail": 2e-6, "padding_overflow": 0.0,
+            "total": 1.2e-5}
+    assert accounting.format_delta_breakdown(fine) == "1e-05 + 2e-06 + 0 = 1.2e-05"

@@ -202,8 +202,11 @@ def killed_on_exit(processes):
                 process.wait()
 
 
-def run_two_workers(log_dir, *args):
-    """Runs the binary on two loopback workers; returns their (stdout, stderr).
+def run_two_workers(log_dir, *args, program=BINARY):
+    """Runs `program` (the binary) on two loopback workers.
+
+    Returns:
+      Their (stdout, stderr).
 
     Their output goes to files: a worker blocked on a full pipe would stall
     the other in a collective.
@@ -215,7 +218,7 @@ def run_two_workers(log_dir, *args):
     with contextlib.ExitStack() as files, killed_on_exit(processes):
         for index, (out, err) in enumerate(logs):
             processes.append(subprocess.Popen(
-                [sys.executable, str(BINARY), "--distribution=multi_worker", *args],
+                [sys.executable, str(program), *args],
                 cwd=REPO, stdout=files.enter_context(open(out, "w")),
                 stderr=files.enter_context(open(err, "w")),
                 env=worker_env({"cluster": {"worker": addresses},
@@ -245,7 +248,7 @@ def test_two_workers_train_the_weights_of_one_process(tmp_path):
     run = dict(RUN, epochs=1, noise_multiplier=0.0, dp_seed=7, sharpness_examples=64)
     training.train(training.TrainConfig(**dict(run, keras_verbose=0),
                                         model_dir=str(tmp_path / "one")))
-    outputs = run_two_workers(tmp_path, *flags_of(**run),
+    outputs = run_two_workers(tmp_path, "--distribution=multi_worker", *flags_of(**run),
                               f"--model_dir={tmp_path / 'two'}")
     # The same 4 global Poisson batches and no noise: the same weights, up to
     # the order of the sums over the two halves.
@@ -309,9 +312,10 @@ def test_two_workers_resume_a_run_on_the_chiefs_secret(tmp_path):
     straight.mkdir()
     shutil.copy(resumed / training.SECRET_FILE, straight / training.SECRET_FILE)
     expected = training.train(training.TrainConfig(**run, model_dir=str(straight)))
-    outputs = run_two_workers(tmp_path, *flags_of(**{k: v for k, v in run.items()
-                                           if v is not None}),
-                              f"--model_dir={resumed}")
+    outputs = run_two_workers(
+        tmp_path, "--distribution=multi_worker",
+        *flags_of(**{k: v for k, v in run.items() if v is not None}),
+        f"--model_dir={resumed}")
     assert "Resuming from checkpoint-0001.keras after epoch 1" in outputs[1][1]
     for a, b in zip(weights_of(straight, 2), weights_of(resumed, 2)):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-4)
@@ -345,7 +349,8 @@ def test_two_workers_add_the_noise_of_one_process(tmp_path):
         **dict(run, keras_verbose=0), noise_multiplier=0.0,
         model_dir=str(tmp_path / "noiseless")))
     assert noiseless["steps"] == 1
-    run_two_workers(tmp_path, *flags_of(**run, noise_multiplier=sigma),
+    run_two_workers(tmp_path, "--distribution=multi_worker",
+                    *flags_of(**run, noise_multiplier=sigma),
                     f"--model_dir={tmp_path / 'noisy'}")
     noise = np.concatenate([
         (b - a).ravel() for a, b in zip(weights_of(tmp_path / "noiseless", 1),
@@ -361,3 +366,22 @@ def test_two_workers_add_the_noise_of_one_process(tmp_path):
     results = read_json(tmp_path / "noisy" / "results.json")
     plan = training.make_plan(training.TrainConfig(**run, noise_multiplier=sigma), batch)
     assert results["private"]["epsilon"] == pytest.approx(plan.epsilon, rel=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keys", ["agreed", "own"])
+def test_two_workers_refuse_batches_drawn_with_keys_of_their_own(keys, tmp_path):
+    # Poisson batches drawn with each worker's own OS-entropy key (q = 1/4,
+    # 64 examples padded to more than 16 rows) differ with probability
+    # 1 - 2^-64 or so: fit must refuse before the first step, on both workers
+    # (they decide from the same all-reduced sums), and change no weight.
+    # With the agreed secret the same step trains.
+    outputs = run_two_workers(tmp_path, keys,
+                              program=REPO / "tests" / "two_worker_batches.py")
+    reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    for report in reports:
+        if keys == "own":
+            assert "Expected the same global batch" in report["refused"]
+            assert report["weights_changed"] is False
+        else:
+            assert report == {"refused": None, "weights_changed": True}

@@ -37,6 +37,7 @@ Why this way (DP semantics across workers):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from typing import Any
 from typing import Dict
@@ -54,6 +55,7 @@ __all__ = [
     "DISTRIBUTIONS",
     "Evaluation",
     "agree_on_int",
+    "check_same_batch",
     "distribute_global_batch",
     "evaluate_locally",
     "fit",
@@ -71,6 +73,11 @@ DISTRIBUTIONS: Tuple[str, ...] = ("none", "mirrored", "multi_worker", "tpu")
 # is exact. (An int64 all-reduce is refused by the collective implementation.)
 _HALF_BITS = 32
 _INT_LIMIT = 2**63
+# A global batch's fingerprint: two parts of this many bits of its SHA-256.
+# Summed over up to 2^12 replicas, the parts and their squares stay exact
+# in float64 (2^(2*20+12) < 2^53).
+_FINGERPRINT_BITS = 20
+_FINGERPRINT_MAX_REPLICAS = 2**12
 
 
 def make_strategy(name: str) -> Optional[tf.distribute.Strategy]:
@@ -169,6 +176,69 @@ def agree_on_int(strategy: Optional[tf.distribute.Strategy], value: int) -> int:
                              axis=None).numpy()
     high, low = (int(h) for h in summed)
     return (high << _HALF_BITS) + low
+
+
+def _fingerprint(batch: Sequence[Any]) -> np.ndarray:
+    """Two `_FINGERPRINT_BITS`-bit parts of a SHA-256 of the batch."""
+    digest = hashlib.sha256()
+    for tensor in batch:
+        array = np.ascontiguousarray(keras.ops.convert_to_numpy(tensor))
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    value = int.from_bytes(digest.digest()[:8], "little")
+    mask = 2**_FINGERPRINT_BITS - 1
+    return np.array([value & mask, (value >> _FINGERPRINT_BITS) & mask],
+                    np.float64)
+
+
+def check_same_batch(strategy: Optional[tf.distribute.Strategy],
+                     batch: Sequence[Any]) -> None:
+    """Raises unless every worker holds the same global batch.
+
+    The DP semantics of `fit` need one global Poisson sample per step, cut
+    into the replicas' shares (module docstring). Workers that draw their
+    batches with keys of their own (`tf_dpsat.sampling.poisson_dataset`
+    with `seed=None` in each worker process) would each keep their share of
+    another sample: the weights stay in sync, but an example can then enter
+    one step on two workers (sensitivity 2C, not the C the accountant
+    assumes), and which examples a worker keeps depends on the others. Each
+    replica contributes its worker's fingerprint of the batch (a SHA-256 of
+    its values, dtypes and shapes) h and h^2; the parts agree everywhere
+    exactly when R * sum(h^2) == sum(h)^2 (Cauchy-Schwarz), a test that
+    every worker computes from the same sums, so all raise together. It is
+    a collective: every worker calls it at the same point of the program.
+    The fingerprints cross the cluster's connections, like `agree_on_int`'s
+    value: keep the workers on a private network.
+
+    Args:
+      strategy: The strategy; None (one process) checks nothing.
+      batch: This worker's global batch, e.g. `(x, y, sample_weight)`.
+
+    Raises:
+      ValueError: the workers' batches differ.
+    """
+    if strategy is None:
+        return
+    replicas = strategy.num_replicas_in_sync
+    if replicas > _FINGERPRINT_MAX_REPLICAS:
+        raise ValueError(f"Expected at most {_FINGERPRINT_MAX_REPLICAS} replicas "
+                         f"to compare batches, got {replicas}.")
+    parts = _fingerprint(batch)
+    contribution = tf.constant(np.concatenate([parts, parts**2]))
+    summed = strategy.reduce(
+        tf.distribute.ReduceOp.SUM,
+        strategy.run(lambda: tf.identity(contribution)), axis=None).numpy()
+    sums = [int(v) for v in summed[:2]]
+    squares = [int(v) for v in summed[2:]]
+    if any(replicas * q != h * h for h, q in zip(sums, squares)):
+        raise ValueError(
+            "Expected the same global batch on every worker, got different "
+            "ones: each worker would train on its share of another sample, "
+            "and an example could enter one step twice (sensitivity 2C, not "
+            "C). Draw the batches on every worker from the agreed secret: "
+            "`sampling.poisson_dataset(..., seed=agree_on_int(strategy, "
+            "secret))`, with the chief's `tf_dpsat.noise.secret_key()` as "
+            "secret.")
 
 
 def share_size(rows: int, num_replicas: int) -> int:
@@ -274,7 +344,8 @@ def fit(model: keras.Model, strategy: tf.distribute.Strategy,
     """Trains `model` on global batches with `strategy.run(model.train_step)`.
 
     Every worker runs it with the same global batches (see the module
-    docstring); each replica trains on its `replica_rows`. Callbacks get
+    docstring), which it checks before each step (`check_same_batch`); each
+    replica trains on its `replica_rows`. Callbacks get
     Keras's hooks (train, epoch and batch begin/end); the epoch logs are the
     last step's metrics (Keras's running means over the epoch), averaged over
     the replicas.
@@ -289,6 +360,10 @@ def fit(model: keras.Model, strategy: tf.distribute.Strategy,
       initial_epoch: The first epoch to train (resuming).
       callbacks: Keras callbacks.
       verbose: 0 silent, 1 progress bar, 2 one line per epoch.
+
+    Raises:
+      ValueError: the workers' batches of a step differ (`check_same_batch`);
+        that step and the later ones do not run.
     """
     # As Keras's fit does before the first step: a DP model probes its layers
     # for batch mixing there (tf_dpsat.batch_independence). The function
@@ -318,7 +393,9 @@ def fit(model: keras.Model, strategy: tf.distribute.Strategy,
             logs = {}
             for step in range(steps_per_epoch):
                 callback_list.on_train_batch_begin(step)
-                logs = train_step(distribute_global_batch(strategy, next(iterator)))
+                batch = next(iterator)
+                check_same_batch(strategy, batch)
+                logs = train_step(distribute_global_batch(strategy, batch))
                 callback_list.on_train_batch_end(step, _local_logs(strategy, logs))
             callback_list.on_epoch_end(epoch, _mean_over_replicas(strategy, logs))
             if model.stop_training:

@@ -587,9 +587,15 @@ def delta_breakdown(*, epsilon: float, delta: float, steps: int,
 
 
 def format_delta_breakdown(parts: dict) -> str:
-    """`accountant + noise tail + padding overflow = total`, in one line."""
-    return (f"{parts['accountant']:.6g} + {parts['noise_tail']:.3g} + "
+    """`accountant + noise tail + padding overflow = total`, in one line.
+
+    A total of 1 or more (or inf) bounds nothing: the line says so.
+    """
+    line = (f"{parts['accountant']:.6g} + {parts['noise_tail']:.3g} + "
             f"{parts['padding_overflow']:.3g} = {parts['total']:.6g}")
+    if not parts["total"] < 1:
+        line += " (at least 1: no guarantee at this epsilon)"
+    return line
 
 
 # ------------------------------------------------------------------ statement
