@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import logging
 import math
 import os
 import warnings
@@ -1340,3 +1341,21 @@ def test_fit_on_a_dataset_does_not_warn_about_shuffle():
         model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(8), verbose=0)
     assert not [w for w in caught if "shuffle" in str(w.message)]
     assert int(model.optimizer.iterations.numpy()) == 2
+
+
+@pytest.mark.parametrize("expected_batch_size, warns", [(8, True), (12, False)])
+def test_a_physical_batch_size_as_expected_batch_size_is_warned_about(
+        expected_batch_size, warns, caplog):
+    # k = 2 physical batches of 8 rows: the logical batch has 16 rows, so an
+    # expected logical batch of 8 or fewer leaves at least half the rows
+    # padding, the sign that expected_batch_size was given the physical
+    # batch's size (q, and epsilon, too small). 12 is plausible: no warning.
+    x, y = make_data("dense", n=16)
+    model = tf_dpsat.make_private(dense_model())
+    model.compile(optimizer=tf_dpsat.DPSATKeras(
+        **dict(ACCUMULATION, expected_batch_size=expected_batch_size)), loss=XENT)
+    with caplog.at_level(logging.WARNING):
+        fit_rows(model, x, y)
+    message = "expected_batch_size=8 is at most the 8 rows of one physical batch"
+    assert (message in caplog.text) is warns
+    assert ("is at most the" in caplog.text) is warns

@@ -522,6 +522,7 @@ class DPSATKeras(keras.optimizers.Optimizer):
         # The slices the last traced step cut its batch into (see
         # `batch_slices`), for reports; None before the first step.
         self.traced_batch_slices = None
+        self._warned_batch = False  # See _check_logical_batch.
         # A tf.Variable, so that traced steps (XLA included) read it and
         # set_noise_key can change it after tracing; inside a plain holder,
         # so that neither Keras nor TensorFlow checkpointing tracks or saves it.
@@ -784,6 +785,7 @@ class DPSATKeras(keras.optimizers.Optimizer):
         self._check_variables_are_known(variables)
         batch = per_example.Batch.from_keras(x, y, sample_weight,
                                              self.num_microbatches)
+        self._check_logical_batch(batch)
         params = [tf.convert_to_tensor(v.value) for v in variables]
         at = params
         if self.rho > 0:
@@ -811,6 +813,33 @@ class DPSATKeras(keras.optimizers.Optimizer):
         if model._compile_loss is None:
             raise ValueError("The DP model was compiled without a loss; pass "
                              "`loss=` to `model.compile`.")
+
+    def _check_logical_batch(self, batch: per_example.Batch) -> None:
+        """Warns when `expected_batch_size` looks like one physical batch's.
+
+        Under gradient accumulation it must be the expected *logical* batch
+        (k physical batches): `PrivacyCallback` reads it for the sampling
+        rate q, and a physical batch's size there would undercount epsilon
+        (about half, at k = 4). k pieces of a padded Poisson batch, or of a
+        fixed-size batch, hold more rows than the expected logical batch
+        only if nearly all of them is padding.
+        """
+        k = self._accumulation_steps
+        if (k == 1 or self.expected_batch_size is None or
+                not isinstance(batch.units, int) or self._warned_batch):
+            return
+        rows = batch.units * _replicas.num_replicas()
+        if self.expected_batch_size <= rows:
+            self._warned_batch = True
+            logging.warning(
+                "%s: expected_batch_size=%d is at most the %d rows of one "
+                "physical batch, with gradient_accumulation_steps=%d: it must "
+                "be the expected logical batch (%d physical batches), which "
+                "PrivacyCallback reads for the sampling rate. Set it to the "
+                "expected size of the batch that poisson_dataset(..., "
+                "physical_batches=%d) cuts into pieces, or epsilon is "
+                "undercounted.", self.name, self.expected_batch_size, rows,
+                k, k, k)
 
     def _ascent_direction(self, step: _Step) -> List[tf.Tensor]:
         """The DP-SAT direction: the previous private gradient (a slot).
