@@ -348,11 +348,14 @@ def test_cli_calibration(capsys):
     assert rest.lstrip("\n") == _statement(noise_multiplier=sigma)
 
 
+# MICROBATCH_RUN on the command line.
+MICROBATCH_FLAGS = ["--num_examples=50000", "--batch_size=300", "--epochs=3",
+                    "--noise_multiplier=10", "--num_microbatches=75",
+                    "--queries_per_step=2"]
+
+
 def test_cli_with_microbatches_prints_the_fixed_size_epsilon_only(capsys):
-    assert accounting.main(["--num_examples=50000", "--batch_size=300",
-                            "--epochs=3", "--noise_multiplier=10",
-                            "--num_microbatches=75", "--queries_per_step=2",
-                            "--num_params=1000"]) == 0
+    assert accounting.main(MICROBATCH_FLAGS + ["--num_params=1000"]) == 0
     out = capsys.readouterr().out
     assert out == _statement(**MICROBATCH_RUN, num_params=1000)
     lines = [line.split() for line in out.splitlines() if "Epsilon with" in line]
@@ -365,10 +368,7 @@ def test_cli_with_microbatches_pld_matches_the_analytic_gaussian(capsys):
     # Gaussian of mu = sqrt(3) / 3.5355 = 0.4899, whose exact epsilon solves
     # Phi(-eps / mu + mu / 2) - e^eps Phi(-eps / mu - mu / 2) = 1e-5
     # (Balle and Wang 2018): 1.9482. The pessimistic PLD is within 1e-3.
-    assert accounting.main(["--num_examples=50000", "--batch_size=300",
-                            "--epochs=3", "--noise_multiplier=10",
-                            "--num_microbatches=75", "--queries_per_step=2",
-                            "--accountant=pld"]) == 0
+    assert accounting.main(MICROBATCH_FLAGS + ["--accountant=pld"]) == 0
     out = capsys.readouterr().out
     assert "Poisson sampling (*)" not in out
     printed = float(out.split("once per epoch (**):")[1].split()[0])
