@@ -215,13 +215,12 @@ class PrivacyCallback(keras.callbacks.Callback):
 
     def _iterations(self) -> int:
         """The noisy steps released so far."""
-        optimizer = self._optimizer()
-        iterations = self._attribute("iterations")
-        if hasattr(optimizer, "released_steps"):
-            return int(optimizer.released_steps)
+        steps = self._attribute("iterations")
+        if hasattr(self._optimizer(), "released_steps"):
+            steps = self._optimizer().released_steps
         # convert_to_numpy: int() of a Keras variable fails when it wraps a
         # tf.distribute (mirrored) variable.
-        return int(keras.ops.convert_to_numpy(iterations))
+        return int(keras.ops.convert_to_numpy(steps))
 
     def _setup(self) -> _Setup:
         """Reads the optimizer's DP settings (cheap; done at each use).

@@ -211,13 +211,15 @@ def check_same_batch(strategy: Optional[tf.distribute.Strategy],
     value: keep the workers on a private network.
 
     Args:
-      strategy: The strategy; None (one process) checks nothing.
+      strategy: The strategy. None, or one without a cluster resolver (one
+        process: every replica's rows come from the same batch), checks
+        nothing.
       batch: This worker's global batch, e.g. `(x, y, sample_weight)`.
 
     Raises:
       ValueError: the workers' batches differ.
     """
-    if strategy is None:
+    if strategy is None or strategy.cluster_resolver is None:
         return
     replicas = strategy.num_replicas_in_sync
     if replicas > _FINGERPRINT_MAX_REPLICAS:

@@ -218,6 +218,11 @@ class _Releases:
                                            self.next_step - iterations,
                                            tf.zeros_like(iterations))
 
+    def released_at(self, iterations) -> tf.Tensor:
+        """The steps released before a step at `iterations`."""
+        return (tf.cast(iterations, tf.int64) +
+                self.rolled_back_at(iterations))
+
     def record(self, iterations, released) -> None:
         """Notes a step at `iterations`, if `released` (a boolean scalar)."""
         iterations = tf.cast(iterations, tf.int64)
@@ -612,11 +617,8 @@ class DPSATKeras(keras.optimizers.Optimizer):
         `iterations` moved back. The step budget and
         `tf_dpsat.PrivacyCallback` count this.
         """
-        iterations = tf.convert_to_tensor(self._iterations)
-        return int(keras.ops.convert_to_numpy(
-            tf.maximum(tf.cast(iterations, tf.int64),
-                       self._releases.next_step) +
-            self._releases.rolled_back))
+        return int(keras.ops.convert_to_numpy(self._releases.released_at(
+            tf.convert_to_tensor(self._iterations))))
 
     def set_noise_key(self, key: int) -> None:
         """Sets the secret key of the noise, before or after tracing.
@@ -1008,8 +1010,8 @@ class DPSATKeras(keras.optimizers.Optimizer):
             budget = tf.identity(self._step_budget.value)
             iterations = tf.cast(tf.identity(self._iterations), tf.int64)
         # Steps moved back over count against the budget (`_Releases`).
-        released = iterations + self._releases.rolled_back_at(iterations)
-        apply_now = (budget < 0) | (released < budget)
+        apply_now = ((budget < 0) |
+                     (self._releases.released_at(iterations) < budget))
         refused = tf.logical_not(apply_now)
         k = self._accumulation_steps
         if k > 1:
