@@ -195,9 +195,10 @@ def test_sampler_tail_delta_hand_computed():
                                        queries_per_step=1, num_params=3,
                                        overflow_probability=1e-8)
     # noise tail: (1 + e) * 10 * 2 * 2^-64 = 4.031369e-18.
-    assert parts["noise_tail"] == pytest.approx(4.031369e-18, rel=1e-6)
-    assert parts["total"] == (1e-5 + parts["noise_tail"]
-                              + parts["padding_overflow"])
+    assert parts.noise_tail == pytest.approx(4.031369e-18, rel=1e-6)
+    assert parts.accountant == 1e-5
+    assert parts.padding_overflow == accounting.padding_overflow_delta(1.0, 1e-8)
+    assert parts.total == 1e-5 + parts.noise_tail + parts.padding_overflow
     with pytest.raises(ValueError, match="num_params"):
         accounting.sampler_tail_delta(1.0, 10, 1, 0)
     with pytest.raises(ValueError, match="eta"):
@@ -215,9 +216,9 @@ def test_statement_names_adjacency_total_delta_and_non_private_values():
         epsilon=poisson, delta=1e-5, steps=STATEMENT_STEPS, queries_per_step=1,
         num_params=1000, overflow_probability=1e-8)
     # (1 + e^2.98) * 1e-8 = 2.07e-7 for the overflow term.
-    assert parts["padding_overflow"] == pytest.approx(
+    assert parts.padding_overflow == pytest.approx(
         (1 + math.exp(poisson)) * 1e-8, rel=1e-12)
-    assert parts["padding_overflow"] == pytest.approx(2.07e-7, rel=5e-3)
+    assert parts.padding_overflow == pytest.approx(2.07e-7, rel=5e-3)
     assert f"(*) {accounting.format_delta_breakdown(parts)}" in text
     for name in accounting.NON_PRIVATE_DIAGNOSTICS:
         assert name in text
@@ -564,13 +565,12 @@ def test_a_total_delta_of_one_or_more_is_called_vacuous():
     # MNIST-like settings at a large epsilon make (1 + e^eps) * tail exceed 1;
     # delta >= 1 bounds nothing, and the line must say so. 1e-5 + 2e-6 + 0
     # (a meaningful total) gets no such note.
-    vacuous = {"accountant": 1e-5, "noise_tail": 1.67e61,
-               "padding_overflow": 0.0, "total": 1.67e61}
+    vacuous = accounting.DeltaBreakdown(
+        accountant=1e-5, noise_tail=1.67e61, padding_overflow=0.0, total=1.67e61)
     assert accounting.format_delta_breakdown(vacuous) == (
         "1e-05 + 1.67e+61 + 0 = 1.67e+61 (at least 1: no guarantee at this "
         "epsilon)")
-    infinite = dict(vacuous, noise_tail=float("inf"), total=float("inf"))
+    infinite = vacuous._replace(noise_tail=float("inf"), total=float("inf"))
     assert accounting.format_delta_breakdown(infinite).endswith("no guarantee at this epsilon)")
-    fine = {"accountant": 1e-5, "noise_tail": 2e-6, "padding_overflow": 0.0,
-            "total": 1.2e-5}
+    fine = accounting.DeltaBreakdown(1e-5, 2e-6, 0.0, 1.2e-5)
     assert accounting.format_delta_breakdown(fine) == "1e-05 + 2e-06 + 0 = 1.2e-05"

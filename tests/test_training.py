@@ -662,7 +662,8 @@ def test_noise_tail_delta_counts_the_draws_of_every_replica(tmp_path, monkeypatc
         assert parts["noise_tail"] == pytest.approx(expected, rel=1e-12, abs=0)
         assert parts["total"] == pytest.approx(
             1e-5 + parts["noise_tail"] + parts["padding_overflow"], rel=1e-15, abs=0)
-        assert accounting.format_delta_breakdown(parts) in " ".join(
+        assert accounting.format_delta_breakdown(
+            accounting.DeltaBreakdown(**parts)) in " ".join(
             results["privacy_statement"].split())
     assert resumed["completed"] and resumed["steps"] == 30
 
@@ -956,7 +957,8 @@ def test_binary_dp_seed_reproduces_bitwise_and_is_not_published(tmp_path):
         (1 + math.exp(private["epsilon"])) * 1e-8, rel=1e-12)
     assert private["delta"] == parts["total"] == pytest.approx(
         1e-5 + parts["noise_tail"] + parts["padding_overflow"], rel=1e-15)
-    assert accounting.format_delta_breakdown(parts) in " ".join(
+    assert accounting.format_delta_breakdown(
+        accounting.DeltaBreakdown(**parts)) in " ".join(
         results["privacy_statement"].split())
 
 

@@ -73,6 +73,7 @@ import math
 import sys
 import textwrap
 from typing import Callable
+from typing import NamedTuple
 from typing import Optional
 from typing import Sequence
 
@@ -561,9 +562,25 @@ def padding_overflow_delta(epsilon: float, overflow_probability: float) -> float
     return total_variation_delta(epsilon, overflow_probability)
 
 
+class DeltaBreakdown(NamedTuple):
+    """The parts of a run's delta (`delta_breakdown`).
+
+    Attributes:
+      accountant: The accountant's delta, for which it computed epsilon.
+      noise_tail: The noise sampler's truncated tail (`sampler_tail_delta`).
+      padding_overflow: A padded Poisson batch's overflow
+        (`padding_overflow_delta`); 0 without padding.
+      total: Their sum: the run's delta. At least 1 bounds nothing.
+    """
+    accountant: float
+    noise_tail: float
+    padding_overflow: float
+    total: float
+
+
 def delta_breakdown(*, epsilon: float, delta: float, steps: int,
                     queries_per_step: int, num_params: int,
-                    overflow_probability: float = 0.0) -> dict:
+                    overflow_probability: float = 0.0) -> DeltaBreakdown:
     """The parts of a run's delta and their sum.
 
     Args:
@@ -573,27 +590,24 @@ def delta_breakdown(*, epsilon: float, delta: float, steps: int,
       overflow_probability: As for `padding_overflow_delta`.
 
     Returns:
-      {"accountant": delta, "noise_tail": ..., "padding_overflow": ...,
-      "total": their sum}.
+      The parts and their total. `._asdict()` gives the JSON form that the
+      training binary writes to results.json ("delta_parts").
     """
-    parts = {
-        "accountant": validation.check_delta(delta),
-        "noise_tail": sampler_tail_delta(epsilon, steps, queries_per_step,
-                                         num_params),
-        "padding_overflow": padding_overflow_delta(epsilon, overflow_probability),
-    }
-    parts["total"] = sum(parts.values())
-    return parts
+    accountant = validation.check_delta(delta)
+    noise_tail = sampler_tail_delta(epsilon, steps, queries_per_step, num_params)
+    padding_overflow = padding_overflow_delta(epsilon, overflow_probability)
+    return DeltaBreakdown(accountant, noise_tail, padding_overflow,
+                          total=accountant + noise_tail + padding_overflow)
 
 
-def format_delta_breakdown(parts: dict) -> str:
+def format_delta_breakdown(parts: DeltaBreakdown) -> str:
     """`accountant + noise tail + padding overflow = total`, in one line.
 
     A total of 1 or more (or inf) bounds nothing: the line says so.
     """
-    line = (f"{parts['accountant']:.6g} + {parts['noise_tail']:.3g} + "
-            f"{parts['padding_overflow']:.3g} = {parts['total']:.6g}")
-    if not parts["total"] < 1:
+    line = (f"{parts.accountant:.6g} + {parts.noise_tail:.3g} + "
+            f"{parts.padding_overflow:.3g} = {parts.total:.6g}")
+    if not parts.total < 1:
         line += " (at least 1: no guarantee at this epsilon)"
     return line
 

@@ -710,7 +710,7 @@ def make_plan(config: TrainConfig, num_examples: int) -> RunPlan:
 
 
 def delta_parts(config: TrainConfig, plan: RunPlan, num_params: int,
-                replicas: int = 1) -> Optional[Dict[str, float]]:
+                replicas: int = 1) -> Optional[accounting.DeltaBreakdown]:
     """The run's delta and its parts.
 
     The accountant's, the noise sampler's tail, the padding's overflow, and
@@ -724,7 +724,7 @@ def delta_parts(config: TrainConfig, plan: RunPlan, num_params: int,
         noise (`tf.distribute`; 1 without a strategy).
 
     Returns:
-      The parts and "total"; None for non-private runs.
+      The parts and their total; None for non-private runs.
     """
     if not config.private:
         return None
@@ -1433,7 +1433,7 @@ class _Run:
 
     def __init__(self, config: TrainConfig, plan: RunPlan, statement: str,
                  dataset: data.Dataset, state: Optional[Dict[str, Any]],
-                 deltas: Optional[Dict[str, float]], chief: bool = True,
+                 deltas: Optional[accounting.DeltaBreakdown], chief: bool = True,
                  noise_replicas: int = 1):
         self.config, self.plan, self.statement = config, plan, statement
         # The most replicas any part of the run drew noise on (delta_parts).
@@ -1525,8 +1525,8 @@ class _Run:
             "epsilon": self.last_epsilon,
             "target_epsilon": (config.epsilon if config.private and
                                config.noise_multiplier is None else None),
-            "delta": self.deltas["total"] if self.deltas else None,
-            "delta_parts": self.deltas,
+            "delta": self.deltas.total if self.deltas else None,
+            "delta_parts": self.deltas._asdict() if self.deltas else None,
             "adjacency": plan.adjacency,
             "history": [{k: h[k] for k in _PRIVATE_HISTORY_KEYS if k in h}
                         for h in self.history],
