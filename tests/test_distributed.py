@@ -164,6 +164,52 @@ def test_fit_probes_a_dp_model_for_batch_mixing_before_any_step(mirrored_strateg
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
+class StopAtBatch(keras.callbacks.Callback):
+    """Sets stop_training at the end of batch `batch` of the first epoch; logs hooks."""
+
+    def __init__(self, batch):
+        super().__init__()
+        self.batch, self.calls = batch, []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.calls.append(("batch", batch))
+        if batch == self.batch:
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.calls.append(("epoch", epoch))
+
+    def on_train_end(self, logs=None):
+        self.calls.append(("end", None))
+
+
+def test_fit_stops_after_the_batch_that_set_stop_training(mirrored_strategy):
+    # Keras's fit: a callback's stop_training ends the epoch after that batch
+    # (on_epoch_end still runs) and no later epoch starts. Stopping at batch
+    # 1 of 4 in 3 epochs runs 2 steps, not 4 (the epoch's end) or 12.
+    with mirrored_strategy.scope():
+        model = tf_dpsat.make_private(keras.Sequential(
+            [keras.Input((4,)), keras.layers.Dense(2)]))
+        model.compile(optimizer=tf_dpsat.DPSATKeras(
+            learning_rate=1.0, l2_norm_clip=1.0, noise_multiplier=1.0, rho=0.0,
+            expected_batch_size=4), loss=keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True))
+    batch = (tf.ones([4, 4]), tf.zeros([4], tf.int64), tf.ones([4]))
+    stopper = StopAtBatch(1)
+    distributed.fit(model, mirrored_strategy, [batch] * 12, epochs=3,
+                    steps_per_epoch=4, callbacks=[stopper])
+    assert int(model.optimizer.iterations.numpy()) == 2
+    assert stopper.calls == [("batch", 0), ("batch", 1), ("epoch", 0), ("end", None)]
+    assert model.stop_training
+
+
+def test_any_worker_stops_in_one_process_is_the_local_decision(mirrored_strategy):
+    # No cluster resolver: nothing to agree with, no collective.
+    for stop in (True, False):
+        assert distributed.any_worker_stops(mirrored_strategy, stop) is stop
+        assert distributed.any_worker_stops(None, stop) is stop
+
+
 # ---------------------------------------------------------------------------
 # Two workers on loopback.
 # ---------------------------------------------------------------------------
@@ -369,6 +415,19 @@ def test_two_workers_add_the_noise_of_one_process(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_workers_stop_together_when_one_callback_stops_on_the_chief(tmp_path):
+    # A callback on the chief only stops training after step 2 of 5: the
+    # other worker must stop at the same step (a worker running on alone
+    # would wait in the next step's collectives until killed), and the
+    # weights must be those of 2 steps on both.
+    outputs = run_two_workers(tmp_path, "chief_stops",
+                              program=REPO / "tests" / "two_worker_batches.py")
+    reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert [r["steps"] for r in reports] == [2, 2]
+    assert reports[0]["weights"] == reports[1]["weights"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("keys", ["agreed", "own"])
 def test_two_workers_refuse_batches_drawn_with_keys_of_their_own(keys, tmp_path):
     # Poisson batches drawn with each worker's own OS-entropy key (q = 1/4,
@@ -384,4 +443,5 @@ def test_two_workers_refuse_batches_drawn_with_keys_of_their_own(keys, tmp_path)
             assert "Expected the same global batch" in report["refused"]
             assert report["weights_changed"] is False
         else:
-            assert report == {"refused": None, "weights_changed": True}
+            assert report["refused"] is None and report["weights_changed"] is True
+            assert report["steps"] == 1

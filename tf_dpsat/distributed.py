@@ -12,6 +12,8 @@ or worker processes on several machines with
   of one global batch.
 * `fit`: a training loop over `strategy.run(model.train_step)` driving
   Keras callbacks, and `evaluate_locally`, an evaluation without collectives.
+* `check_same_batch` / `any_worker_stops`: what `fit`'s workers agree on at
+  every step: the same global batch, and whether to stop.
 
 Why this way (DP semantics across workers):
 
@@ -55,6 +57,7 @@ __all__ = [
     "DISTRIBUTIONS",
     "Evaluation",
     "agree_on_int",
+    "any_worker_stops",
     "check_same_batch",
     "distribute_global_batch",
     "evaluate_locally",
@@ -350,7 +353,10 @@ def fit(model: keras.Model, strategy: tf.distribute.Strategy,
     replica trains on its `replica_rows`. Callbacks get
     Keras's hooks (train, epoch and batch begin/end); the epoch logs are the
     last step's metrics (Keras's running means over the epoch), averaged over
-    the replicas.
+    the replicas. As in Keras's fit, `model.stop_training` set by a callback
+    ends the epoch after that batch (then `on_epoch_end` runs) and the
+    training; set on any worker, it stops every worker at the same step
+    (`any_worker_stops`).
 
     Args:
       model: A model compiled under `strategy.scope()`.
@@ -399,10 +405,39 @@ def fit(model: keras.Model, strategy: tf.distribute.Strategy,
                 check_same_batch(strategy, batch)
                 logs = train_step(distribute_global_batch(strategy, batch))
                 callback_list.on_train_batch_end(step, _local_logs(strategy, logs))
+                model.stop_training = any_worker_stops(strategy, model.stop_training)
+                if model.stop_training:
+                    break
             callback_list.on_epoch_end(epoch, _mean_over_replicas(strategy, logs))
+            model.stop_training = any_worker_stops(strategy, model.stop_training)
             if model.stop_training:
                 break
         callback_list.on_train_end()
+
+
+def any_worker_stops(strategy: Optional[tf.distribute.Strategy], stop: bool) -> bool:
+    """Whether any worker's `stop` is true, decided alike on every worker.
+
+    A callback may stop training on one worker only (one that reads that
+    worker's local batch logs, or runs on the chief only); a worker that
+    stopped alone would leave the others waiting in the next step's
+    collectives. A collective: every worker calls it at the same point of
+    the program.
+
+    Args:
+      strategy: The strategy. None, or one without a cluster resolver (one
+        process), returns `stop`.
+      stop: This worker's decision.
+
+    Returns:
+      True when any worker's `stop` is true.
+    """
+    if strategy is None or strategy.cluster_resolver is None:
+        return bool(stop)
+    vote = tf.constant(1.0 if stop else 0.0)
+    votes = strategy.reduce(tf.distribute.ReduceOp.SUM,
+                            strategy.run(lambda: tf.identity(vote)), axis=None)
+    return bool(votes.numpy() > 0)
 
 
 def _local_logs(strategy: tf.distribute.Strategy, logs: Dict[str, Any]) -> Dict[str, float]:
