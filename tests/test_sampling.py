@@ -51,8 +51,13 @@ def test_padded_batch_size_golden(n, expected, steps, p, golden):
 
 
 def test_padded_batch_size_monotonic_and_rounding():
+    # CIFAR-10 at q = 0.04. The default failure probability is 1e-9. By a
+    # log-space sum of the Binomial(50000, 0.04) pmf: 200 * P(B > 2304) =
+    # 1.09e-9 > 1e-9 >= 200 * P(B > 2305) = 9.40e-10, so the cap is 2305.
+    assert sampling.padded_batch_size(2000, 50000, 200, failure_probability=1e-6) == 2256
     base = sampling.padded_batch_size(2000, 50000, 200)
-    assert base == 2256  # scipy-based; CIFAR-10 at q = 0.04.
+    assert base == sampling.padded_batch_size(
+        2000, 50000, 200, failure_probability=1e-9) == 2305
     # More steps or a stricter bound never shrink the cap.
     caps = [sampling.padded_batch_size(2000, 50000, s) for s in (1, 10, 100, 1000, 10000)]
     assert caps == sorted(caps) and caps[0] < caps[-1]

@@ -79,7 +79,7 @@ Preprocess = Callable[[tf.Tensor], tf.Tensor]
 
 
 def padded_batch_size(expected_batch_size: int, num_examples: int, steps: int, *,
-                      failure_probability: float = 1e-6, multiple_of: int = 1) -> int:
+                      failure_probability: float = 1e-9, multiple_of: int = 1) -> int:
     """Smallest static batch size that Poisson batches overflow only rarely.
 
     Each step's batch size is `B ~ Binomial(N, q)` with
@@ -92,7 +92,11 @@ def padded_batch_size(expected_batch_size: int, num_examples: int, steps: int, *
       expected_batch_size: Expected (logical) batch size `q * N`.
       num_examples: Training-set size `N`.
       steps: Number of steps of the whole run.
-      failure_probability: Allowed probability that any step overflows.
+      failure_probability: Allowed probability that any step overflows. An
+        overflow stops the run, an event that depends on the data: it adds
+        `(1 + e^epsilon) * failure_probability` to the run's delta
+        (`tf_dpsat.accounting.padding_overflow_delta`). The default, 1e-9,
+        keeps that below 1e-6 up to epsilon 6.9; keep it far below delta.
       multiple_of: Round up to a multiple of this, e.g. the physical batch
         size when gradient accumulation splits each logical batch.
 
