@@ -154,6 +154,27 @@ def test_controls_are_caught(auditor, control):
                                                            abs=1e-3)
 
 
+@pytest.mark.parametrize("control,clip,noise_std", [
+    # (clip norm, noise standard deviation noise_multiplier * clip) that each
+    # control's optimizer runs with, for sigma 4 and C 0.5: the real one
+    # (C, sigma C = 2), no noise (C, 0), no clipping (1e6, still sigma C = 2),
+    # half the noise (C, sigma C / 2 = 1).
+    ("none", 0.5, 2.0),
+    ("no_noise", 0.5, 0.0),
+    ("no_clipping", 1e6, 2.0),
+    ("half_noise", 0.5, 1.0),
+])
+def test_each_control_breaks_what_it_names(control, clip, noise_std):
+    from tf_dpsat.audit import _training
+    optimizer = _training._optimizer(
+        control, 4.0, l2_norm_clip=0.5, no_clipping_norm=1e6,
+        learning_rate=1.0, expected_batch_size=10)
+    assert optimizer.l2_norm_clip == clip
+    assert optimizer.noise_multiplier * optimizer.l2_norm_clip == pytest.approx(
+        noise_std, rel=1e-12)
+    assert set(audit.CONTROLS) == {"none", "no_noise", "no_clipping", "half_noise"}
+
+
 # ------------------------------------------------------------------ the CLI
 
 

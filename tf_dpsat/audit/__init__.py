@@ -46,6 +46,10 @@ Controls (`CONTROLS`), bugs the audit must catch:
   noise calibrated for C, so a canary's first update carries a noise
   multiplier of sigma / margin (later ones less signal: an unclipped canary
   is soon fitted and its gradient shrinks).
+* "half_noise": the optimizer adds noise of standard deviation sigma * C / 2,
+  what a sensitivity of 2C under noise calibrated for C amounts to (the bug
+  of an example counted twice in a step). A subtle break: it measures the
+  audit's power, and one audit of the default size does not refute it.
 
 Limits: r guesses, all right, give at most the bound of
 `max_epsilon_lower_bound` (4.17 for the default 100 + 100 guesses of 1000
@@ -84,7 +88,7 @@ __all__ = [
 ]
 
 AUDITORS: tuple = ("white_box", "black_box")
-CONTROLS: tuple = ("none", "no_noise", "no_clipping")
+CONTROLS: tuple = ("none", "no_noise", "no_clipping", "half_noise")
 
 # Every canary carries this label: a shared label makes all out-canaries
 # identical at the initial weights (their rows start at 0), so the scores of
@@ -348,7 +352,8 @@ def one_run_audit(*, epsilon: float = 2.0, delta: float = 1e-5,
       delta: The claimed delta, also used by the bound.
       canaries: m, each included with probability 1/2.
       auditor: "white_box" or "black_box".
-      control: "none", "no_noise" or "no_clipping".
+      control: "none", or a broken release: "no_noise", "no_clipping" or
+        "half_noise".
       seed: Seeds inclusion, initial weights, Poisson sampling, noise and tie
         breaking; None draws one from OS entropy (reported in the result).
       k_plus: Guesses "in"; default m // 10.

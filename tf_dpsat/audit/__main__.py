@@ -41,9 +41,9 @@ def parser() -> argparse.ArgumentParser:
                              "black_box: from the final model's loss "
                              "(default: %(default)s)")
     parser.add_argument("--control", choices=audit.CONTROLS, default="none",
-                        help="none audits the real optimizer; no_noise and "
-                             "no_clipping break it, to show the audit catches "
-                             "it (default: %(default)s)")
+                        help="none audits the real optimizer; no_noise, "
+                             "no_clipping and half_noise break it, to show "
+                             "what the audit catches (default: %(default)s)")
     parser.add_argument("--guesses_per_side", type=int, default=None,
                         help="k: guess 'in' for the k highest and 'out' for "
                              "the k lowest scores (default: canaries // 10)")

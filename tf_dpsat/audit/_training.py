@@ -158,6 +158,9 @@ def _optimizer(control: str, sigma: float, *, l2_norm_clip: float,
         return DPSATKeras(l2_norm_clip=no_clipping_norm,
                           noise_multiplier=sigma * l2_norm_clip / no_clipping_norm,
                           **kwargs)
+    if control == "half_noise":
+        return DPSATKeras(l2_norm_clip=l2_norm_clip, noise_multiplier=sigma / 2,
+                          **kwargs)
     return DPSATKeras(l2_norm_clip=l2_norm_clip, noise_multiplier=sigma,
                       **kwargs)
 
