@@ -133,6 +133,21 @@ def test_real_optimizer_stays_below_its_claim(auditor):
     assert result.steps == 30 and result.noise_multiplier > 0
 
 
+@pytest.mark.slow
+def test_the_audited_mechanism_does_not_depend_on_which_canaries_are_in():
+    # q and sigma must be fixed before the canaries are drawn: from the
+    # expected size, 500 real + 200 / 2 canaries, q = 200 / 600 = 1/3,
+    # whatever the count drawn (seeds 3 and 4 draw different counts).
+    runs = [audit.one_run_audit(auditor="white_box", **dict(_SMALL, seed=seed))
+            for seed in (3, 4)]
+    assert runs[0].canaries_in != runs[1].canaries_in
+    for run in runs:
+        assert run.sampling_probability == 200 / 600
+        assert run.num_examples == 500 + run.canaries_in
+    assert runs[0].noise_multiplier == runs[1].noise_multiplier
+    assert runs[0].epsilon == runs[1].epsilon
+
+
 @pytest.mark.parametrize("auditor", audit.AUDITORS)
 @pytest.mark.parametrize("control", ["no_noise", "no_clipping"])
 @pytest.mark.slow

@@ -78,7 +78,7 @@ Preprocess = Callable[[tf.Tensor], tf.Tensor]
 # --------------------------------------------------------------------------
 
 
-def padded_batch_size(expected_batch_size: int, num_examples: int, steps: int, *,
+def padded_batch_size(expected_batch_size: float, num_examples: int, steps: int, *,
                       failure_probability: float = 1e-9, multiple_of: int = 1) -> int:
     """Smallest static batch size that Poisson batches overflow only rarely.
 
@@ -89,7 +89,8 @@ def padded_batch_size(expected_batch_size: int, num_examples: int, steps: int, *
     `multiple_of`.
 
     Args:
-      expected_batch_size: Expected (logical) batch size `q * N`.
+      expected_batch_size: Expected (logical) batch size `q * N`; it may be
+        fractional.
       num_examples: Training-set size `N`.
       steps: Number of steps of the whole run.
       failure_probability: Allowed probability that any step overflows. An
@@ -116,7 +117,7 @@ def padded_batch_size(expected_batch_size: int, num_examples: int, steps: int, *
     cap = -(-cap // multiple_of) * multiple_of
     overflow = min(1.0, steps * float(scipy.stats.binom.sf(cap, n, q)))
     logging.info(
-        "Poisson sampling: q=%.6g (expected batch %d of N=%d), %d steps -> padded "
+        "Poisson sampling: q=%.6g (expected batch %g of N=%d), %d steps -> padded "
         "batch size %d; P(any step overflows) <= %.3g (union bound).",
         q, expected_batch_size, n, steps, cap, overflow)
     return int(cap)
@@ -144,7 +145,7 @@ def _check_sampling_args(expected_batch_size: int, num_examples: int, steps: int
         raise ValueError(f"steps must be a positive integer, got {steps}.")
 
 
-def poisson_dataset(images: Any, labels: Any, *, expected_batch_size: int, steps: int,
+def poisson_dataset(images: Any, labels: Any, *, expected_batch_size: float, steps: int,
                     padded_size: int, seed: Optional[int] = None, start_step: int = 0,
                     preprocess: Optional[Preprocess] = None,
                     physical_batches: int = 1) -> tf.data.Dataset:
@@ -171,7 +172,9 @@ def poisson_dataset(images: Any, labels: Any, *, expected_batch_size: int, steps
     Args:
       images: `(N, H, W, C)` array or tensor (typically uint8).
       labels: `(N, ...)` labels.
-      expected_batch_size: `q * N`; the optimizer divides by this.
+      expected_batch_size: `q * N`, which may be fractional; the optimizer
+        divides by it (rounded, if need be: a constant divisor only scales
+        the step).
       steps: Total number of steps of the run; the dataset yields steps
         `start_step .. steps - 1`.
       padded_size: Static batch size, e.g. from `padded_batch_size`.

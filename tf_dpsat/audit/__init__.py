@@ -253,9 +253,10 @@ class AuditResult:
       noise_multiplier: sigma, calibrated to the claimed epsilon (the control
         may train with another).
       steps: Noisy steps of the training run.
-      expected_batch_size: B; sampling probability q = B / num_examples.
+      expected_batch_size: B; sampling probability q = B / (real examples
+        + canaries / 2), the expected training-set size.
       num_examples: Training-set size: the real examples plus canaries_in.
-      sampling_probability: q.
+      sampling_probability: q, fixed before the canaries are drawn.
       l2_norm_clip: C of the real run.
       alpha: Significance level of the bound.
       seed: The seed of the whole run (drawn from OS entropy if not given).

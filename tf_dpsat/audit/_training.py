@@ -42,7 +42,8 @@ class CanaryRun:
       claimed_epsilon: The accountant's epsilon for `noise_multiplier`.
       noise_multiplier: sigma calibrated to the target epsilon.
       num_examples: N, real examples plus included canaries.
-      sampling_probability: q = expected_batch_size / N.
+      sampling_probability: q = expected_batch_size / (real examples + m / 2),
+        the same whichever canaries are in.
       test_accuracy: Accuracy of the final model on the digits test split.
     """
 
@@ -208,11 +209,17 @@ def train_with_canaries(*, included: np.ndarray, target_epsilon: float,
     train_y = np.concatenate([real_labels,
                               np.full(int(included.sum()), canary_label)])
     num_examples = len(train_x)
-    if expected_batch_size > num_examples:
+    # The audited mechanism must not depend on which canaries are in: q, and
+    # sigma with it, come from the expected training-set size (each canary
+    # is in with probability 1/2), not from N. From N, one canary would move
+    # sigma as well as add its gradient, and the audit could refute a
+    # correct claim.
+    q = expected_batch_size / (len(real_images) + canaries / 2)
+    if not 0 < q <= 1 or q * num_examples < 1:
         raise ValueError(
             f"Expected expected_batch_size={expected_batch_size} <= the "
-            f"{num_examples} training examples. Use a smaller batch.")
-    q = expected_batch_size / num_examples
+            f"{len(real_images) + canaries / 2:g} training examples expected "
+            f"(and q * N >= 1 for the {num_examples} drawn). Use a smaller batch.")
     sigma = accounting.calibrate_noise_multiplier(
         target_epsilon=target_epsilon, sampling_probability=q, steps=steps,
         delta=delta)
@@ -224,9 +231,11 @@ def train_with_canaries(*, included: np.ndarray, target_epsilon: float,
         canaries, int(included.sum()), num_examples, q, steps, sigma, claimed,
         delta, control, scale)
 
-    padded = sampling.padded_batch_size(expected_batch_size, num_examples, steps)
+    # Poisson sampling of the N examples at that q: expected q * N rows (the
+    # optimizer still divides by expected_batch_size, a constant).
+    padded = sampling.padded_batch_size(q * num_examples, num_examples, steps)
     batches = sampling.poisson_dataset(
-        train_x, train_y, expected_batch_size=expected_batch_size, steps=steps,
+        train_x, train_y, expected_batch_size=q * num_examples, steps=steps,
         padded_size=padded, seed=int(seeds[1]))
     private = make_private(model)
     private.compile(
