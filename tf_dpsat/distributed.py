@@ -214,15 +214,16 @@ def check_same_batch(strategy: Optional[tf.distribute.Strategy],
     value: keep the workers on a private network.
 
     Args:
-      strategy: The strategy. None, or one without a cluster resolver (one
-        process: every replica's rows come from the same batch), checks
-        nothing.
+      strategy: The strategy. Only MultiWorkerMirroredStrategy spans
+        processes; any other, or None, checks nothing (one process: every
+        replica's rows come from the same batch; TPUStrategy has one client
+        for all its hosts).
       batch: This worker's global batch, e.g. `(x, y, sample_weight)`.
 
     Raises:
       ValueError: the workers' batches differ.
     """
-    if strategy is None or strategy.cluster_resolver is None:
+    if not _spans_processes(strategy):
         return
     replicas = strategy.num_replicas_in_sync
     if replicas > _FINGERPRINT_MAX_REPLICAS:
@@ -244,6 +245,11 @@ def check_same_batch(strategy: Optional[tf.distribute.Strategy],
             "`sampling.poisson_dataset(..., seed=agree_on_int(strategy, "
             "secret))`, with the chief's `tf_dpsat.noise.secret_key()` as "
             "secret.")
+
+
+def _spans_processes(strategy: Optional[tf.distribute.Strategy]) -> bool:
+    """Whether the strategy's replicas live in several processes (workers)."""
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
 
 def share_size(rows: int, num_replicas: int) -> int:
@@ -425,14 +431,14 @@ def any_worker_stops(strategy: Optional[tf.distribute.Strategy], stop: bool) -> 
     the program.
 
     Args:
-      strategy: The strategy. None, or one without a cluster resolver (one
-        process), returns `stop`.
+      strategy: The strategy. Any but MultiWorkerMirroredStrategy, or None
+        (one process, as for `check_same_batch`), returns `stop`.
       stop: This worker's decision.
 
     Returns:
       True when any worker's `stop` is true.
     """
-    if strategy is None or strategy.cluster_resolver is None:
+    if not _spans_processes(strategy):
         return bool(stop)
     vote = tf.constant(1.0 if stop else 0.0)
     votes = strategy.reduce(tf.distribute.ReduceOp.SUM,
