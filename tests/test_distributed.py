@@ -165,7 +165,7 @@ def test_fit_probes_a_dp_model_for_batch_mixing_before_any_step(mirrored_strateg
 
 
 class StopAtBatch(keras.callbacks.Callback):
-    """Sets stop_training at the end of batch `batch` of the first epoch; logs hooks."""
+    """Sets stop_training at the end of batch `batch`; logs the hooks it sees."""
 
     def __init__(self, batch):
         super().__init__()
@@ -204,7 +204,8 @@ def test_fit_stops_after_the_batch_that_set_stop_training(mirrored_strategy):
 
 
 def test_any_worker_stops_in_one_process_is_the_local_decision(mirrored_strategy):
-    # No cluster resolver: nothing to agree with, no collective.
+    # Not MultiWorkerMirroredStrategy: one process, nothing to agree with,
+    # no collective.
     for stop in (True, False):
         assert distributed.any_worker_stops(mirrored_strategy, stop) is stop
         assert distributed.any_worker_stops(None, stop) is stop
