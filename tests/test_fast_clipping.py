@@ -266,6 +266,97 @@ def test_embedding_with_ids_outside_the_table(length, jit):
                                        err_msg=path)
 
 
+def test_ghost_sq_norms_golden():
+    # a = [[1, 0], [0, 2]], d = [[3], [4]] (T = 2 positions): g = a^T d =
+    # [3, 8], |g|^2 = 73; ghost: (1)(9) + (4)(16) = 73, magnitude 1*3 + 2*4 =
+    # 11 and floor (1e-3 * 11)^2 = 1.21e-4, far below.
+    a = tf.constant([[[1.0, 0.0], [0.0, 2.0]]])
+    d = tf.constant([[[3.0], [4.0]]])
+    got = per_example.rules.ghost_sq_norms(per_example.rules.gram(a),
+                                           per_example.rules.gram(d))
+    assert got.dtype == tf.float32
+    np.testing.assert_allclose(got.numpy(), [73.0], rtol=1e-7)
+    # Cancelling terms: a_1 = -a_2 = [M, 0], d_1 = d_2 = [1]: g = 0, but the
+    # magnitude is 2M, so the norm is the floor (1e-3 * 2e4)^2 = 400.
+    a = tf.constant([[[1e4, 0.0], [-1e4, 0.0]]])
+    d = tf.constant([[[1.0], [1.0]]])
+    got = per_example.rules.ghost_sq_norms(per_example.rules.gram(a),
+                                           per_example.rules.gram(d))
+    np.testing.assert_allclose(got.numpy(), [400.0], rtol=1e-6)
+    # A non-finite input stays non-finite (the engine drops the unit).
+    a = tf.constant([[[np.nan, 0.0], [0.0, 2.0]]])
+    got = per_example.rules.ghost_sq_norms(per_example.rules.gram(a),
+                                           per_example.rules.gram(d))
+    assert not np.isfinite(got.numpy()[0])
+
+
+def _cancelling_model(kind):
+    """A ghost-norm layer (4 positions) whose positions a pooling averages."""
+    keras.utils.set_random_seed(0)
+    if kind == "dense":  # 4 * (64 + 64) < 64 * 64: ghost
+        inputs = keras.Input((4, 64))
+        h = keras.layers.GlobalAveragePooling1D()(keras.layers.Dense(64)(inputs))
+    else:  # 2x2 outputs, 4 * (144 + 32) < 144 * 32: ghost
+        inputs = keras.Input((4, 4, 16))
+        h = keras.layers.GlobalAveragePooling2D()(
+            keras.layers.Conv2D(32, 3)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3)(h))
+    model.compile(loss=XENT)
+    return model
+
+
+def _cancelling_example(kind, magnitude, rng):
+    """Huge per-position terms that cancel: the gradient stays small.
+
+    Dense: rows M v + u, -M v, M v / 2, -M v / 2 sum to u, and the pooling
+    gives every position the same d. Conv2D: a checkerboard M (-1)^(i+j) v
+    puts opposite signs on the 2x2 output positions' patches at every kernel
+    offset, so the four patches sum to zero, plus u at one pixel.
+    """
+    if kind == "dense":
+        v, u = rng.normal(size=64), rng.normal(size=64)
+        x = np.stack([magnitude * v + u, -magnitude * v, magnitude * v / 2,
+                      -magnitude * v / 2])
+    else:
+        i, j = np.indices((4, 4))
+        x = magnitude * ((-1.0) ** (i + j))[:, :, None] * rng.normal(size=16)
+        x[0, 0] += rng.normal(size=16)
+    return x[None].astype("float32")
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+@pytest.mark.parametrize("magnitude", [1e2, 1e4, 1e8])
+def test_cancelling_example_adds_at_most_c(kind, magnitude):
+    # With float32 ghost norms taken as 0 when rounding made them negative,
+    # such an example went into the sum barely clipped or not at all: 5 of
+    # these 6 cases failed, the worst (Dense, M = 1e4) by 35 C. Adding it to
+    # a batch of 7 may move the clipped sum by at most C; float32 rounding of
+    # the 8 clipped terms is below 1e-5 C, so 1e-4 C is the tolerance.
+    clip = 0.1
+    model = _cancelling_model(kind)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(7, *model.input_shape[1:])).astype("float32")
+    y = rng.integers(0, 3, 7)
+    model.compute_loss(x=x[:1], y=y[:1], y_pred=model(x[:1]))
+    variables = model.trainable_variables
+
+    def summed(x, y):
+        params = [tf.convert_to_tensor(v.value) for v in variables]
+        batch = per_example.Batch.from_keras(tf.constant(x), tf.constant(y),
+                                             None)
+        result = per_example.clipped_sum(model, variables, params, batch,
+                                         l2_norm_clip=clip, engine="fast")
+        return [t.numpy().astype(np.float64) for t in result.summed]
+
+    without = summed(x, y)
+    for label in range(3):
+        extra = _cancelling_example(kind, magnitude, rng)
+        with_it = summed(np.concatenate([x, extra]), np.append(y, label))
+        change = np.sqrt(sum(np.sum((a - b) ** 2)
+                             for a, b in zip(with_it, without)))
+        assert change <= clip * (1 + 1e-4), (label, change / clip)
+
+
 def test_padding_and_nonfinite_examples_are_dropped():
     build, shape = LAYER_CASES["conv2d_same_strided"]
     x, y = _images(12, shape)

@@ -8,7 +8,8 @@ Why this way: epsilon is computed from the optimizer's count of logical noisy
 steps (`released_steps` where it has one, else `iterations`), not from counting
 batches, so it stays right after resuming from a checkpoint or
 `keras.models.load_model`, and after a restore to an earlier step in the same
-process (the steps moved back over stay released). The budget is also handed to the
+process (the steps moved back over stay released, counted as steps on fresh
+batches: the sampler needs a new key after such a restore). The budget is also handed to the
 optimizer (`set_step_budget`), because Keras runs a batch before it looks at
 `stop_training`; the optimizer's own refusal is what makes overrunning the budget
 impossible. The analyses are those of `tf_dpsat.accounting` (RDP; Mironov 2017,

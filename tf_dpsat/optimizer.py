@@ -355,7 +355,12 @@ class DPSATKeras(keras.optimizers.Optimizer):
         through a step (`tf.train.Checkpoint.restore` too) drops the running
         sum at the next batch. Moving `iterations` back in one process
         (restoring an earlier step) never reuses released noise, and the
-        steps moved back over still count (`released_steps`).
+        steps moved back over still count (`released_steps`), as steps on
+        fresh batches: after such a restore, build the sampler with a new
+        key (`tf_dpsat.sampling.poisson_dataset(seed=None)`). Its old key
+        would replay the same batches, whose second query with fresh noise
+        costs more privacy than a fresh step, and epsilon would not count
+        it.
       seed: None (default) takes the noise key from OS entropy
         (`os.urandom`). The key is secret: no saved file (`.keras`,
         `.weights.h5`, `tf.train.Checkpoint`) and no `get_config()` holds it,

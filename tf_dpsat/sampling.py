@@ -46,7 +46,11 @@ Gradient accumulation:
 Reproducibility:
   Step `t`'s sample is a function of `(seed, t)` only (stateless Philox RNG),
   so a run resumed at `start_step=k` sees exactly the batches an uninterrupted
-  run sees from step `k` on.
+  run sees from step `k` on. That is for a new process, whose optimizer
+  replays the same noise at those steps. After a restore to an earlier step
+  in the same process the optimizer draws fresh noise, and epsilon counts
+  the replayed steps as fresh ones: draw their batches with a new key, since
+  the same batches queried again cost more.
 """
 
 from __future__ import annotations

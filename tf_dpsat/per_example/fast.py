@@ -369,8 +369,11 @@ def clipped_sum(model, variables, params, batch: batch_lib.Batch,
         unconnected_gradients=tf.UnconnectedGradients.ZERO)
     records, deltas = in_float32(records, deltas, loss_scale)
     sq, caches = per_unit_sq_norms(records, deltas, layout)
-    # Rounding can make a ghost norm slightly negative; NaN stays NaN.
-    norms = tf.sqrt(tf.where(sq < 0, tf.zeros_like(sq), sq))
+    # No rule returns a negative squared norm (`rules.ghost_sq_norms`). One
+    # from a user's rule would be cancellation, not a small gradient: taking
+    # it as 0 would add the unit unclipped, so the unit is dropped like a
+    # non-finite one.
+    norms = tf.sqrt(tf.where(sq < 0, tf.fill(tf.shape(sq), float("nan")), sq))
 
     clipping = clip.clip_units(norms, batch.unit_weights(), l2_norm_clip)
 

@@ -18,8 +18,10 @@ Writing a rule for your own layer: subclass `Rule` and implement
 
 then `tf_dpsat.per_example.register_rule(MyLayer, MyRule())`. `group`,
 `gram`, `mask_examples` and `tf_dpsat.per_example.clip.sum_of_squares` help
-with the shapes. A rule is looked up by the layer's exact class. Check it
-against the vectorized engine, which is exact for any layer, as
+with the shapes; a ghost norm must go through `ghost_sq_norms`, which keeps
+it a bound on what `sums` adds for the unit under rounding. A rule is looked
+up by the layer's exact class. Check it against the vectorized engine, which
+is exact for any layer, as
 `tests/test_fast_clipping.py::test_user_rule_matches_vectorized` does.
 """
 
@@ -32,6 +34,7 @@ from tf_dpsat.per_example.rules.base import Record
 from tf_dpsat.per_example.rules.base import Rule
 from tf_dpsat.per_example.rules.base import Unsupported
 from tf_dpsat.per_example.rules.base import ghost_is_cheaper
+from tf_dpsat.per_example.rules.base import ghost_sq_norms
 from tf_dpsat.per_example.rules.base import gram
 from tf_dpsat.per_example.rules.base import group
 from tf_dpsat.per_example.rules.base import mask_examples
@@ -40,5 +43,5 @@ from tf_dpsat.per_example.rules.base import registered_rule
 from tf_dpsat.per_example.rules.base import rule_for
 
 __all__ = ["Layout", "Record", "Rule", "Unsupported", "ghost_is_cheaper",
-           "gram", "group", "mask_examples", "register_rule",
+           "ghost_sq_norms", "gram", "group", "mask_examples", "register_rule",
            "registered_rule", "rule_for"]

@@ -96,6 +96,9 @@ class Rule:
         Only the record's (trainable) variables count: a frozen variable's
         gradient is neither clipped nor released. Cache entries are per-unit
         tensors [units, ...]; `sums` gets them with dropped units zeroed.
+        A norm must bound what `sums` adds for the unit: take it from the
+        per-unit tensor `sums` reads (the cache), or, for a ghost norm, from
+        `ghost_sq_norms`. A negative norm drops the unit, like a NaN.
         """
         raise NotImplementedError
 
@@ -189,8 +192,66 @@ def group(t: tf.Tensor, layout: Layout) -> tf.Tensor:
 
 
 def gram(u: tf.Tensor) -> tf.Tensor:
-    """[m, p, i] -> [m, p, p]: the Gram matrix of each unit's positions."""
+    """[m, p, i] -> [m, p, p]: the Gram matrix of each unit's positions.
+
+    In float64, for `ghost_sq_norms`: a product of two float32 numbers is
+    exact in float64, and the sums keep the ghost norm's cancellation error
+    far below its floor.
+    """
+    u = tf.cast(u, tf.float64)
     return tf.einsum("mpi,mqi->mpq", u, u)
+
+
+# A ghost norm is never taken below GHOST_FLOOR times the unit's magnitude
+# sum_t |a_t| |d_t| (see `ghost_sq_norms`).
+GHOST_FLOOR = 1e-3
+
+
+def ghost_sq_norms(a_gram: tf.Tensor, d_gram: tf.Tensor) -> tf.Tensor:
+    """Squared norms of g_u = sum_t a_ut^T d_ut from Gram matrices, floored.
+
+    The ghost norm sum_{t,s} (a_t . a_s)(d_t . d_s) (Goodfellow 2015) is exact
+    in exact arithmetic. In floating point, an example whose per-position
+    terms a_t^T d_t are huge and cancel gets a ghost norm far below the norm
+    of what the clipped sum adds for it: the sum is computed from the terms
+    (`sums` of the rule), not from a materialised g_u, so its rounding is
+    relative to the magnitude M_u = sum_t |a_t| |d_t| >= |g_u|, however
+    small g_u is. An attacker feeding such an example could then add far
+    more than C to the sum. Two guards bound what any unit adds to C, up
+    to float32 rounding:
+
+      * the Gram matrices and their product are float64 (`gram`), so the
+        cancellation error, at most float64's 1.1e-16 times the number of
+        products summed times M_u^2, stays far below the floor;
+      * the squared norm is at least (GHOST_FLOOR M_u)^2, so the clip factor
+        is at most C / (GHOST_FLOOR M_u), and the rounding of the unit's
+        share of the sum, some multiple of float32's 6e-8 times factor
+        times M_u <= 1000 C, stays a small fraction of C
+        (`tests/test_fast_clipping.py` adds such units to a batch and
+        measures the change of the sum).
+
+    The floor changes the norm only of a unit whose terms cancel to less
+    than a thousandth of their magnitudes: ordinary data does not come near
+    it (terms in independent directions cancel to 1/sqrt(T) of their
+    magnitudes, and Dense and convolutions take ghost norms only for T below
+    both widths; an Embedding would need about 10^6 positions).
+
+    Args:
+      a_gram: [units, T, T] float64 Gram matrices of what the layer saw at
+        each position (for an Embedding, 1 where two positions read the same
+        row, 0 otherwise).
+      d_gram: [units, T, T] float64 Gram matrices of the output gradients.
+
+    Returns:
+      [units] float32 squared norms; non-finite where an input is.
+    """
+    ghost = tf.reduce_sum(a_gram * d_gram, [1, 2])
+    magnitude = tf.reduce_sum(tf.sqrt(tf.linalg.diag_part(a_gram) *
+                                      tf.linalg.diag_part(d_gram)), 1)
+    floor = tf.square(GHOST_FLOOR * magnitude)
+    # NaN compares false: a non-finite ghost norm stays non-finite.
+    safe = tf.where(ghost < floor, floor, ghost)
+    return tf.cast(safe, tf.float32)
 
 
 def ghost_is_cheaper(positions: Optional[int], d_in: int, d_out: int) -> bool:

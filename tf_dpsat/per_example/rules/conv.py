@@ -171,7 +171,7 @@ class ConvRule(base.Rule):
             shifts = _shifted_inputs(record.saved["a"], *self._geometry(layer),
                                      layer.padding)
             gram = tf.add_n([base.gram(base.group(s, layout)) for s in shifts])
-            terms.append(tf.reduce_sum(gram * base.gram(grouped_d), [1, 2]))
+            terms.append(base.ghost_sq_norms(gram, base.gram(grouped_d)))
         elif kernel:
             per_unit = self._per_unit_kernel(record, d, layout)
             cache["kernel"] = per_unit

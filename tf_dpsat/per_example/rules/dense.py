@@ -44,7 +44,7 @@ class DenseRule(base.Rule):
                 terms.append(d_sq)
             return tf.add_n(terms), cache
         if "kernel" in trainable and base.ghost_is_cheaper(positions, d_in, d_out):
-            terms.append(tf.reduce_sum(base.gram(a) * base.gram(d), [1, 2]))
+            terms.append(base.ghost_sq_norms(base.gram(a), base.gram(d)))
         elif "kernel" in trainable:
             per_unit = tf.einsum("mpi,mpo->mio", a, d)
             cache["kernel"] = per_unit

@@ -42,8 +42,8 @@ class EmbeddingRule(base.Rule):
             return clip.sum_of_squares(d, [1, 2]), {}
         same = tf.equal(ids[:, :, None], ids[:, None, :]) & (
             ids[:, :, None] >= 0)
-        return tf.reduce_sum(tf.cast(same, d.dtype) * base.gram(d),
-                             [1, 2]), {}
+        return base.ghost_sq_norms(tf.cast(same, tf.float64),
+                                   base.gram(d)), {}
 
     def sums(self, record, d, cache, factors, layout, keep):
         ids = tf.reshape(record.saved["ids"], [layout.units, -1])
