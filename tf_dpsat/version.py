@@ -1,3 +1,3 @@
 """The package version, kept in one place (setup.py reads it)."""
 
-__version__ = "0.4.0"
+__version__ = "0.4.1"
