@@ -129,6 +129,12 @@ LAYER_CASES = {
         lambda: keras.layers.Conv2D(32, 3, padding="valid"),
         lambda: keras.layers.Flatten(), lambda: keras.layers.Dense(3),
         input_shape=(4, 4, 16)), (4, 4, 16)),
+    # 6x6 outputs, 3x3x16 -> 64: ghost, from the input map's Gram matrix
+    # (8x8 padded pixels: 64^2 < 9 * 36^2).
+    "conv2d_ghost_same": (_seq(
+        lambda: keras.layers.Conv2D(64, 3, padding="same", activation="relu"),
+        lambda: keras.layers.Flatten(), lambda: keras.layers.Dense(3),
+        input_shape=(6, 6, 16)), (6, 6, 16)),
     "conv2d_groups": (_seq(
         lambda: keras.layers.Conv2D(6, 3, groups=2, padding="same"),
         lambda: keras.layers.Flatten(), lambda: keras.layers.Dense(3),
@@ -288,6 +294,35 @@ def test_ghost_sq_norms_golden():
     got = per_example.rules.ghost_sq_norms(per_example.rules.gram(a),
                                            per_example.rules.gram(d))
     assert not np.isfinite(got.numpy()[0])
+
+
+@pytest.mark.parametrize("geometry", [
+    # (input HxW, kernel, strides, dilation, padding, examples per unit);
+    # the first four take the input map's Gram matrix, the strided one
+    # (9^4 padded pixel pairs against 9 * 4^4) one per offset.
+    ((6, 6), (3, 3), (1, 1), (1, 1), "same", 1),
+    ((6, 6), (3, 2), (1, 1), (2, 1), "same", 1),
+    ((6, 6), (3, 3), (1, 1), (1, 1), "valid", 1),
+    ((5, 5), (3, 3), (1, 1), (1, 1), "same", 2),
+    ((7, 7), (3, 3), (2, 2), (1, 1), "same", 1),
+])
+def test_patch_gram_matches_one_gram_per_offset(geometry):
+    # Reference: the patches' Gram matrix as the sum of one Gram matrix per
+    # kernel offset, in float64 numpy.
+    from tf_dpsat.per_example.rules import conv
+    (h, w), kernel, strides, dilation, padding, size = geometry
+    a = np.random.default_rng(0).normal(size=(4, h, w, 3)).astype("float32")
+    layout = per_example.Layout(4 // size, size)
+    shifts = conv._shifted_inputs(tf.constant(a), kernel, strides, dilation,
+                                  padding)
+    expected = 0
+    for shift in shifts:
+        s = np.asarray(shift, np.float64).reshape(4 // size, -1, 3)
+        expected = expected + np.einsum("mpi,mqi->mpq", s, s)
+    got = conv._patch_gram(tf.constant(a), layout, kernel, strides, dilation,
+                           padding)
+    assert got.dtype == tf.float64
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12, atol=1e-12)
 
 
 def _cancelling_model(kind):

@@ -45,6 +45,46 @@ def _shifted_inputs(a, kernel_size, strides, dilation, padding):
     return shifts
 
 
+def _output_size(size, kernel, stride, dilation, padding):
+    """(padding before, after) and output size along one spatial axis."""
+    if padding == "same":
+        return _same_padding(size, kernel, stride, dilation)
+    return (0, 0), (size - (kernel - 1) * dilation - 1) // stride + 1
+
+
+def _patch_gram(a, layout, kernel_size, strides, dilation, padding):
+    """[units, T, T]: the Gram matrix of each unit's patches, in float64.
+
+    Patch t . patch s is the sum over kernel offsets o of the input at t + o
+    dotted with the input at s + o. Where the padded input map has fewer
+    pixels squared than the kernel offsets times the output positions
+    squared (stride 1), the Gram matrix of the input map is computed once
+    and its entries summed along the offsets; otherwise one Gram matrix per
+    offset (`_shifted_inputs`). Both are float64 (`base.gram`).
+    """
+    (kh, kw), (sh, sw), (dh, dw) = kernel_size, strides, dilation
+    (ph, h_out) = _output_size(a.shape[1], kh, sh, dh, padding)
+    (pw, w_out) = _output_size(a.shape[2], kw, sw, dw, padding)
+    hp, wp = a.shape[1] + sum(ph), a.shape[2] + sum(pw)
+    size = layout.size
+    if not isinstance(size, int) or (hp * wp) ** 2 >= kh * kw * (h_out * w_out) ** 2:
+        return tf.add_n([base.gram(base.group(s, layout)) for s in
+                         _shifted_inputs(a, kernel_size, strides, dilation,
+                                         padding)])
+    a = tf.pad(a, [[0, 0], list(ph), list(pw), [0, 0]])
+    pixels = base.gram(tf.reshape(a, [layout.units, size * hp * wp, -1]))
+    pixels = tf.reshape(pixels, [layout.units, size, hp, wp, size, hp, wp])
+    total = None
+    for i in range(kh):
+        rows = slice(i * dh, i * dh + (h_out - 1) * sh + 1, sh)
+        for j in range(kw):
+            cols = slice(j * dw, j * dw + (w_out - 1) * sw + 1, sw)
+            part = pixels[:, :, rows, cols, :, rows, cols]
+            total = part if total is None else total + part
+    return tf.reshape(total, [layout.units, size * h_out * w_out,
+                              size * h_out * w_out])
+
+
 def _fold(t: tf.Tensor) -> tf.Tensor:
     """[B, H, W, C] -> [1, H, W, B*C]: the batch folded into the channels."""
     t = tf.transpose(t, [1, 2, 0, 3])
@@ -168,9 +208,8 @@ class ConvRule(base.Rule):
         kernel = "kernel" in record.variables
         if kernel and self._use_ghost(layer, grouped_d.shape[1],
                                       grouped_d.shape[2]):
-            shifts = _shifted_inputs(record.saved["a"], *self._geometry(layer),
-                                     layer.padding)
-            gram = tf.add_n([base.gram(base.group(s, layout)) for s in shifts])
+            gram = _patch_gram(record.saved["a"], layout,
+                               *self._geometry(layer), layer.padding)
             terms.append(base.ghost_sq_norms(gram, base.gram(grouped_d)))
         elif kernel:
             per_unit = self._per_unit_kernel(record, d, layout)
