@@ -22,6 +22,13 @@ def _same_padding(size, kernel, stride, dilation):
     return (total // 2, total - total // 2), out
 
 
+def _output_size(size, kernel, stride, dilation, padding):
+    """(padding before, after) and output size along one spatial axis."""
+    if padding == "same":
+        return _same_padding(size, kernel, stride, dilation)
+    return (0, 0), (size - (kernel - 1) * dilation - 1) // stride + 1
+
+
 def _shifted_inputs(a, kernel_size, strides, dilation, padding):
     """The input seen by each kernel offset: kh*kw tensors [B, Ho, Wo, C].
 
@@ -29,27 +36,16 @@ def _shifted_inputs(a, kernel_size, strides, dilation, padding):
     materialising the [B, Ho*Wo, kh*kw*C] patch matrix at once.
     """
     (kh, kw), (sh, sw), (dh, dw) = kernel_size, strides, dilation
-    h, w = a.shape[1], a.shape[2]
+    ph, h_out = _output_size(a.shape[1], kh, sh, dh, padding)
+    pw, w_out = _output_size(a.shape[2], kw, sw, dw, padding)
     if padding == "same":
-        (ph, h_out), (pw, w_out) = (_same_padding(h, kh, sh, dh),
-                                    _same_padding(w, kw, sw, dw))
         a = tf.pad(a, [[0, 0], list(ph), list(pw), [0, 0]])
-    else:
-        h_out = (h - (kh - 1) * dh - 1) // sh + 1
-        w_out = (w - (kw - 1) * dw - 1) // sw + 1
     shifts = []
     for i in range(kh):
         for j in range(kw):
             shifts.append(a[:, i * dh: i * dh + (h_out - 1) * sh + 1: sh,
                             j * dw: j * dw + (w_out - 1) * sw + 1: sw, :])
     return shifts
-
-
-def _output_size(size, kernel, stride, dilation, padding):
-    """(padding before, after) and output size along one spatial axis."""
-    if padding == "same":
-        return _same_padding(size, kernel, stride, dilation)
-    return (0, 0), (size - (kernel - 1) * dilation - 1) // stride + 1
 
 
 def _patch_gram(a, layout, kernel_size, strides, dilation, padding):
@@ -63,8 +59,8 @@ def _patch_gram(a, layout, kernel_size, strides, dilation, padding):
     offset (`_shifted_inputs`). Both are float64 (`base.gram`).
     """
     (kh, kw), (sh, sw), (dh, dw) = kernel_size, strides, dilation
-    (ph, h_out) = _output_size(a.shape[1], kh, sh, dh, padding)
-    (pw, w_out) = _output_size(a.shape[2], kw, sw, dw, padding)
+    ph, h_out = _output_size(a.shape[1], kh, sh, dh, padding)
+    pw, w_out = _output_size(a.shape[2], kw, sw, dw, padding)
     hp, wp = a.shape[1] + sum(ph), a.shape[2] + sum(pw)
     size = layout.size
     if not isinstance(size, int) or (hp * wp) ** 2 >= kh * kw * (h_out * w_out) ** 2:
