@@ -29,6 +29,13 @@ def _output_size(size, kernel, stride, dilation, padding):
     return (0, 0), (size - (kernel - 1) * dilation - 1) // stride + 1
 
 
+def _pad(a, ph, pw):
+    """`a` [B, H, W, C] padded by ph and pw along H and W; `a` itself if both are 0."""
+    if not any(ph + pw):
+        return a
+    return tf.pad(a, [[0, 0], list(ph), list(pw), [0, 0]])
+
+
 def _shifted_inputs(a, kernel_size, strides, dilation, padding):
     """The input seen by each kernel offset: kh*kw tensors [B, Ho, Wo, C].
 
@@ -38,8 +45,7 @@ def _shifted_inputs(a, kernel_size, strides, dilation, padding):
     (kh, kw), (sh, sw), (dh, dw) = kernel_size, strides, dilation
     ph, h_out = _output_size(a.shape[1], kh, sh, dh, padding)
     pw, w_out = _output_size(a.shape[2], kw, sw, dw, padding)
-    if padding == "same":
-        a = tf.pad(a, [[0, 0], list(ph), list(pw), [0, 0]])
+    a = _pad(a, ph, pw)
     shifts = []
     for i in range(kh):
         for j in range(kw):
@@ -67,7 +73,7 @@ def _patch_gram(a, layout, kernel_size, strides, dilation, padding):
         return tf.add_n([base.gram(base.group(s, layout)) for s in
                          _shifted_inputs(a, kernel_size, strides, dilation,
                                          padding)])
-    a = tf.pad(a, [[0, 0], list(ph), list(pw), [0, 0]])
+    a = _pad(a, ph, pw)
     pixels = base.gram(tf.reshape(a, [layout.units, size * hp * wp, -1]))
     pixels = tf.reshape(pixels, [layout.units, size, hp, wp, size, hp, wp])
     total = None
