@@ -1046,6 +1046,117 @@ def test_non_private_diagnostics_are_kept_apart_and_can_be_left_out(tmp_path, ca
                 "--norecord_train_diagnostics" in m and "not measured" in m], flag
 
 
+def tensorboard_scalars(model_dir):
+    """{tag: value} of every scalar in the run's TensorBoard event files."""
+    return {value.tag: float(tf.make_ndarray(value.tensor))
+            for events in pathlib.Path(model_dir).rglob("events.out.*")
+            for event in tf.compat.v1.train.summary_iterator(str(events))
+            for value in event.summary.value}
+
+
+# What a DP model's training step reports: exact functions of the private
+# batches, without noise.
+TRAINING_STEP_METRICS = accounting.NON_PRIVATE_DIAGNOSTICS + ("top_2",)
+# What the binary releases beside them (and TensorBoard's public learning rate).
+RELEASED_TAGS = {"epoch_epsilon", "epoch_test_loss", "epoch_test_accuracy",
+                 "epoch_learning_rate"}
+
+
+class _EpochLogKeys(keras.callbacks.Callback):
+    """Keeps the epoch-log keys that a user's extra callback sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.keys = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.keys.append(set(logs))
+
+
+def compile_with_a_user_metric(monkeypatch):
+    """Makes the binary compile one more training metric, "top_2"."""
+    compile_binary_model = training._compile
+
+    def compile_with_top_2(model, optimizer, config):
+        compile_binary_model(model, optimizer, config)
+        model.compile(optimizer=optimizer, loss=model.loss, weighted_metrics=[
+            keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+            keras.metrics.SparseTopKCategoricalAccuracy(k=2, name="top_2")],
+            jit_compile=False)
+
+    monkeypatch.setattr(training, "_compile", compile_with_top_2)
+
+
+@pytest.mark.parametrize("record", [True, False])
+def test_every_training_step_metric_is_labelled_or_dropped(record):
+    # Derived from the keys, not from a list: "auc" (a user's metric) and
+    # Keras's "val_loss" go with the loss; only what the binary releases or
+    # labels itself keeps its name.
+    released = {"epsilon": 3.0, "test_loss": 1.5, "test_accuracy": 0.6,
+                "not_private/validation_accuracy": 0.4}
+    trained = {"loss": 2.0, "accuracy": 0.5, "grad_norm_clipped_fraction": 1.0,
+               "nonfinite_gradients": 0.0, "auc": 0.7, "val_loss": 2.5}
+    callback = training._TrainingStatistics(record=record)
+    batch_logs, epoch_logs = dict(trained), {**trained, **released}
+    callback.on_train_batch_end(0, batch_logs)
+    callback.on_epoch_end(0, epoch_logs)
+    labelled = {f"not_private/{k}": v for k, v in trained.items()} if record else {}
+    assert batch_logs == labelled
+    assert epoch_logs == {**labelled, **released}
+
+
+@pytest.mark.slow
+def test_tensorboard_shows_training_metrics_only_as_not_private(tmp_path, monkeypatch,
+                                                                capsys):
+    compile_with_a_user_metric(monkeypatch)
+    seen = _EpochLogKeys()
+    results = training.train(small_config(model_dir=str(tmp_path), keras_verbose=2),
+                             extra_callbacks=[seen])
+    scalars = tensorboard_scalars(tmp_path)
+    labelled = {f"epoch_not_private/{name}" for name in TRAINING_STEP_METRICS}
+    assert set(scalars) == RELEASED_TAGS | labelled
+    # The same numbers as results.json: the training loss (and the user's
+    # metric) in its non_private_diagnostics, epsilon and the test accuracy
+    # in its private section.
+    trained = results["non_private_diagnostics"]["history"][0]
+    assert set(trained) == {"epoch", *TRAINING_STEP_METRICS}
+    for name in TRAINING_STEP_METRICS:
+        assert scalars[f"epoch_not_private/{name}"] == pytest.approx(trained[name],
+                                                                     rel=1e-6), name
+    private = results["private"]
+    assert 0 < private["epsilon"] <= 3.0
+    assert scalars["epoch_epsilon"] == pytest.approx(private["epsilon"], rel=1e-6)
+    assert scalars["epoch_test_accuracy"] == pytest.approx(
+        private["final_test_accuracy"], rel=1e-6)
+    assert not {"top_2", "loss"} & set(private["history"][0])
+    # What a user's callback (an EarlyStopping, say) and the epoch line see.
+    assert seen.keys == [{"epsilon", "test_loss", "test_accuracy"} |
+                         {f"not_private/{name}" for name in TRAINING_STEP_METRICS}]
+    printed = capsys.readouterr().out
+    assert "- not_private/loss: " in printed and "- not_private/top_2: " in printed
+    assert "- loss: " not in printed and "- accuracy: " not in printed
+    assert "- epsilon: " in printed and "- test_accuracy: " in printed
+
+
+@pytest.mark.slow
+def test_without_diagnostics_a_user_metric_is_dropped_too(tmp_path, monkeypatch,
+                                                         capsys):
+    compile_with_a_user_metric(monkeypatch)
+    seen = _EpochLogKeys()
+    results = training.train(small_config(model_dir=str(tmp_path), keras_verbose=2,
+                                          record_train_diagnostics=False),
+                             extra_callbacks=[seen])
+    assert set(tensorboard_scalars(tmp_path)) == RELEASED_TAGS
+    assert seen.keys == [{"epsilon", "test_loss", "test_accuracy"}]
+    assert "non_private_diagnostics" not in results
+    text = (json.dumps(read_json(tmp_path / "results.json")) +
+            json.dumps(read_json(tmp_path / "state.json")))
+    for name in TRAINING_STEP_METRICS:
+        assert f'"{name}"' not in text, name
+    printed = capsys.readouterr().out
+    assert "top_2" not in printed and "loss: " not in printed.replace("test_loss: ", "")
+
+
 @pytest.mark.slow
 def test_binary_fails_fast_without_data(tmp_path):
     start = time.monotonic()

@@ -54,11 +54,18 @@ Outputs:
   guarantee, and the accuracy on held-out training examples
   (`--validation_examples`) and the top Hessian eigenvalue
   (`--sharpness_examples`), functions of private examples outside the
-  accounted training set or without noise. The last two show as
-  "not_private/..." in the epoch log and TensorBoard.
-  `--norecord_train_diagnostics` keeps all of them out of results.json,
-  TensorBoard and the printed per-epoch log (and skips the validation and
-  sharpness measurements).
+  accounted training set or without noise. All of them, and any other metric
+  the training step reports, show as "not_private/<name>" in the epoch log,
+  the progress bar and TensorBoard (tag "epoch_not_private/loss"); epsilon and
+  the test metrics keep their names. `--norecord_train_diagnostics` keeps all
+  of them out of results.json, TensorBoard and the printed per-epoch log
+  (and skips the validation and sharpness measurements).
+  Keras callbacks that monitor the training loss or accuracy
+  (EarlyStopping, ReduceLROnPlateau, ModelCheckpoint(save_best_only=True))
+  steer training with un-noised statistics of the private data, which is
+  outside the (epsilon, delta) guarantee: never use them on private data, or
+  let them monitor only quantities the guarantee covers (epsilon, metrics on
+  public data).
 
   `physical_batch_size` bounds memory: each (padded) logical batch is cut, in
   order, into k = padded / physical physical batches that the optimizer
@@ -229,15 +236,21 @@ SHARPNESS_NOTE = (
     "iteration, tf_dpsat.sharpness). A function of those private examples, "
     "without noise: a diagnostic, outside the (epsilon, delta) guarantee.")
 
-# The validation metrics and the sharpness reach the epoch logs under this
-# prefix: it labels them in the epoch line ("not_private/validation_accuracy:
-# ...") and in TensorBoard (tag "epoch_not_private/..."). state.json and
+# Every non-private number reaches the epoch logs under this prefix: the
+# training step's metrics (_TrainingStatistics renames them), the validation
+# metrics and the sharpness. It labels them in the epoch line and progress bar
+# ("not_private/loss: ...") and in TensorBoard (tag "epoch_not_private/loss"),
+# and keeps them from callbacks that monitor a plain "loss". state.json and
 # results.json keep the plain names, in non_private_diagnostics.
 NOT_PRIVATE_LOG_PREFIX = "not_private/"
-# Every non-private number of a run's history, which
-# --norecord_train_diagnostics keeps out of the outputs.
-_NON_PRIVATE_HISTORY_KEYS: Tuple[str, ...] = (
-    accounting.NON_PRIVATE_DIAGNOSTICS + _VALIDATION_METRICS + (SHARPNESS_METRIC,))
+# The keys of the epoch logs that the guarantee covers, which the binary's own
+# callbacks add: epsilon (from the public plan and the step count) and the
+# test metrics (the private model on the public test set).
+_RELEASED_LOG_KEYS: Tuple[str, ...] = ("epsilon",) + _PRIVATE_METRICS
+# The keys of a history entry that are not training-step metrics: the others
+# make up non_private_diagnostics' history in results.json.
+_NOT_TRAINING_HISTORY_KEYS: Tuple[str, ...] = (
+    _PRIVATE_HISTORY_KEYS + _VALIDATION_METRICS + (SHARPNESS_METRIC,))
 
 # Purposes of the seeds derived from TrainConfig.seed (_SEED_MODEL) and from
 # the run's secret (the others).
@@ -314,11 +327,12 @@ class TrainConfig:
         line per epoch.
       record_train_diagnostics: Record the non-private training diagnostics
         (training-batch loss and accuracy, `grad_norm_clipped_fraction`,
-        `nonfinite_gradients`, and the metrics of `validation_examples` and
-        `sharpness_examples`) in results.json, TensorBoard and the printed
-        per-epoch log. They are functions of private examples without a
-        guarantee. False leaves them out (and measures neither validation
-        nor sharpness).
+        `nonfinite_gradients`, any other metric of the training step, and
+        the metrics of `validation_examples` and `sharpness_examples`) in
+        results.json, TensorBoard and the printed per-epoch log, where they
+        are labelled "not_private/<name>". They are functions of private
+        examples without a guarantee. False leaves them out of every log
+        (and measures neither validation nor sharpness).
       distribution: "none" (Keras's fit), "mirrored" (MirroredStrategy over
         this machine's GPUs), "multi_worker" (MultiWorkerMirroredStrategy
         from `TF_CONFIG`) or "tpu" (TPUStrategy, untested); the strategies
@@ -1397,24 +1411,51 @@ class _Sharpness(keras.callbacks.Callback):
             logs[NOT_PRIVATE_LOG_PREFIX + SHARPNESS_METRIC] = result.eigenvalue
 
 
-class _DropNonPrivateLogs(keras.callbacks.Callback):
-    """Removes the non-private training diagnostics from the logs.
+def _is_training_statistic(key: str) -> bool:
+    """Whether a log key is a metric of the training step (not private).
 
-    From the batch and epoch logs. First in the callback list: Keras hands
-    every later callback (the recorder, TensorBoard, History, the progress
-    bar) the same dict.
+    Every key the training step reports is computed from the private
+    training batch without noise: the compiled loss and metrics (any a user
+    adds too), and a DP model's `grad_norm_clipped_fraction` and
+    `nonfinite_gradients`. Only what the binary's callbacks add is
+    otherwise: the released `_RELEASED_LOG_KEYS` and the keys they label
+    `not_private/` themselves.
+    """
+    return not (key in _RELEASED_LOG_KEYS or key.startswith(NOT_PRIVATE_LOG_PREFIX))
+
+
+class _TrainingStatistics(keras.callbacks.Callback):
+    """Labels or removes every training-step metric of the logs.
+
+    In the batch and epoch logs: with `record`, each is renamed
+    `not_private/<name>` (in place, in its order); without, each is removed.
+    Derived from the logs rather than from a list of names, so that a metric
+    a user compiles is labelled or removed as well. First in the callback
+    list: Keras hands every later callback (PrivacyCallback, the evaluation,
+    the recorder, TensorBoard, History, the progress bar, extra callbacks)
+    the same dict, so none sees a training statistic under its plain name.
     """
 
-    def _drop(self, logs):
-        for key in accounting.NON_PRIVATE_DIAGNOSTICS:
-            if logs is not None:
-                logs.pop(key, None)
+    def __init__(self, record: bool):
+        super().__init__()
+        self._record = record
+
+    def _relabel(self, logs):
+        if not logs:
+            return
+        items = list(logs.items())
+        logs.clear()
+        for key, value in items:
+            if not _is_training_statistic(key):
+                logs[key] = value
+            elif self._record:
+                logs[NOT_PRIVATE_LOG_PREFIX + key] = value
 
     def on_train_batch_end(self, batch, logs=None):
-        self._drop(logs)
+        self._relabel(logs)
 
     def on_epoch_end(self, epoch, logs=None):
-        self._drop(logs)
+        self._relabel(logs)
 
 
 class _Recorder(keras.callbacks.Callback):
@@ -1449,7 +1490,7 @@ class _Run:
             # Recorded before the run was resumed with the switch off: they
             # stay out of results.json, the plot and state.json from now on.
             self.history = [{k: v for k, v in h.items()
-                             if k not in _NON_PRIVATE_HISTORY_KEYS}
+                             if k in _PRIVATE_HISTORY_KEYS}
                             for h in self.history]
         self.epochs_done = int(state["epochs_done"]) if state else 0
         self.prior_wall_time = float(state["wall_time_s"]) if state else 0.0
@@ -1469,12 +1510,14 @@ class _Run:
         self.last_epsilon = epsilon
         entry = {"epoch": epoch + 1, "steps": self.steps, "epsilon": epsilon,
                  "wall_time_s": round(self.wall_time(), 3)}
-        for key in _PRIVATE_METRICS + accounting.NON_PRIVATE_DIAGNOSTICS:
+        for key in _PRIVATE_METRICS:
             if key in logs:
                 entry[key] = float(logs[key])
-        for key in _VALIDATION_METRICS + (SHARPNESS_METRIC,):
-            if NOT_PRIVATE_LOG_PREFIX + key in logs:
-                entry[key] = float(logs[NOT_PRIVATE_LOG_PREFIX + key])
+        # Every labelled number, under its plain name: the training-step
+        # metrics (whatever the model reports), validation and sharpness.
+        for key, value in logs.items():
+            if key.startswith(NOT_PRIVATE_LOG_PREFIX):
+                entry[key[len(NOT_PRIVATE_LOG_PREFIX):]] = float(value)
         self.history.append(entry)
         self.epochs_done = epoch + 1
         if self.config.model_dir is not None:
@@ -1566,9 +1609,8 @@ class _Run:
         diagnostics = {
             "note": accounting.NON_PRIVATE_NOTE,
             "history": [
-                {"epoch": h["epoch"], **{k: h[k] for k in
-                                         accounting.NON_PRIVATE_DIAGNOSTICS
-                                         if k in h}}
+                {"epoch": h["epoch"], **{k: v for k, v in h.items()
+                                         if k not in _NOT_TRAINING_HISTORY_KEYS}}
                 for h in self.history]}
         if self.num_validation:
             validated = [h for h in self.history
@@ -1616,8 +1658,8 @@ def _callbacks(config: TrainConfig, plan: RunPlan, run: _Run,
                sharpness_data: Optional[Tuple[Any, Any]] = None) -> list:
     distributed_run = config.distribution != "none"
     callbacks = []
-    if not config.record_train_diagnostics:
-        callbacks.append(_DropNonPrivateLogs())  # First: see _DropNonPrivateLogs.
+    # First: see _TrainingStatistics.
+    callbacks.append(_TrainingStatistics(record=config.record_train_diagnostics))
     if config.private:
         # First, so later callbacks (and the progress bar) see "epsilon".
         callbacks.append(PrivacyCallback(
@@ -1669,12 +1711,14 @@ def _log_plan(config: TrainConfig, plan: RunPlan, statement: str) -> None:
                 "sharpness_examples": (SHARPNESS_METRIC,)}
     requested = [name for name in measured if getattr(config, name)]
     if config.record_train_diagnostics:
-        recorded = accounting.NON_PRIVATE_DIAGNOSTICS + tuple(
-            NOT_PRIVATE_LOG_PREFIX + key for name in requested for key in measured[name])
-        logging.warning("Recording the non-private training diagnostics (%s); "
+        recorded = tuple(
+            NOT_PRIVATE_LOG_PREFIX + key for key in accounting.NON_PRIVATE_DIAGNOSTICS
+            + tuple(key for name in requested for key in measured[name]))
+        logging.warning("Recording the non-private training diagnostics (%s, and "
+                        "any other training metric, all labelled %s); "
                         "--norecord_train_diagnostics keeps them out of "
                         "results.json, TensorBoard and the epoch log.",
-                        ", ".join(recorded))
+                        ", ".join(recorded), NOT_PRIVATE_LOG_PREFIX)
         return
     for name in requested:
         # The user asked for them, but the switch that keeps non-private
@@ -1695,7 +1739,16 @@ def train(config: TrainConfig,
     Args:
       config: The run's configuration.
       extra_callbacks: Keras callbacks run after the library's own (which
-        checkpoint at each epoch end before these see it).
+        checkpoint at each epoch end before these see it). They see the
+        training-step metrics as "not_private/<name>" (or not at all without
+        `record_train_diagnostics`), epsilon and the test metrics under their
+        own names. Keras callbacks that monitor the training loss or
+        accuracy (EarlyStopping, ReduceLROnPlateau,
+        ModelCheckpoint(save_best_only=True)) steer training with un-noised
+        statistics of the private data, outside the (epsilon, delta)
+        guarantee: do not use them on private data, or let them monitor
+        only quantities the guarantee covers (epsilon, metrics on public
+        data).
 
     Returns:
       The results dict also written to `model_dir/results.json`. Its
