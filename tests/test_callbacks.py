@@ -5,6 +5,7 @@ import logging
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import tf_dpsat
 from tf_dpsat import accounting
@@ -38,10 +39,18 @@ def _model(optimizer=None):
     return model
 
 
+def _batches(batch_size=BATCH):
+    # A dataset: a DP model's fit refuses arrays with Poisson accounting (the
+    # batches here stand in for sampled ones; epsilon depends on the steps).
+    return tf.data.Dataset.from_tensor_slices(_data()).batch(batch_size)
+
+
 def _fit(model, callback, epochs):
-    x, y = _data()
-    return model.fit(x, y, batch_size=BATCH, epochs=epochs, shuffle=False,
-                     verbose=0, callbacks=[callback])
+    # One iterator over every epoch (steps_per_epoch), as a Poisson dataset
+    # needs: a DP model's fit refuses to iterate a finite dataset anew.
+    return model.fit(_batches().repeat(), epochs=epochs,
+                     steps_per_epoch=NUM_EXAMPLES // BATCH, verbose=0,
+                     callbacks=[callback])
 
 
 def _iterations(model):
@@ -266,3 +275,169 @@ def test_rejects_bad_arguments(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         PrivacyCallback(**args)
+
+
+class _Batches(keras.utils.PyDataset):
+    """The batches of `_batches()` as a keras PyDataset."""
+
+    def __init__(self):
+        super().__init__()
+        self.x, self.y = _data()
+
+    def __len__(self):
+        return NUM_EXAMPLES // BATCH
+
+    def __getitem__(self, index):
+        rows = slice(index * BATCH, (index + 1) * BATCH)
+        return self.x[rows], self.y[rows]
+
+
+def _generator():
+    x, y = _data()
+    while True:
+        for start in range(0, NUM_EXAMPLES, BATCH):
+            yield x[start:start + BATCH], y[start:start + BATCH]
+
+
+@pytest.mark.parametrize("inputs", ["arrays", "tensors", "generator", "pydataset"])
+@pytest.mark.parametrize("positional", [False, True])
+def test_poisson_sampling_refuses_inputs_that_keras_batches_itself(inputs, positional):
+    # Keras cuts arrays, tensors, generators and PyDatasets into fixed-size
+    # batches (arrays shuffled every epoch), not Poisson samples: epsilon
+    # from the Poisson analysis would be too small, so the DP model's fit
+    # refuses them before any step, naming both fixes.
+    x, y = _data()
+    fit_args = {"arrays": (x, y), "tensors": (tf.constant(x), tf.constant(y)),
+                "generator": (_generator(), None), "pydataset": (_Batches(), None)}
+    model = _model()
+    model.build((None, 3))
+    before = [w.numpy().copy() for w in model.weights]
+    callback = PrivacyCallback(NUM_EXAMPLES)
+    kwargs = {"steps_per_epoch": 4} if inputs == "generator" else {}
+    batch_size = BATCH if inputs in ("arrays", "tensors") else None
+    with pytest.raises(ValueError, match=(
+            r"PrivacyCallback\(sampling='poisson'\) accounts for Poisson-sampled "
+            r"batches, but fit got x as a \w+, .*poisson_dataset\(\.\.\.\), or "
+            r"account for shuffled fixed-size batches with PrivacyCallback\("
+            r"num_examples, sampling='shuffle', batch_size=\.\.\.\)\.")):
+        if positional:  # fit(x, y, batch_size, epochs, verbose, callbacks)
+            model.fit(*fit_args[inputs], batch_size, 1, 0, [callback], **kwargs)
+        else:
+            model.fit(*fit_args[inputs], batch_size=batch_size, epochs=1,
+                      verbose=0, callbacks=[callback], **kwargs)
+    assert _iterations(model) == 0
+    for a, b in zip(before, model.weights):
+        np.testing.assert_array_equal(a, b.numpy())
+
+
+def test_poisson_sampling_refuses_a_dataset_iterated_anew_every_epoch():
+    # A Poisson dataset is keyed by (key, step): iterated anew, it yields
+    # the same batches again, which fresh Poisson steps would undercount.
+    # Keras iterates a finite dataset anew every epoch unless
+    # steps_per_epoch is given, so the DP model's fit refuses before a step.
+    x, y = _data()
+    batches = tf_dpsat.sampling.poisson_dataset(
+        x, y, expected_batch_size=BATCH, steps=4, padded_size=NUM_EXAMPLES,
+        seed=0)
+    model = _model()
+    with pytest.raises(ValueError, match=(
+            r"fit\(epochs=2\) without steps_per_epoch iterates the dataset "
+            r"anew every epoch.*pass fit\(steps_per_epoch=\.\.\.\)")):
+        model.fit(batches, epochs=2, verbose=0,
+                  callbacks=[PrivacyCallback(NUM_EXAMPLES)])
+    assert _iterations(model) == 0
+    # One epoch, or one iterator over the run's 2 x 2 steps: 4 steps,
+    # epsilon of 4 Poisson steps at q = 1/4.
+    model.fit(batches, epochs=1, verbose=0,
+              callbacks=[PrivacyCallback(NUM_EXAMPLES)])
+    assert _iterations(model) == 4
+    model = _model()
+    history = model.fit(batches, epochs=2, steps_per_epoch=2, verbose=0,
+                        callbacks=[PrivacyCallback(NUM_EXAMPLES)])
+    assert _iterations(model) == 4
+    assert history.history["epsilon"][-1] == pytest.approx(_poisson_epsilon(4))
+
+
+def test_arrays_train_with_shuffle_sampling_or_without_a_callback():
+    # Only the Poisson analysis needs sampled batches: Keras's own batches
+    # are the fixed-size batches of the shuffle analysis. 2 epochs of 4
+    # steps are 2 passes over the data.
+    x, y = _data()
+    model = _model()
+    callback = PrivacyCallback(NUM_EXAMPLES, sampling="shuffle")
+    history = model.fit(x, y, batch_size=BATCH, epochs=2, verbose=0,
+                        callbacks=[callback])
+    assert history.history["epsilon"][-1] == (
+        accounting.compute_epsilon_once_per_epoch(noise_multiplier=SIGMA, epochs=2))
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+    assert _iterations(model) == 12
+
+
+def test_shuffle_sampling_refuses_epochs_shorter_than_a_pass():
+    # validation_split=0.5 trains on 32 of the 64 examples: 2 steps of 16
+    # per epoch, one pass over those 32. Counting a pass every 64 // 16 = 4
+    # steps would report 3 epochs (6 steps) as ceil(6 / 4) = 2 passes
+    # instead of 3, so the callback refuses before any step.
+    x, y = _data()
+    model = _model()
+    callback = PrivacyCallback(NUM_EXAMPLES, sampling="shuffle")
+    with pytest.raises(ValueError, match=(
+            r"counts a pass over the num_examples=64 examples every 4 logical "
+            r"steps \(num_examples // batch_size\), but a Keras epoch has 2 "
+            r"batches\..*Pass num_examples= the examples one epoch trains on")):
+        model.fit(x, y, batch_size=BATCH, epochs=3, verbose=0,
+                  validation_split=0.5, callbacks=[callback])
+    assert _iterations(model) == 0
+    # The examples trained on, int(64 * (1 - 0.5)) = 32: a pass is 2 steps,
+    # and the 3 epochs are 3 passes.
+    callback = PrivacyCallback(32, sampling="shuffle", batch_size=BATCH)
+    history = model.fit(x, y, batch_size=BATCH, epochs=3, verbose=0,
+                        validation_split=0.5, callbacks=[callback])
+    assert _iterations(model) == 6
+    np.testing.assert_allclose(history.history["epsilon"], [
+        accounting.compute_epsilon_once_per_epoch(noise_multiplier=SIGMA, epochs=e)
+        for e in (1, 2, 3)], rtol=1e-12)
+
+
+def test_shuffle_sampling_counts_logical_steps_per_epoch_under_accumulation():
+    # Two physical batches of 8 rows per logical step of 16: a pass over the
+    # 64 examples is 4 logical steps, 8 Keras batches. An epoch of 4 Keras
+    # batches (the first 32 examples) is 2 logical steps, half a pass.
+    optimizer = _optimizer(gradient_accumulation_steps=2, expected_batch_size=None)
+    callback = PrivacyCallback(NUM_EXAMPLES, sampling="shuffle", batch_size=BATCH)
+    with pytest.raises(ValueError, match=(
+            r"but a Keras epoch has 4 batches \(2 batches per logical step\)")):
+        _model(optimizer).fit(_batches(BATCH // 2).take(4), epochs=2, verbose=0,
+                              callbacks=[callback])
+    model = _model(_optimizer(gradient_accumulation_steps=2,
+                              expected_batch_size=None))
+    history = model.fit(_batches(BATCH // 2), epochs=2, verbose=0,
+                        callbacks=[callback])
+    assert _iterations(model) == 8
+    assert history.history["epsilon"] == [
+        accounting.compute_epsilon_once_per_epoch(noise_multiplier=SIGMA, epochs=e)
+        for e in (1, 2)]
+
+
+def test_shuffle_sampling_checks_epochs_of_unknown_length_when_they_end():
+    # filter() hides the dataset's length from Keras: the first epoch runs
+    # until the 32 examples run out (2 steps, half a pass over 64), then
+    # the callback refuses to go on; the epsilon of that one pass stands.
+    x, y = _data()
+    half = tf.data.Dataset.from_tensor_slices((x[:32], y[:32])).batch(BATCH)
+    unknown = half.filter(lambda x, y: True)
+    assert unknown.cardinality() == tf.data.UNKNOWN_CARDINALITY
+    model = _model()
+    callback = PrivacyCallback(NUM_EXAMPLES, sampling="shuffle")
+    with pytest.raises(ValueError, match=r"but this epoch ended after 2 logical steps"):
+        model.fit(unknown, epochs=3, verbose=0, callbacks=[callback])
+    assert _iterations(model) == 2
+    assert callback.epsilon == accounting.compute_epsilon_once_per_epoch(
+        noise_multiplier=SIGMA, epochs=1)
+    # Whole passes of unknown length train on.
+    whole = _batches().filter(lambda x, y: True)
+    callback = PrivacyCallback(NUM_EXAMPLES, sampling="shuffle")
+    model.fit(whole, epochs=2, verbose=0, callbacks=[callback])
+    assert _iterations(model) == 10
+    assert callback.epsilon == accounting.compute_epsilon_once_per_epoch(
+        noise_multiplier=SIGMA, epochs=3)

@@ -1359,3 +1359,118 @@ def test_a_physical_batch_size_as_expected_batch_size_is_warned_about(
     message = "expected_batch_size=8 is at most the 8 rows of one physical batch"
     assert (message in caplog.text) is warns
     assert ("is at most the" in caplog.text) is warns
+
+
+def _accumulated_poisson_model(expected_batch_size):
+    """A DP model, and Poisson batches cut into k = 4 physical batches.
+
+    The review's case: expected size 100 of 1000 rows, padded to
+    padded_batch_size(100, 1000, 10, multiple_of=4) = 168 rows, cut into
+    4 physical batches of 42, for 10 steps.
+    """
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1000, 6)).astype("float32")
+    y = rng.integers(0, 3, 1000)
+    padded = tf_dpsat.sampling.padded_batch_size(100, 1000, 10, multiple_of=4)
+    assert padded == 168
+    batches = tf_dpsat.sampling.poisson_dataset(
+        x, y, expected_batch_size=100, steps=10, padded_size=padded, seed=3,
+        physical_batches=4)
+    model = tf_dpsat.make_private(dense_model())
+    model.compile(optimizer=tf_dpsat.DPSATKeras(
+        **dict(ACCUMULATION, gradient_accumulation_steps=4,
+               expected_batch_size=expected_batch_size)), loss=XENT)
+    return model, batches
+
+
+def test_a_physical_expected_batch_size_under_accumulation_is_refused_before_any_step():
+    # expected_batch_size=25, the physical batch's share, would make the
+    # callback's q 25 / 1000 instead of 100 / 1000 (epsilon 1.47 reported
+    # for 3.44). A Poisson batch of expected size 25 needs at most
+    # padded_size_bound(25) = 104 rows, and 3 of the 42-row pieces hold 126.
+    model, batches = _accumulated_poisson_model(25)
+    before = [v.numpy().copy() for v in model.weights]
+    with pytest.raises(tf_dpsat.validation.UserError, match=(
+            r"Expected DPSATKeras\(expected_batch_size=25\) to be the expected "
+            r"size of the logical batch, which gradient_accumulation_steps=4 cuts "
+            r"into physical batches of 42 rows; but a padded Poisson batch of "
+            r"that expected size needs at most 104 rows \(any padded_batch_size\), "
+            r"and 3 of these physical batches alone hold 126\..*Set it to the "
+            r"expected_batch_size given to poisson_dataset\(\.\.\., "
+            r"physical_batches=4\)")):
+        model.fit(batches, epochs=1, verbose=0,
+                  callbacks=[tf_dpsat.PrivacyCallback(1000)])
+    assert int(model.optimizer.iterations.numpy()) == 0
+    for a, b in zip(before, model.weights):
+        np.testing.assert_array_equal(a, b.numpy())
+    # The logical batch's expected size trains: 40 physical batches, 10
+    # noisy steps at q = 100 / 1000.
+    model, batches = _accumulated_poisson_model(100)
+    callback = tf_dpsat.PrivacyCallback(1000)
+    model.fit(batches, epochs=1, verbose=0, callbacks=[callback])
+    assert int(model.optimizer.iterations.numpy()) == 10
+    assert callback.epsilon == tf_dpsat.accounting.compute_epsilon(
+        noise_multiplier=1.0, sampling_probability=0.1, steps=10)
+
+
+def test_a_physical_batch_that_holds_the_expected_batch_is_not_refused(caplog):
+    # Physical batches of 16 rows for an expected logical batch of 16 of 64:
+    # padded_batch_size(16, 64, 4, multiple_of=16) = 48 rows, k = 3. Every
+    # physical batch could hold the expected batch (the warning's sign), yet
+    # this is the documented layout for a 16-row memory bound: 2 * 16 = 32
+    # rows < padded_size_bound(16) = 83, so it trains, warned about only.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 6)).astype("float32")
+    y = rng.integers(0, 3, 64)
+    padded = tf_dpsat.sampling.padded_batch_size(16, 64, 4, multiple_of=16)
+    assert padded == 48
+    batches = tf_dpsat.sampling.poisson_dataset(
+        x, y, expected_batch_size=16, steps=4, padded_size=padded, seed=3,
+        physical_batches=3)
+    model = tf_dpsat.make_private(dense_model())
+    model.compile(optimizer=tf_dpsat.DPSATKeras(
+        **dict(ACCUMULATION, gradient_accumulation_steps=3,
+               expected_batch_size=16)), loss=XENT)
+    with caplog.at_level(logging.WARNING):
+        model.fit(batches, epochs=1, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 4
+    assert "expected_batch_size=16 is at most the 16 rows" in caplog.text
+
+
+@pytest.mark.parametrize("name, value", [
+    ("noise_multiplier", 8.0), ("l2_norm_clip", 2.0),
+    ("expected_batch_size", 256), ("num_microbatches", 4),
+    ("queries_per_step", 3)])
+def test_dp_hyper_parameters_are_read_only_after_construction(name, value):
+    # The traced step bakes them in while PrivacyCallback reads them: after
+    # one step, noise_multiplier = 8 would have left the noise at sigma = 1
+    # and reported epsilon 0.0085 for 0.818. Assigning any of them raises,
+    # naming the fix, and leaves the value, and epsilon, as they were.
+    x, y = make_data("dense", n=16)
+    model = tf_dpsat.make_private(dense_model())
+    model.compile(optimizer=tf_dpsat.DPSATKeras(
+        0.1, noise_multiplier=1.0, l2_norm_clip=1.0, expected_batch_size=8,
+        seed=1), loss=XENT)
+    callback = tf_dpsat.PrivacyCallback(1000)
+    model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(8), verbose=0,
+              callbacks=[callback])
+    optimizer = model.optimizer
+    old = getattr(optimizer, name)
+    with pytest.raises(AttributeError, match=(
+            rf"DPSATKeras\.{name} is fixed at construction: the training step "
+            rf"traced with {name}={old!r} would keep using it, while "
+            rf"tf_dpsat\.PrivacyCallback would account for {name}={value!r}\. "
+            r"Build a new optimizer instead \(e\.g\. DPSATKeras\.from_config")):
+        setattr(optimizer, name, value)
+    assert getattr(optimizer, name) == old
+    # q = 8 / 1000, 2 steps at sigma = 1.
+    assert callback.epsilon_at(2) == callback.epsilon == (
+        tf_dpsat.accounting.compute_epsilon(
+            noise_multiplier=1.0, sampling_probability=0.008, steps=2))
+    # The fix the message names: a new optimizer with the new value (4
+    # microbatches with expected_batch_size is refused for a reason of its
+    # own; queries_per_step belongs to the class).
+    if name in ("noise_multiplier", "l2_norm_clip", "expected_batch_size"):
+        rebuilt = type(optimizer).from_config({**optimizer.get_config(), name: value})
+        assert getattr(rebuilt, name) == value
+    assert tf_dpsat.DPSAMKeras.queries_per_step == 2

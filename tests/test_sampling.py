@@ -82,6 +82,52 @@ def test_padded_batch_size_rejects_bad_arguments(kwargs):
         sampling.padded_batch_size(**kwargs)
 
 
+# Golden values by hand: the smallest c with c ln(c / mu) - c + mu >=
+# ln(1e30) = 69.078. mu = 1: c = 28 gives 93.30 - 27 = 66.30, c = 29 gives
+# 97.65 - 28 = 69.65 -> 29. mu = 25: c = 103 gives 145.84 - 78 = 67.84,
+# c = 104 gives 148.25 - 79 = 69.25 -> 104.
+@pytest.mark.parametrize("mu, golden", [(1, 29), (25, 104)])
+def test_padded_size_bound_golden(mu, golden):
+    assert sampling.padded_size_bound(mu) == golden
+
+
+def test_padded_size_bound_bounds_every_cap_down_to_1e_30():
+    # The exact cap, in rational arithmetic (q = 1/10), and scipy's for
+    # other sizes, at a per-step overflow probability of 1e-30.
+    assert _exact_cap(100, 1, 1e-30) == 56 <= sampling.padded_size_bound(10) == 67
+    for mu in (1, 2.5, 8, 25, 100, 256, 1000):
+        # Larger N approach the Poisson tail, which the bound also covers;
+        # scipy takes seconds per cap there.
+        for n in (math.ceil(mu) + 1, 2 * math.ceil(mu) + 1, 1000, 5000):
+            if n < mu:
+                continue
+            cap = sampling.padded_batch_size(mu, n, 1, failure_probability=1e-30)
+            assert cap <= sampling.padded_size_bound(mu), (mu, n)
+
+
+def test_accumulation_layouts_of_padded_batch_size_stay_below_the_bound():
+    # What DPSATKeras relies on to refuse expected_batch_size under gradient
+    # accumulation: the documented layout, padded_size = padded_batch_size(
+    # ..., multiple_of=rows) cut into k = padded_size // rows physical
+    # batches, has (k - 1) * rows < padded_size_bound(expected_batch_size),
+    # whatever the physical rows (up to the cap) and run.
+    for batch in (1, 3, 16, 100, 256, 1000):
+        for n in (4 * batch, 60000):
+            for steps, p in ((1, 1e-3), (1000, 1e-9), (10**4, 1e-12)):
+                cap = sampling.padded_batch_size(batch, n, steps, failure_probability=p)
+                for rows in {1, max(1, batch // 4), max(1, batch // 2), batch, cap - 1}:
+                    # padded_batch_size(..., multiple_of=rows), rounded as
+                    # test_padded_batch_size_monotonic_and_rounding checks.
+                    k = -(-cap // rows)
+                    assert (k - 1) * rows < sampling.padded_size_bound(batch), (
+                        batch, n, steps, p, rows)
+    # The mistake it is for, at the review's scale: expected logical batch
+    # 256 of 60000, 60 epochs, k = 4 pieces of padded_size / 4 rows each,
+    # and expected_batch_size given as one piece's share, 64.
+    padded = sampling.padded_batch_size(256, 60000, 60 * 234, multiple_of=4)
+    assert 3 * (padded // 4) >= sampling.padded_size_bound(64)
+
+
 # ---------------------------------------------------------------------------
 # poisson_dataset
 # ---------------------------------------------------------------------------
@@ -294,6 +340,32 @@ def test_poisson_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         sampling.poisson_dataset(images, labels[:-1], expected_batch_size=20, steps=10,
                              padded_size=40, seed=0)
+
+
+@pytest.mark.parametrize("expected_batch_size", [1.4, 20.5, math.nan, math.inf, True])
+def test_poisson_refuses_a_non_integer_expected_batch_size(expected_batch_size):
+    # The optimizer's expected_batch_size and PrivacyCallback(batch_size=)
+    # are integers: sampling at 1.4 / N while accounting for 1 / N would
+    # understate q by 29%.
+    images, labels = _index_data(100)
+    with pytest.raises(ValueError, match=(
+            rf"Expected expected_batch_size={re.escape(repr(expected_batch_size))} "
+            r"to be an integer: .*Pick an integer expected batch size and pass "
+            r"the same to the optimizer\.")):
+        sampling.poisson_dataset(images, labels, expected_batch_size=expected_batch_size,
+                                 steps=10, padded_size=40, seed=0)
+
+
+def test_poisson_takes_an_integral_float_as_that_integer():
+    images, labels = _index_data(100)
+    batches = [_collect(sampling.poisson_dataset(
+        images, labels, expected_batch_size=size, steps=5, padded_size=60, seed=4))
+        for size in (20, 20.0, np.int64(20))]
+    for other in batches[1:]:
+        for a, b in zip(batches[0], other):
+            for x, y in zip(a, b):
+                np.testing.assert_array_equal(x, y)
+
 
 
 # ---------------------------------------------------------------------------

@@ -18,8 +18,10 @@ al., ICML 2023).
 
 The callback reads these attributes of `model.optimizer`: `noise_multiplier`,
 `queries_per_step`, `iterations` (`released_steps` if present),
-`expected_batch_size`, `num_microbatches`, and calls `set_step_budget(max_steps)`
-if present. List it before a TensorBoard or
+`expected_batch_size`, `num_microbatches` (read-only in tf_dpsat's optimizers,
+whose traced step bakes them in), and, for "shuffle" sampling, the
+`gradient_accumulation_steps` of its `get_config()`; it calls
+`set_step_budget(max_steps)` if present. List it before a TensorBoard or
 CSVLogger callback so they see `epsilon` in the epoch logs.
 
 Epsilon covers the noisy steps only. The other epoch logs of a DP model, the
@@ -110,7 +112,14 @@ class PrivacyCallback(keras.callbacks.Callback):
                 at most once per epoch, no amplification, replace-one adjacency
                 with sensitivity 2C; a pass is taken to be
                 floor(num_examples / batch_size) steps, which is exact with
-                drop_remainder=True and conservative otherwise).
+                drop_remainder=True and conservative otherwise). Each Keras
+                epoch must then be one or more passes: training is refused
+                when an epoch has fewer steps than a pass (for example with
+                fit's validation_split, when num_examples is len(x) rather
+                than the examples trained on), since its passes would be
+                undercounted. With "poisson", a DP model's `fit` refuses
+                inputs other than a `tf.data.Dataset` (see
+                `tf_dpsat.sampling.poisson_dataset`).
             batch_size: (Expected) examples per logical step, counting every
                 example of every microbatch and accumulated batch; defaults to
                 the optimizer's `expected_batch_size`.
@@ -133,6 +142,7 @@ class PrivacyCallback(keras.callbacks.Callback):
         self.max_steps: Optional[int] = None
         self._cache: dict = {}
         self._stop_logged = False
+        self._epoch_start = 0  # Noisy steps released when the epoch began.
 
     # ------------------------------------------------------------- public API
     def epsilon_at(self, steps: int) -> float:
@@ -150,6 +160,7 @@ class PrivacyCallback(keras.callbacks.Callback):
     # ---------------------------------------------------------- Keras hooks
     def on_train_begin(self, logs=None):
         setup = self._setup()
+        self._check_epochs_are_passes(setup)
         steps = self._iterations()
         self.epsilon = self._epsilon(setup, steps)
         self._stop_logged = False
@@ -178,10 +189,22 @@ class PrivacyCallback(keras.callbacks.Callback):
         if steps >= self.max_steps:
             self._stop(steps)
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = self._iterations()
+
     def on_epoch_end(self, epoch, logs=None):
-        self.epsilon = self._epsilon(self._setup(), self._iterations())
+        setup, steps = self._setup(), self._iterations()
+        self.epsilon = self._epsilon(setup, steps)
         if logs is not None:
             logs["epsilon"] = self.epsilon
+        if (self.sampling == "shuffle" and self._keras_epoch_steps() is None
+                and not self.model.stop_training):
+            # An epoch of unknown length ran until the data ran out: one
+            # iteration over the data, which must be a whole pass.
+            taken = steps - self._epoch_start
+            if 0 < taken < setup.steps_per_epoch:
+                raise self._short_epoch_error(
+                    setup, f"this epoch ended after {taken} logical steps")
 
     # -------------------------------------------------------------- helpers
     def _check_batch_size(self, batch_size) -> int:
@@ -251,6 +274,52 @@ class PrivacyCallback(keras.callbacks.Callback):
                 "queries_per_step", self._attribute("queries_per_step"), 1),
             sampling_probability=batch_size / self.num_examples,
             steps_per_epoch=self.num_examples // batch_size)
+
+    def _keras_epoch_steps(self) -> Optional[int]:
+        """The batches of a Keras epoch, as fit tells callbacks; None if unknown."""
+        return (self.params or {}).get("steps")
+
+    def _check_epochs_are_passes(self, setup: _Setup) -> None:
+        """Refuses, before any step, epochs shorter than a pass ("shuffle").
+
+        The shuffle analysis counts a pass every `setup.steps_per_epoch`
+        logical steps (num_examples // batch_size). A Keras epoch of fewer
+        steps is either
+        a whole pass over fewer examples (fit's `validation_split` trains on
+        part of `x`; a dataset smaller than num_examples), whose passes that
+        count would undercount, or part of a longer pass (`steps_per_epoch`
+        over a repeated dataset), which would be counted right: the callback
+        cannot tell them apart, so it refuses both, naming the fixes. Epochs
+        of a pass or more are counted soundly by steps. Where Keras does not
+        know an epoch's length, `on_epoch_end` checks the steps it took.
+
+        Raises:
+          ValueError: A Keras epoch has fewer logical steps than a pass.
+        """
+        batches = self._keras_epoch_steps()
+        if self.sampling != "shuffle" or batches is None:
+            return
+        # Keras counts physical batches; under gradient accumulation a
+        # logical (noisy) step takes k of them.
+        k = self._optimizer().get_config().get("gradient_accumulation_steps") or 1
+        if batches < k * setup.steps_per_epoch:
+            per_step = f" ({k} batches per logical step)" if k > 1 else ""
+            raise self._short_epoch_error(
+                setup, f"a Keras epoch has {batches} batches{per_step}")
+
+    def _short_epoch_error(self, setup: _Setup, epoch: str) -> ValueError:
+        return ValueError(
+            "PrivacyCallback(sampling='shuffle') counts a pass over the "
+            f"num_examples={self.num_examples} examples every "
+            f"{setup.steps_per_epoch} logical steps (num_examples // "
+            f"batch_size), but {epoch}. An epoch shorter than a pass is a "
+            "whole pass over fewer examples (fit's validation_split, or a "
+            f"dataset of fewer than {self.num_examples} examples), and its "
+            "passes would be undercounted. Pass num_examples= the examples "
+            "one epoch trains on (with validation_split=v, int(len(x) * (1 - "
+            "v))); for epochs that cut one long pass of a repeated dataset, "
+            "make each epoch whole passes (steps_per_epoch a multiple of a "
+            "pass).")
 
     def _check_poisson_optimizer(self, num_microbatches, expected_batch_size):
         """Refuses optimizer settings that the Poisson analysis does not cover.

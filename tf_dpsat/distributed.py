@@ -380,7 +380,7 @@ def fit(model: keras.Model, strategy: tf.distribute.Strategy,
         that step and the later ones do not run.
     """
     # As Keras's fit does before the first step: a DP model probes its layers
-    # for batch mixing there (tf_dpsat.batch_independence). The function
+    # for batch mixing there (tf_dpsat.per_example.batch_independence). The function
     # itself is not used.
     model.make_train_function()
     callback_list = keras.callbacks.CallbackList(

@@ -18,17 +18,20 @@ in `nonfinite_gradients`). Keep them out of anything published beside epsilon
 (`tf_dpsat.accounting.NON_PRIVATE_DIAGNOSTICS`).
 
 Before its first training step a DP model is probed once for layers that mix
-examples across the batch (`tf_dpsat.batch_independence`), which would void
+examples across the batch (`tf_dpsat.per_example.batch_independence`), which would void
 the privacy guarantee; such a model is refused.
 """
+
+import inspect
 
 import keras
 import tensorflow as tf
 
 from tf_dpsat import _compat
 from tf_dpsat import _replicas
-from tf_dpsat import batch_independence
+from tf_dpsat import callbacks
 from tf_dpsat import validation
+from tf_dpsat.per_example import batch_independence
 
 _DP_METRIC_NAMES = ("grad_norm_clipped_fraction", "nonfinite_gradients")
 
@@ -90,7 +93,23 @@ class _PrivateTrainStep:
         A DP model's batches come from a sampler (`tf_dpsat.sampling`) whose
         order the accountant assumes: Keras does not shuffle a dataset anyway,
         and its default `shuffle=True` only warns that it is ignored.
+
+        Raises:
+          tf_dpsat.validation.UserError: A `tf_dpsat.PrivacyCallback` with
+            Poisson sampling among the callbacks, and `x` not a
+            `tf.data.Dataset`: Keras cuts arrays, tensors, generators and
+            PyDatasets into batches of its own, never Poisson-sampled ones;
+            or a finite dataset, more than one epoch and no
+            `steps_per_epoch`: Keras would iterate it anew every epoch,
+            replaying a Poisson dataset's batches.
         """
+        bound = inspect.signature(keras.Model.fit).bind_partial(
+            self, x, y, *args, **kwargs)
+        arguments = bound.arguments
+        if _accounts_poisson(arguments.get("callbacks")):
+            _refuse_unsampled_input(x)
+            _refuse_replayed_dataset(x, arguments.get("epochs", 1),
+                                     arguments.get("steps_per_epoch"))
         if shuffle is None:
             shuffle = not isinstance(x, tf.data.Dataset)
         return super().fit(x, y, *args, shuffle=shuffle, **kwargs)
@@ -203,6 +222,67 @@ class _PrivateTrainStep:
             return super().evaluate(*args, **kwargs)
         finally:
             self._dp_evaluating = False
+
+
+def _accounts_poisson(fit_callbacks) -> bool:
+    """Whether a `PrivacyCallback(sampling="poisson")` is among the callbacks."""
+    if isinstance(fit_callbacks, keras.callbacks.CallbackList):
+        fit_callbacks = fit_callbacks.callbacks
+    return any(isinstance(callback, callbacks.PrivacyCallback) and
+               callback.sampling == "poisson" for callback in fit_callbacks or ())
+
+
+def _refuse_unsampled_input(x) -> None:
+    """Refuses inputs Keras batches itself when epsilon assumes Poisson batches.
+
+    From arrays, tensors, lists or dicts of them, generators or a
+    `keras.utils.PyDataset`, Keras makes fixed-size batches (shuffled each
+    epoch for arrays), which `PrivacyCallback(sampling="poisson")` would
+    account for as Poisson-sampled ones: its epsilon would be too small (5.9
+    instead of the 30.1 of shuffled passes for 5 epochs of 10 batches at
+    sigma = 1). Whether a `tf.data.Dataset` holds Poisson batches cannot be
+    checked: it is the user's to build with
+    `tf_dpsat.sampling.poisson_dataset`.
+    """
+    if x is None or isinstance(x, (tf.data.Dataset,
+                                   tf.distribute.DistributedDataset)):
+        return
+    raise validation.UserError(
+        f"PrivacyCallback(sampling='poisson') accounts for "
+        f"Poisson-sampled batches, but fit got x as a "
+        f"{type(x).__name__}, which Keras cuts into fixed-size batches "
+        "of its own: epsilon would be too small. Feed fit the "
+        "tf.data.Dataset of tf_dpsat.sampling.poisson_dataset(...), "
+        "or account for shuffled fixed-size batches with "
+        "PrivacyCallback(num_examples, sampling='shuffle', "
+        "batch_size=...).")
+
+
+def _refuse_replayed_dataset(x, epochs, steps_per_epoch) -> None:
+    """Refuses a finite dataset that Keras would iterate anew every epoch.
+
+    Without `steps_per_epoch`, Keras's fit starts a new iteration of a finite
+    dataset each epoch. A Poisson dataset is keyed by (secret key, step): a
+    new iteration yields the very batches of the first one again, queried
+    with fresh noise, while the accountant counts each step as a fresh
+    Poisson sample, so epsilon would be too small. With `steps_per_epoch`
+    Keras keeps one iterator across epochs, as the sampler assumes.
+    """
+    if (not isinstance(x, tf.data.Dataset) or steps_per_epoch is not None or
+            epochs is None or epochs <= 1):
+        return
+    cardinality = int(x.cardinality())
+    if cardinality == tf.data.INFINITE_CARDINALITY:
+        return
+    raise validation.UserError(
+        f"fit(epochs={epochs}) without steps_per_epoch iterates the dataset "
+        "anew every epoch, and a Poisson dataset "
+        "(tf_dpsat.sampling.poisson_dataset) yields the same batches every "
+        "time: they would be queried again with fresh noise while "
+        "PrivacyCallback(sampling='poisson') counts each step as a fresh "
+        "sample, so epsilon would be too small. Build the dataset for every "
+        "step of the run (steps=epochs * steps_per_epoch) and pass "
+        "fit(steps_per_epoch=...), or train one epoch per dataset.")
 
 
 def _refuse_loss_scale_optimizer(optimizer) -> None:

@@ -47,10 +47,11 @@ import tensorflow as tf
 from absl import logging
 
 from tf_dpsat import _replicas
-from tf_dpsat import batch_independence
 from tf_dpsat import noise
 from tf_dpsat import per_example
+from tf_dpsat import sampling
 from tf_dpsat import validation
+from tf_dpsat.per_example import batch_independence
 
 DIRECTIONS = ("gradient", "momentum")
 CLIPPING_PATHS = per_example.ENGINES
@@ -299,6 +300,61 @@ class _Accumulation:
         return f"<accumulation over {len(self.sums)} variables>"
 
 
+class _FixedAtConstruction:
+    """A DP hyper-parameter attribute that `__init__` sets once; read-only after.
+
+    The traced training step bakes the value in (a Python number), while
+    `tf_dpsat.PrivacyCallback` reads the attribute whenever it computes
+    epsilon: a later assignment would change the epsilon reported, not the
+    noise or the clipping applied.
+    """
+
+    def __set_name__(self, owner, name):
+        self.name, self.slot = name, "_fixed_" + name
+
+    def __get__(self, optimizer, owner=None):
+        if optimizer is None:
+            return self
+        try:
+            return optimizer.__dict__[self.slot]
+        except KeyError:
+            raise AttributeError(self.name) from None
+
+    def __set__(self, optimizer, value):
+        if self.slot in optimizer.__dict__:
+            _refuse_assignment(optimizer, self.name,
+                               optimizer.__dict__[self.slot], value)
+        # Past Keras's attribute tracking: a number or None has no state.
+        optimizer.__dict__[self.slot] = value
+
+
+class _ClassConstant:
+    """A class's constant that no instance can shadow (`queries_per_step`)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, optimizer, owner=None):
+        return self.value
+
+    def __set__(self, optimizer, value):
+        _refuse_assignment(optimizer, self.name, self.value, value)
+
+
+def _refuse_assignment(optimizer, name: str, old, new) -> None:
+    cls = type(optimizer).__name__
+    raise AttributeError(
+        f"{cls}.{name} is fixed at construction: the training step traced "
+        f"with {name}={old!r} would keep using it, while "
+        f"tf_dpsat.PrivacyCallback would account for {name}={new!r}. Build a "
+        f"new optimizer instead (e.g. {cls}.from_config({{**optimizer."
+        f"get_config(), '{name}': {new!r}}})) and compile the model with "
+        "it; the steps already taken stay spent, count their epsilon too.")
+
+
 @keras.saving.register_keras_serializable(package="tf_dpsat")
 class DPSATKeras(keras.optimizers.Optimizer):
     """Differentially private sharpness-aware training (DP-SAT) for Keras 3.
@@ -308,7 +364,11 @@ class DPSATKeras(keras.optimizers.Optimizer):
     Every training step clips per-example (or per-microbatch) gradients taken
     at the DP-SAT perturbed point, adds Gaussian noise once per logical step
     and applies SGD with momentum. `iterations` counts logical (noisy) steps,
-    the number a privacy accountant needs.
+    the number a privacy accountant needs. The DP settings the accountant
+    reads (`noise_multiplier`, `l2_norm_clip`, `expected_batch_size`,
+    `num_microbatches`, `queries_per_step`) are read-only: the traced step
+    keeps the values it was built with, so another value needs a new
+    optimizer.
 
     Args:
       learning_rate: float or schedule, as for `keras.optimizers.SGD`.
@@ -434,9 +494,15 @@ class DPSATKeras(keras.optimizers.Optimizer):
       ICML 2023.
     """
 
-    queries_per_step = 1
-    # DPSAMKeras overrides these.
+    # Noisy queries per step, which the accountant reads. DPSAMKeras
+    # overrides these.
+    queries_per_step = _ClassConstant(1)
     _supports_accumulation = True
+    # Read-only once set in __init__: see _FixedAtConstruction.
+    l2_norm_clip = _FixedAtConstruction()
+    noise_multiplier = _FixedAtConstruction()
+    num_microbatches = _FixedAtConstruction()
+    expected_batch_size = _FixedAtConstruction()
 
     def __init__(
         self,
@@ -822,21 +888,54 @@ class DPSATKeras(keras.optimizers.Optimizer):
                              "`loss=` to `model.compile`.")
 
     def _check_logical_batch(self, batch: per_example.Batch) -> None:
-        """Warns when `expected_batch_size` looks like one physical batch's.
+        """Refuses an `expected_batch_size` that cannot be the logical batch's.
 
         Under gradient accumulation it must be the expected *logical* batch
-        (k physical batches): `PrivacyCallback` reads it for the sampling
-        rate q, and a physical batch's size there would undercount epsilon
-        (about half, at k = 4). k pieces of a padded Poisson batch, or of a
-        fixed-size batch, hold more rows than the expected logical batch
-        only if nearly all of them is padding.
+        (k physical batches of `rows` rows): `PrivacyCallback` reads it for
+        the sampling rate q, and a physical batch's size there undercounts
+        epsilon several times. A logical batch that `poisson_dataset(...,
+        physical_batches=k)` pads to `padded_size = padded_batch_size(...,
+        multiple_of=rows)` (or to the cap itself, cut into any k pieces)
+        has its first k - 1 physical batches below the cap, so
+        `(k - 1) * rows < sampling.padded_size_bound(expected_batch_size)`,
+        which bounds the cap for every N and step count down to a
+        per-step overflow probability of 1e-30. A fixed-size logical batch
+        of `expected_batch_size` rows satisfies it too. Breaking it is
+        refused before the step runs. It catches a physical batch's expected
+        size given for the logical one from about k = 3 (k = 4, expected
+        batch 256 of 60000: 64 for 256 is refused).
+
+        `expected_batch_size <= rows` short of that is only warned about
+        (once): a correct layout does it too, where one physical batch
+        holds the expected logical batch but not its padding (rows from the
+        expected batch size up to the cap, k = 2), and with k = 2 the two
+        cannot be told apart from the shapes.
+
+        Raises:
+          tf_dpsat.validation.UserError: `expected_batch_size` is too small
+            for the logical batch.
         """
         k = self._accumulation_steps
         if (k == 1 or self.expected_batch_size is None or
-                not isinstance(batch.units, int) or self._warned_batch):
+                not isinstance(batch.units, int)):
             return
         rows = batch.units * _replicas.num_replicas()
-        if self.expected_batch_size <= rows:
+        bound = sampling.padded_size_bound(self.expected_batch_size)
+        if (k - 1) * rows >= bound:
+            raise validation.UserError(
+                f"Expected {type(self).__name__}(expected_batch_size="
+                f"{self.expected_batch_size}) to be the expected size of the "
+                f"logical batch, which gradient_accumulation_steps={k} cuts "
+                f"into physical batches of {rows} rows; but a padded Poisson "
+                f"batch of that expected size needs at most {bound} rows "
+                f"(any padded_batch_size), and {k - 1} of these physical "
+                f"batches alone hold {(k - 1) * rows}. PrivacyCallback reads "
+                "expected_batch_size for the sampling rate, so epsilon would "
+                "be undercounted. Set it to the expected_batch_size given to "
+                f"poisson_dataset(..., physical_batches={k}), not one "
+                "physical batch's; if it is that already, take padded_size "
+                f"from padded_batch_size(..., multiple_of={rows}).")
+        if self.expected_batch_size <= rows and not self._warned_batch:
             self._warned_batch = True
             logging.warning(
                 "%s: expected_batch_size=%d is at most the %d rows of one "
@@ -1115,7 +1214,7 @@ class DPSAMKeras(DPSATKeras):
     "gradient" and gradient accumulation is not supported.
     """
 
-    queries_per_step = 2
+    queries_per_step = _ClassConstant(2)
     _supports_accumulation = False
 
     def __init__(self, *args, rho: float = 0.03, direction: str = "gradient",

@@ -55,6 +55,8 @@ Reproducibility:
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 from typing import Callable
 from typing import Optional
@@ -68,6 +70,7 @@ from tf_dpsat import noise
 __all__ = [
     "Preprocess",
     "padded_batch_size",
+    "padded_size_bound",
     "poisson_dataset",
     "shuffle_dataset",
     "test_dataset",
@@ -94,7 +97,7 @@ def padded_batch_size(expected_batch_size: float, num_examples: int, steps: int,
 
     Args:
       expected_batch_size: Expected (logical) batch size `q * N`; it may be
-        fractional.
+        fractional here (`poisson_dataset` takes integers only).
       num_examples: Training-set size `N`.
       steps: Number of steps of the whole run.
       failure_probability: Allowed probability that any step overflows. An
@@ -139,6 +142,52 @@ def _binomial_tail_cap(n: int, q: float, tail: float) -> int:
     return cap
 
 
+# The smallest per-step overflow probability `padded_size_bound` covers:
+# `padded_batch_size`'s failure_probability / steps is far above it (1e-9 over
+# a billion steps is 1e-18).
+SMALLEST_OVERFLOW_TAIL = 1e-30
+
+
+def padded_size_bound(expected_batch_size: float) -> int:
+    """An upper bound on every `padded_batch_size(expected_batch_size, ...)`.
+
+    Whatever the training-set size N and the number of steps, as long as
+    `failure_probability / steps >= SMALLEST_OVERFLOW_TAIL` (1e-30), and before
+    the rounding up to `multiple_of`. The Chernoff bound for
+    `B ~ Binomial(N, mu / N)` with mean `mu = expected_batch_size`,
+    `P(B >= c) <= exp(-(c ln(c / mu) - c + mu))` for `c > mu`, holds for
+    every N; its smallest `c` with a right side `<= 1e-30` bounds the cap
+    `padded_batch_size` computes exactly. A padded Poisson batch needs more
+    rows than this only if it was padded far beyond any overflow bound:
+    `tf_dpsat.DPSATKeras` reads a logical batch of more rows as a sign that
+    its `expected_batch_size` is not the logical batch's.
+
+    Args:
+      expected_batch_size: The expected (logical) batch size `mu > 0`.
+
+    Returns:
+      The bound, an integer > `expected_batch_size`.
+
+    Raises:
+      ValueError: `expected_batch_size <= 0`.
+    """
+    mu = float(expected_batch_size)
+    if not mu > 0:
+        raise ValueError(f"Expected expected_batch_size={expected_batch_size} > 0.")
+    target = math.log(1 / SMALLEST_OVERFLOW_TAIL)
+
+    def fits(c: int) -> bool:  # Increasing in c for c > mu.
+        return c * math.log(c / mu) - c + mu >= target
+
+    lo, hi = math.floor(mu), math.floor(mu) + 1
+    while not fits(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:  # fits(hi), and lo <= mu or not fits(lo).
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
+
+
 def _check_sampling_args(expected_batch_size: int, num_examples: int, steps: int) -> None:
     if num_examples < 1:
         raise ValueError(f"num_examples must be positive, got {num_examples}.")
@@ -149,7 +198,7 @@ def _check_sampling_args(expected_batch_size: int, num_examples: int, steps: int
         raise ValueError(f"steps must be a positive integer, got {steps}.")
 
 
-def poisson_dataset(images: Any, labels: Any, *, expected_batch_size: float, steps: int,
+def poisson_dataset(images: Any, labels: Any, *, expected_batch_size: int, steps: int,
                     padded_size: int, seed: Optional[int] = None, start_step: int = 0,
                     preprocess: Optional[Preprocess] = None,
                     physical_batches: int = 1) -> tf.data.Dataset:
@@ -176,9 +225,10 @@ def poisson_dataset(images: Any, labels: Any, *, expected_batch_size: float, ste
     Args:
       images: `(N, H, W, C)` array or tensor (typically uint8).
       labels: `(N, ...)` labels.
-      expected_batch_size: `q * N`, which may be fractional; the optimizer
-        divides by it (rounded, if need be: a constant divisor only scales
-        the step).
+      expected_batch_size: `q * N`, an integer: the optimizer's
+        `expected_batch_size` and `tf_dpsat.PrivacyCallback(batch_size=)`
+        are integers, and the accountant's q must be the sampler's (a
+        rounded-down q would undercount epsilon).
       steps: Total number of steps of the run; the dataset yields steps
         `start_step .. steps - 1`.
       padded_size: Static batch size, e.g. from `padded_batch_size`.
@@ -204,10 +254,37 @@ def poisson_dataset(images: Any, labels: Any, *, expected_batch_size: float, ste
       weight, so a negative preprocessed value becomes -0.0 (equal to 0.0).
 
     Raises:
-      ValueError: Inconsistent arguments (checked eagerly).
+      ValueError: Inconsistent arguments, a non-integer `expected_batch_size`
+        among them (checked eagerly).
       tf.errors.InvalidArgumentError: While iterating, if a step samples more
         than `padded_size` examples (see the module docstring for why this
         raises rather than drops or resamples).
+    """
+    if (isinstance(expected_batch_size, bool) or
+            not isinstance(expected_batch_size, numbers.Real) or
+            not math.isfinite(expected_batch_size) or
+            int(expected_batch_size) != expected_batch_size):
+        raise ValueError(
+            f"Expected expected_batch_size={expected_batch_size!r} to be an integer: "
+            "the optimizer's expected_batch_size and PrivacyCallback(batch_size=) are "
+            "integers, and a q = expected_batch_size / N rounded for them would differ "
+            "from the one sampled here (rounded down, epsilon is undercounted). Pick an "
+            "integer expected batch size and pass the same to the optimizer.")
+    return _poisson_dataset(
+        images, labels, expected_batch_size=int(expected_batch_size), steps=steps,
+        padded_size=padded_size, seed=seed, start_step=start_step, preprocess=preprocess,
+        physical_batches=physical_batches)
+
+
+def _poisson_dataset(images: Any, labels: Any, *, expected_batch_size: float, steps: int,
+                     padded_size: int, seed: Optional[int] = None, start_step: int = 0,
+                     preprocess: Optional[Preprocess] = None,
+                     physical_batches: int = 1) -> tf.data.Dataset:
+    """`poisson_dataset` for an expected batch size that may be fractional.
+
+    Only for callers that account for q = expected_batch_size / N
+    themselves, such as the privacy audit (`tf_dpsat.audit`), whose q must
+    not depend on the drawn training-set size.
     """
     num_examples = _check_arrays(images, labels)
     _check_sampling_args(expected_batch_size, num_examples, steps)

@@ -232,9 +232,11 @@ def train_with_canaries(*, included: np.ndarray, target_epsilon: float,
         delta, control, scale)
 
     # Poisson sampling of the N examples at that q: expected q * N rows (the
-    # optimizer still divides by expected_batch_size, a constant).
+    # optimizer still divides by expected_batch_size, a constant). q * N is
+    # fractional, which the public poisson_dataset refuses (its callers'
+    # accountants take integer batch sizes); this audit accounts for q itself.
     padded = sampling.padded_batch_size(q * num_examples, num_examples, steps)
-    batches = sampling.poisson_dataset(
+    batches = sampling._poisson_dataset(
         train_x, train_y, expected_batch_size=q * num_examples, steps=steps,
         padded_size=padded, seed=int(seeds[1]))
     private = make_private(model)

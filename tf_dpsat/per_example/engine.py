@@ -3,7 +3,8 @@
 `clipped_sum` cuts a large batch into chunks of whole units, clipped one
 after the other, and each chunk (or the whole batch) into slices of whole
 units, clipped side by side; an engine clips and sums each slice (the fast
-engine where every layer has a rule, else the vectorized one), and the
+engine where every layer has a rule and the batch-mixing probe cleared the
+model, else the vectorized one), and the
 slices' and chunks' sums and counts are combined.
 """
 
@@ -19,6 +20,7 @@ from tf_dpsat import _compat
 from tf_dpsat import _replicas
 from tf_dpsat import validation
 from tf_dpsat.per_example import batch as batch_lib
+from tf_dpsat.per_example import batch_independence
 from tf_dpsat.per_example import clip
 from tf_dpsat.per_example import fast
 from tf_dpsat.per_example import losses
@@ -309,6 +311,7 @@ def _engine_result(model, variables, params, batch, seeds, l2_norm_clip,
     """(engine name, EngineResult) of the engine that applies."""
     if engine != "vectorized":
         try:
+            _check_probed(model, batch)
             return "fast", fast.clipped_sum(model, variables, params, batch,
                                             seeds, l2_norm_clip,
                                             _compat.compiled_by_xla(),
@@ -318,6 +321,25 @@ def _engine_result(model, variables, params, batch, seeds, l2_norm_clip,
     return "vectorized", vectorized.clipped_sum(model, variables, params,
                                                 batch, seeds, l2_norm_clip,
                                                 loss_scale)
+
+
+def _check_probed(model, batch: batch_lib.Batch) -> None:
+    """Refuses a model the batch-mixing probe could not clear.
+
+    The fast engine takes every unit's gradients from one forward and
+    backward pass of the whole batch, so it is exact only for models in
+    which no layer mixes examples; the vectorized engine runs each unit
+    alone and needs no such check.
+
+    Raises:
+      ValueError: a layer mixes examples (`batch_independence.check`).
+      rules.Unsupported: the probe was inconclusive.
+    """
+    verdict = batch_independence.check(model, like=batch.x)
+    if not verdict.checked:
+        raise rules.Unsupported(
+            "it could not be checked for layers that mix examples across the "
+            f"batch ({verdict.reason})")
 
 
 def _fast_engine_refused(model, error, engine) -> None:

@@ -69,6 +69,19 @@ class AffineNormRule(base.Rule):
 
 class LayerNormRule(AffineNormRule):
 
+    def unsupported(self, layer):
+        # Normalising over the batch axis mixes examples; the batch-mixing
+        # probe refuses it too, this refuses it without running the model.
+        axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [
+            layer.axis]
+        try:
+            rank = len(layer.input.shape)
+        except (AttributeError, ValueError):
+            rank = None  # never called on a symbolic input
+        if any(a == 0 or (rank is not None and a == -rank) for a in axes):
+            return f"axis={layer.axis} includes the batch axis"
+        return None
+
     def _normalize(self, layer, x):
         return ops.layer_normalization(x, None, None, layer.axis, layer.epsilon,
                                        rms_scaling=layer.rms_scaling)
