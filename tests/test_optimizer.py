@@ -1361,26 +1361,29 @@ def test_a_physical_batch_size_as_expected_batch_size_is_warned_about(
     assert ("is at most the" in caplog.text) is warns
 
 
-def _accumulated_poisson_model(expected_batch_size):
-    """A DP model, and Poisson batches cut into k = 4 physical batches.
+def _accumulated_poisson_model(num_examples, expected, steps, multiple_of,
+                               expected_batch_size):
+    """A DP model, and Poisson batches cut into physical batches.
 
-    The review's case: expected size 100 of 1000 rows, padded to
-    padded_batch_size(100, 1000, 10, multiple_of=4) = 168 rows, cut into
-    4 physical batches of 42, for 10 steps.
+    Batches of `expected` of `num_examples` rows for `steps` steps, padded
+    to padded_batch_size(..., multiple_of=multiple_of) rows and cut into
+    k = padded / multiple_of physical batches; the optimizer divides by
+    `expected_batch_size`. Returns (model, batches, padded size).
     """
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(1000, 6)).astype("float32")
-    y = rng.integers(0, 3, 1000)
-    padded = tf_dpsat.sampling.padded_batch_size(100, 1000, 10, multiple_of=4)
-    assert padded == 168
+    x = rng.normal(size=(num_examples, 6)).astype("float32")
+    y = rng.integers(0, 3, num_examples)
+    padded = tf_dpsat.sampling.padded_batch_size(expected, num_examples, steps,
+                                                 multiple_of=multiple_of)
+    k = padded // multiple_of
     batches = tf_dpsat.sampling.poisson_dataset(
-        x, y, expected_batch_size=100, steps=10, padded_size=padded, seed=3,
-        physical_batches=4)
+        x, y, expected_batch_size=expected, steps=steps, padded_size=padded,
+        seed=3, physical_batches=k)
     model = tf_dpsat.make_private(dense_model())
     model.compile(optimizer=tf_dpsat.DPSATKeras(
-        **dict(ACCUMULATION, gradient_accumulation_steps=4,
+        **dict(ACCUMULATION, gradient_accumulation_steps=k,
                expected_batch_size=expected_batch_size)), loss=XENT)
-    return model, batches
+    return model, batches, padded
 
 
 def test_a_physical_expected_batch_size_under_accumulation_is_refused_before_any_step():
@@ -1388,7 +1391,11 @@ def test_a_physical_expected_batch_size_under_accumulation_is_refused_before_any
     # callback's q 25 / 1000 instead of 100 / 1000 (epsilon 1.47 reported
     # for 3.44). A Poisson batch of expected size 25 needs at most
     # padded_size_bound(25) = 104 rows, and 3 of the 42-row pieces hold 126.
-    model, batches = _accumulated_poisson_model(25)
+    # The review's case: expected size 100 of 1000 rows, padded to
+    # padded_batch_size(100, 1000, 10, multiple_of=42) = 168 rows, cut into
+    # 4 physical batches of 42, for 10 steps.
+    model, batches, padded = _accumulated_poisson_model(1000, 100, 10, 42, 25)
+    assert padded == 168
     before = [v.numpy().copy() for v in model.weights]
     with pytest.raises(tf_dpsat.validation.UserError, match=(
             r"Expected DPSATKeras\(expected_batch_size=25\) to be the expected "
@@ -1405,7 +1412,7 @@ def test_a_physical_expected_batch_size_under_accumulation_is_refused_before_any
         np.testing.assert_array_equal(a, b.numpy())
     # The logical batch's expected size trains: 40 physical batches, 10
     # noisy steps at q = 100 / 1000.
-    model, batches = _accumulated_poisson_model(100)
+    model, batches, _ = _accumulated_poisson_model(1000, 100, 10, 42, 100)
     callback = tf_dpsat.PrivacyCallback(1000)
     model.fit(batches, epochs=1, verbose=0, callbacks=[callback])
     assert int(model.optimizer.iterations.numpy()) == 10
@@ -1419,18 +1426,8 @@ def test_a_physical_batch_that_holds_the_expected_batch_is_not_refused(caplog):
     # physical batch could hold the expected batch (the warning's sign), yet
     # this is the documented layout for a 16-row memory bound: 2 * 16 = 32
     # rows < padded_size_bound(16) = 83, so it trains, warned about only.
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(64, 6)).astype("float32")
-    y = rng.integers(0, 3, 64)
-    padded = tf_dpsat.sampling.padded_batch_size(16, 64, 4, multiple_of=16)
+    model, batches, padded = _accumulated_poisson_model(64, 16, 4, 16, 16)
     assert padded == 48
-    batches = tf_dpsat.sampling.poisson_dataset(
-        x, y, expected_batch_size=16, steps=4, padded_size=padded, seed=3,
-        physical_batches=3)
-    model = tf_dpsat.make_private(dense_model())
-    model.compile(optimizer=tf_dpsat.DPSATKeras(
-        **dict(ACCUMULATION, gradient_accumulation_steps=3,
-               expected_batch_size=16)), loss=XENT)
     with caplog.at_level(logging.WARNING):
         model.fit(batches, epochs=1, verbose=0)
     assert int(model.optimizer.iterations.numpy()) == 4
