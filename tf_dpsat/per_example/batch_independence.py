@@ -43,7 +43,7 @@ A probe can be inconclusive: for a model it cannot build inputs for
 them or turns them into NaN or infinities (a logarithm of features: the
 probe tries standard normal inputs, then positive ones), whose passes
 differ without any change to the inputs (randomness outside Keras's seed
-generators), or in which replacing an example does not change its own
+generators), or in which replacing an example never changes its own
 outputs. `check` then returns a `Verdict` that says why, and the fast
 clipping engine refuses the model: `clipping="auto"` uses the vectorized
 engine, which runs each example's forward and backward pass alone, so no
@@ -194,11 +194,10 @@ def _probe_with(model, reference, perturbations) -> Optional[str]:
                                           _outputs_back(outputs.backward)):
             if _differs(a, b, row=row, batch=batch, rows_only=True):
                 raise ValueError(_mixing_message(operation, backward=True))
-    for row, outputs in changed:
-        if not _row_changed(first.forward[-1][1], outputs.forward[-1][1],
-                            row, batch):
-            return (f"replacing example {row} did not change its outputs, so "
-                    "a change could not be followed")
+    if not any(_row_changed(first.forward[-1][1], outputs.forward[-1][1],
+                            row, batch) for row, outputs in changed):
+        return ("replacing an example did not change its own outputs, so no "
+                "change could be followed")
     return None
 
 

@@ -335,6 +335,7 @@ def _check_probed(model, batch: batch_lib.Batch) -> None:
       ValueError: a layer mixes examples (`batch_independence.check`).
       rules.Unsupported: the probe was inconclusive.
     """
+    fast.check_supported(model)  # its structural reasons first: cheaper
     verdict = batch_independence.check(model, like=batch.x)
     if not verdict.checked:
         raise rules.Unsupported(
