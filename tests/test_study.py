@@ -78,6 +78,9 @@ def test_summary_pairs_by_seed_with_a_t_interval(tmp_path):
     assert paired["ci95"] == pytest.approx([0.01 - 0.024841, 0.01 + 0.024841], abs=1e-6)
     # Eigenvalues: 8, 9, 10 against 10, 11, 12: paired -2 each, std 0.
     assert sat1["top_hessian_eigenvalue"]["mean"] == pytest.approx(9.0)
+    assert sat1["by_seed"]["top_hessian_eigenvalue"] == [8.0, 9.0, 10.0]
+    assert sat03["by_seed"]["top_hessian_eigenvalue"] == [None, None, None]
+    assert sgd["by_seed"]["test_accuracy"] == [0.80, 0.90, 0.70]
     assert sat1["paired_top_hessian_eigenvalue"]["ci95"] == pytest.approx([-2, -2])
     assert "paired_top_hessian_eigenvalue" not in sat03  # Not measured there.
     # Chosen on validation (rho 0.03: 0.81 mean; rho 0.1: 0.76), not on test.

@@ -402,6 +402,11 @@ def summarize(directories: Sequence[str]) -> Dict[str, Any]:
             "top_hessian_eigenvalue": _mean_std(
                 [r["top_hessian_eigenvalue"] for r in seeds.values()]),
             "epsilon": max(r["epsilon"] for r in seeds.values()),
+            # Each seed's value, in the order of "seeds": the plot marks them,
+            # since the eigenvalue can vary more between seeds than between
+            # methods, and only the pairs show the method's effect.
+            "by_seed": {key: [seeds[s][key] for s in sorted(seeds)]
+                         for key in ("test_accuracy", "top_hessian_eigenvalue")},
         }
         if cell.method != BASELINE:
             common = sorted(set(seeds) & set(baseline))
@@ -471,7 +476,8 @@ def plot(summary: Dict[str, Any], path: str, title: str = "") -> None:
     """Writes the study's PNG.
 
     Accuracy against rho per direction (DP-SGD as a band), and the top
-    Hessian eigenvalue per cell.
+    Hessian eigenvalue per cell: mean +- std over seeds as a bar, and each
+    seed's value as a marker of its own.
     """
     import matplotlib  # Lazy: only the plot needs it.
 
@@ -510,7 +516,21 @@ def plot(summary: Dict[str, Any], path: str, title: str = "") -> None:
                   yerr=[c["top_hessian_eigenvalue"]["std"] or 0 for c in measured],
                   color=["gray" if c["method"] == BASELINE else
                          styles.get(c["direction"], ("tab:green", ""))[0]
-                         for c in measured], capsize=3)
+                         for c in measured], capsize=3, alpha=0.8)
+        # One marker per seed, the same on every bar, so a seed's pair reads
+        # across the bars.
+        markers = "o^sDvP*X"
+        seeds = sorted({s for c in measured for s in c["seeds"]})
+        for index, seed in enumerate(seeds):
+            shift = 0.12 * (index - (len(seeds) - 1) / 2)  # Off the error bar.
+            points = [(i + shift,
+                       c["by_seed"]["top_hessian_eigenvalue"][c["seeds"].index(seed)])
+                      for i, c in enumerate(measured) if seed in c["seeds"]]
+            points = [(i, v) for i, v in points if v is not None]
+            if points:
+                right.scatter(*zip(*points), marker=markers[index % len(markers)],
+                              color="black", s=18, zorder=3, label=f"seed {seed}")
+        right.legend(fontsize=7)
         right.set_xticks(range(len(measured)))
         right.set_xticklabels([c["name"].replace("_", "\n") for c in measured],
                               fontsize=7)

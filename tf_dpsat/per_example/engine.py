@@ -4,8 +4,8 @@
 after the other, and each chunk (or the whole batch) into slices of whole
 units, clipped side by side; an engine clips and sums each slice (the fast
 engine where every layer has a rule and the batch-mixing probe cleared the
-model, else the vectorized one), and the
-slices' and chunks' sums and counts are combined.
+model, else the vectorized one), and the slices' and chunks' sums and counts
+are combined.
 """
 
 import dataclasses
