@@ -523,10 +523,10 @@ def plot(summary: Dict[str, Any], path: str, title: str = "") -> None:
         seeds = sorted({s for c in measured for s in c["seeds"]})
         for index, seed in enumerate(seeds):
             shift = 0.12 * (index - (len(seeds) - 1) / 2)  # Off the error bar.
-            points = [(i + shift,
-                       c["by_seed"]["top_hessian_eigenvalue"][c["seeds"].index(seed)])
-                      for i, c in enumerate(measured) if seed in c["seeds"]]
-            points = [(i, v) for i, v in points if v is not None]
+            points = [(i + shift, value) for i, c in enumerate(measured)
+                      for s, value in zip(c["seeds"],
+                                          c["by_seed"]["top_hessian_eigenvalue"])
+                      if s == seed and value is not None]
             if points:
                 right.scatter(*zip(*points), marker=markers[index % len(markers)],
                               color="black", s=18, zorder=3, label=f"seed {seed}")
